@@ -34,7 +34,7 @@ setuptools.setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    license="Apache-2.0",
+    license="MIT",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*"]),
     install_requires=INSTALL_REQUIRES,

@@ -1,1 +1,39 @@
-"""moe_adapt.methods."""
+"""Methods: one module per paper, each exposing `run(config, workdir) -> results`.
+
+Modules are imported lazily so that `moe-adapt` starts fast and an unknown method
+name fails before anything heavy is loaded.
+"""
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+# name -> module path. Each module defines `run(config, workdir) -> dict` and
+# `validate_config(config) -> None`.
+_METHODS = {
+  "meta_dmoe": "moe_adapt.methods.meta_dmoe",
+}
+
+
+def list_methods() -> tuple[str, ...]:
+  """Names accepted by `config.method`."""
+  return tuple(sorted(_METHODS))
+
+
+def get_method(name: str) -> Any:
+  """Returns the module implementing method `name`.
+
+  Raises:
+    ValueError: naming `method` and the accepted values when `name` is unknown.
+  """
+  if name not in _METHODS:
+    raise ValueError(f"method={name!r} is unknown; accepted: {', '.join(list_methods())}")
+  return importlib.import_module(_METHODS[name])
+
+
+def register_method(name: str, module_path: str) -> None:
+  """Makes a method implemented outside moe_adapt available to the CLI."""
+  _METHODS[name] = module_path
+
+
+RunFn = Callable[..., dict]
