@@ -1,1 +1,78 @@
-"""moe_adapt.models."""
+"""Flax Linen modules: image backbones, the classifier wrapper, Meta-DMoE's aggregator."""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from moe_adapt.models.aggregator import Aggregator, AggregatorClassifier
+from moe_adapt.models.classifier import Classifier
+from moe_adapt.models.cnn import ConvNet
+from moe_adapt.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
+
+__all__ = [
+  "Aggregator",
+  "AggregatorClassifier",
+  "BasicBlock",
+  "Bottleneck",
+  "Classifier",
+  "ConvNet",
+  "ResNet",
+  "ResNet18",
+  "ResNet34",
+  "ResNet50",
+  "count_params",
+  "get_backbone",
+]
+
+# Backbone constructors by config name; each maps images [B, H, W, C] to features [B, D].
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+  "convnet": ConvNet,
+  "resnet18": ResNet18,
+  "resnet34": ResNet34,
+  "resnet50": ResNet50,
+}
+
+
+def _options(ctor: Callable[..., nn.Module]) -> list[str]:
+  """Keyword options a backbone constructor accepts (its dataclass fields)."""
+  cls = ctor.func if isinstance(ctor, functools.partial) else ctor
+  return sorted(
+    f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")
+  )
+
+
+def get_backbone(name: str, **kwargs: Any) -> nn.Module:
+  """The backbone registered as `name`, constructed with `kwargs`.
+
+  Args:
+    name: one of BACKBONES ('convnet', 'resnet18', 'resnet34', 'resnet50').
+    **kwargs: fields of that module, e.g. width=16 or num_filters=32, small_input=True.
+
+  Raises:
+    ValueError: unknown name or option.
+  """
+  if name not in BACKBONES:
+    raise ValueError(f"backbone name={name!r} is unknown; accepted: {', '.join(BACKBONES)}")
+  ctor = BACKBONES[name]
+  accepted = _options(ctor)
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(
+      f"backbone {name!r}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+    )
+  return ctor(**kwargs)
+
+
+def count_params(tree: Any) -> int:
+  """Total number of scalars in a pytree of arrays or jax.ShapeDtypeStructs (from eval_shape)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = getattr(leaf, "shape", None)
+    total += math.prod(shape) if shape is not None else int(np.size(leaf))
+  return total

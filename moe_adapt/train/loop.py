@@ -1,0 +1,189 @@
+"""A resumable training loop with checkpoints, metric logging and divergence checks.
+
+Step numbering: `step_fn(state, step)` is called with step = 0, 1, ...,
+num_steps - 1. The checkpoint "of step k" holds the state after k completed
+steps, i.e. the input of call k; a resumed loop continues with call k. Metrics
+are logged under the index of the call that produced them.
+
+Determinism: the loop passes the step index to `step_fn` as an int32 jnp
+scalar (a traced value, so the jitted step never retraces), and `step_fn`
+should derive all its randomness from that index and from what is in `state`
+(e.g. `jax.random.fold_in(key, step)`, with the key stored in the state) and
+sample its batches or episodes the same way. Then a run killed and resumed
+gives bitwise the same result as one run straight through, because `state`
+(parameters, optimizer state, PRNG keys, ...) is all the loop carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+from moe_adapt.train.checkpoint import Checkpointer
+from moe_adapt.train.metrics import MetricWriter
+
+PyTree = Any
+StepFn = Callable[[PyTree, jax.Array], tuple[PyTree, Mapping[str, jax.Array]]]
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+  def __init__(self, stage: str, step: int, last_good_step: int | None, directory: Any):
+    self.stage, self.step, self.last_good_step, self.directory = (
+      stage,
+      step,
+      last_good_step,
+      directory,
+    )
+    if last_good_step is None:
+      kept = f"no checkpoint had been saved yet in {directory}"
+    else:
+      kept = f"the last good checkpoint (step {last_good_step}) is kept in {directory}"
+    super().__init__(f"stage '{stage}': non-finite loss at step {step}; {kept}")
+
+
+@jax.jit
+def _first_bad_step(first_bad: jax.Array, loss: jax.Array, step: jax.Array) -> jax.Array:
+  """`step` if `loss` has a non-finite entry and no earlier step had one, else `first_bad`.
+
+  Runs on device as part of the asynchronous dispatch stream, so watching the
+  loss costs no host synchronisation per step.
+  """
+  bad = jnp.logical_not(jnp.all(jnp.isfinite(loss)))
+  return jnp.where((first_bad < 0) & bad, step, first_bad)
+
+
+def _check_positive_int(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name}={value!r} is invalid; accepted: an int >= {minimum}")
+
+
+def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
+  out = {}
+  for k, v in metrics.items():
+    try:
+      out[k] = f"{float(v):.4g}"
+    except (TypeError, ValueError):
+      continue
+  return out
+
+
+def train_loop(
+  step_fn: StepFn,
+  state: PyTree,
+  *,
+  num_steps: int,
+  checkpointer: Checkpointer,
+  stage: str,
+  checkpoint_every: int,
+  log_every: int,
+  writer: MetricWriter | None = None,
+  progress: bool = True,
+) -> PyTree:
+  """Runs `step_fn` for `num_steps` steps, resuming from and saving to `checkpointer`.
+
+  On entry the newest intact checkpoint is restored (with `state` as the
+  template: structure, dtypes, shardings). If the stage is already finished its
+  state is returned and `step_fn` is never called; otherwise the loop continues
+  from the restored step (or 0). A checkpoint is saved every `checkpoint_every`
+  completed steps and, marked finished, after the last one.
+
+  The loss is watched on device (`metrics['loss']`, any shape) without a host
+  sync per step; the flag is read at log and checkpoint boundaries and at the
+  end. A non-finite loss raises `TrainingDivergedError` naming the first bad
+  step; the diverged state is never saved.
+
+  Args:
+    step_fn: `(state, step) -> (state, metrics)`, normally jitted (it may donate
+      `state`). `step` is an int32 jnp scalar; see the module docstring for how
+      to make the run deterministic. `metrics` maps names to scalars and must
+      include 'loss'.
+    state: the initial state (all the loop carries: params, optimizer state,
+      PRNG keys, ...).
+    num_steps: total number of steps of the stage (>= 0).
+    checkpointer: the stage's `Checkpointer`.
+    stage: stage name, for the progress bar, metric lines and errors.
+    checkpoint_every: save every this many steps (>= 1).
+    log_every: fetch the metrics and write them every this many steps (>= 1),
+      and after the last step.
+    writer: where metric lines go (None: not written).
+    progress: show a tqdm bar (process 0 only).
+
+  Returns:
+    The final state.
+
+  Raises:
+    ValueError: invalid arguments, a finished checkpoint whose step differs from
+      `num_steps`, or metrics without 'loss'.
+    TrainingDivergedError: the loss became NaN or infinite.
+  """
+  _check_positive_int("num_steps", num_steps, 0)
+  _check_positive_int("checkpoint_every", checkpoint_every, 1)
+  _check_positive_int("log_every", log_every, 1)
+  if not isinstance(stage, str) or not stage:
+    raise ValueError(f"stage={stage!r} is invalid; accepted: a non-empty string")
+
+  start, last_saved = 0, None
+  restored = checkpointer.restore(state)
+  if restored is not None:
+    start, state, meta = restored
+    last_saved = start
+    if meta.get("finished"):
+      if start != num_steps:
+        raise ValueError(
+          f"stage '{stage}' finished at step {start} in {checkpointer.directory}, but "
+          f"num_steps={num_steps}; accepted: num_steps={start} (or another --workdir)"
+        )
+      return state
+    if start > num_steps:
+      raise ValueError(
+        f"stage '{stage}' has a checkpoint at step {start} in {checkpointer.directory}, beyond "
+        f"num_steps={num_steps}; accepted: num_steps >= {start} (or another --workdir)"
+      )
+
+  def check_finite() -> None:
+    bad = int(first_bad)  # A host sync: done at boundaries only.
+    if bad >= 0:
+      raise TrainingDivergedError(stage, bad, last_saved, checkpointer.directory)
+
+  first_bad = jnp.asarray(-1, jnp.int32)
+  bar = tqdm.tqdm(
+    total=num_steps,
+    initial=start,
+    desc=stage,
+    disable=not progress or jax.process_index() != 0,
+    dynamic_ncols=True,
+  )
+  try:
+    for step in range(start, num_steps):
+      step_arr = jnp.asarray(step, jnp.int32)
+      state, metrics = step_fn(state, step_arr)
+      if not isinstance(metrics, Mapping) or "loss" not in metrics:
+        got = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+        raise ValueError(
+          f"step_fn of stage '{stage}' must return (state, metrics) with a 'loss' metric; got {got}"
+        )
+      first_bad = _first_bad_step(first_bad, metrics["loss"], step_arr)
+      bar.update(1)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        if writer is not None or not bar.disable:
+          host_metrics = jax.device_get(dict(metrics))
+          if writer is not None:
+            writer.write(stage, step, host_metrics)
+          bar.set_postfix(_postfix(host_metrics), refresh=False)
+        check_finite()
+      if done % checkpoint_every == 0 and done < num_steps:
+        check_finite()
+        checkpointer.save(done, state)
+        last_saved = done
+    check_finite()
+    checkpointer.save(num_steps, state, finished=True)
+  finally:
+    bar.close()
+  return state
