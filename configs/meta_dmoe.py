@@ -51,17 +51,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Student and experts share the architecture (as in the paper).
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = "convnet"
-  c.model.width = 32
-  c.model.feature_dim = 128
+  c.model.backbone = "convnet"  # see moe_adapt.models.BACKBONES
+  # Keyword options of the backbone (for resnet18/50: num_filters, small_input, ...).
+  c.model.options = ml_collections.ConfigDict({"width": 32, "feature_dim": 128})
 
   c.experts = ml_collections.ConfigDict()
   c.experts.num_experts = 5
   c.experts.steps = 1500
   c.experts.batch_size = 64
   c.experts.lr = 1e-3
-  # How stacked experts are run: 'map' (jax.lax.map, fast on CPU), 'vmap'
-  # (grouped convolutions, good on GPU/TPU) or 'auto' (map on CPU, vmap elsewhere).
+  # How stacked experts are run: 'unrolled' (an unrolled lax.scan: fastest on
+  # CPU, also for gradients), 'map' (rolled lax.map), 'vmap' (grouped
+  # convolutions, for GPU/TPU) or 'auto' (unrolled on CPU, vmap elsewhere).
   c.experts.stack_map = "auto"
 
   c.aggregator = ml_collections.ConfigDict()
@@ -117,8 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.experts.batch_size = c.aggregator.batch_size = c.student.batch_size = 16
     c.meta.support_size = c.meta.query_size = c.adapt.support_size = 8
     c.adapt.repeats = 1
-    c.model.width = 8
-    c.model.feature_dim = 16
+    c.model.options.width = 8
+    c.model.options.feature_dim = 16
     c.checkpoint_every = 2
     c.log_every = 1
     c.eval_batch_size = 64

@@ -68,7 +68,7 @@ def run(config, workdir: str, *, overwrite: bool = False) -> dict:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from moe_adapt.train import mesh
+  from moe_adapt.train import loop, mesh
 
   mesh.initialize_distributed(_DISTRIBUTED.value)
   try:
@@ -76,6 +76,9 @@ def main(argv) -> None:
   except ValueError as e:  # Bad input: one clear message, no traceback.
     print(f"moe-adapt: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except loop.TrainingDivergedError as e:
+    print(f"moe-adapt: training diverged: {e}", file=sys.stderr)
+    sys.exit(3)
   print(_format_results(results))
   print(json.dumps(results, sort_keys=True))
 

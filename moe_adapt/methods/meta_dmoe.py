@@ -50,7 +50,7 @@ from moe_adapt.train import metrics as metrics_lib
 PyTree = Any
 
 _DISTILL = ("features", "logits", "both")
-_STACK_MAPS = ("auto", "map", "vmap")
+_STACK_MAPS = ("auto", "unrolled", "map", "vmap")
 
 
 # ----------------------------------------------------------------------------
@@ -90,8 +90,6 @@ def validate_config(config) -> None:
     "eval_batch_size",
     "checkpoint_every",
     "log_every",
-    "model.width",
-    "model.feature_dim",
   ):
     group, _, field = name.rpartition(".")
     value = config[group][field] if group else config[field]
@@ -216,9 +214,7 @@ def make_setup(config) -> Setup:
       )
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
-  backbone = models.get_backbone(
-    config.model.backbone, width=config.model.width, feature_dim=config.model.feature_dim
-  )
+  backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
   model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
   agg_model = models.AggregatorClassifier(
     aggregator=models.Aggregator(
@@ -235,7 +231,9 @@ def make_setup(config) -> Setup:
   super_domains = partition_domains(sources, config.experts.num_experts, config.seed)
   expert_of = {d: k for k, group in enumerate(super_domains) for d in group}
   expert_of_domain = np.array([expert_of[d] for d in sources], np.int32)
-  pools = [np.flatnonzero(np.isin(domain_ids, [sources.index(d) for d in g])) for g in super_domains]
+  pools = [
+    np.flatnonzero(np.isin(domain_ids, [sources.index(d) for d in g])) for g in super_domains
+  ]
   max_pool = max(len(p) for p in pools)
   padded = np.stack([np.pad(p, (0, max_pool - len(p))) for p in pools]).astype(np.int32)
 
@@ -268,15 +266,27 @@ def _bind(jitted: Callable, *arrays) -> Callable:
   return lambda state, step: jitted(state, step, *arrays)
 
 
-def _stack_map(setup: Setup) -> Callable:
-  """`fn, xs -> stacked outputs` over the expert axis: lax.map or vmap.
+def _unrolled_map(fn: Callable, xs):
+  """`jax.lax.map` as an unrolled scan: one traced body, straight-line code."""
+  _, ys = jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs, unroll=True)
+  return ys
 
-  vmap over convolution kernels becomes a grouped convolution, which XLA:CPU
-  runs about 12x slower than a map (reference/performance_notes.md §2).
+
+def _stack_map(setup: Setup) -> Callable:
+  """`fn, xs -> stacked outputs` over the expert axis.
+
+  Measured on XLA:CPU (2 cores, 5 ConvNet experts, batch 64; see
+  benchmarks/stacked_experts.py): vmap over convolution kernels becomes a
+  grouped convolution (~12x slower than a map, reference/performance_notes.md
+  §2), and the *gradient* of a rolled `lax.map` (a while loop) is ~60x slower
+  than the same scan unrolled, so 'auto' picks the unrolled scan on CPU and vmap
+  on accelerators, where grouped convolutions are fast.
   """
   choice = setup.config.experts.stack_map
   if choice == "auto":
-    choice = "map" if jax.default_backend() == "cpu" else "vmap"
+    choice = "unrolled" if jax.default_backend() == "cpu" else "vmap"
+  if choice == "unrolled":
+    return _unrolled_map
   if choice == "map":
     return jax.lax.map
   return lambda fn, xs: jax.vmap(fn)(xs)
@@ -435,7 +445,10 @@ def make_losses(setup: Setup) -> tuple[Callable, Callable]:
     variables = {"params": params, "batch_stats": batch["batch_stats"]}
     feats = model.apply(variables, batch["x"], train=False, method=models.Classifier.features)
     target = agg_model.apply(
-      {"params": context}, batch["tokens"], batch["mask"], method=models.AggregatorClassifier.aggregate
+      {"params": context},
+      batch["tokens"],
+      batch["mask"],
+      method=models.AggregatorClassifier.aggregate,
     )
     loss = 0.0
     if distill in ("features", "both"):
@@ -445,9 +458,7 @@ def make_losses(setup: Setup) -> tuple[Callable, Callable]:
       teacher = agg_model.apply(
         {"params": context}, batch["tokens"], batch["mask"], deterministic=True
       )
-      student = model.apply(
-        {"params": params}, feats, method=models.Classifier.classify
-      )
+      student = model.apply({"params": params}, feats, method=models.Classifier.classify)
       loss += core.losses.kl_divergence(teacher, student).mean()
     return loss
 
@@ -602,10 +613,8 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
       "accuracy": float(np.mean(np.asarray(agg_predict(aggregator_pre, tokens_test)) == y_test))
     }
 
-    def acc_of(params, stats):
-      return _accuracy(
-        functools.partial(student_predict, params, stats), x_test, y_test, cfg.eval_batch_size
-      )
+    def acc_of(params, stats, x=x_test, y=y_test):
+      return _accuracy(functools.partial(student_predict, params, stats), x, y, cfg.eval_batch_size)
 
     variants["erm"][domain] = {"accuracy": acc_of(student_erm["params"], erm_stats)}
     variants["meta_unadapted"][domain] = {
@@ -662,12 +671,11 @@ def run(config, workdir: str) -> dict:
   validate_config(config)
   setup = make_setup(config)
   logging.info("super-domains: %s", setup.super_domains)
-  rep = mesh_lib.replicated(setup.mesh)
   writer = metrics_lib.MetricWriter(workdir)
 
   # 1. Experts.
   tx = optax.adam(config.experts.lr)
-  experts = jax.device_put(init_experts(setup, tx), rep)
+  experts = mesh_lib.replicate(init_experts(setup, tx), setup.mesh)
   experts = _run_stage(
     setup, workdir, writer, "experts", make_expert_step(setup, tx), experts, config.experts.steps
   )
@@ -677,7 +685,9 @@ def run(config, workdir: str) -> dict:
   tx = optax.adam(config.aggregator.lr)
   tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
   agg_params = setup.agg_model.init(setup.key("init"), tokens)["params"]
-  aggregator = jax.device_put({"params": agg_params, "opt_state": tx.init(agg_params)}, rep)
+  aggregator = mesh_lib.replicate(
+    {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
+  )
   aggregator = _run_stage(
     setup,
     workdir,
@@ -692,13 +702,13 @@ def run(config, workdir: str) -> dict:
   tx = optax.adam(config.student.lr)
   sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
   variables = setup.model.init(jax.random.fold_in(setup.key("init"), 1), sample, train=False)
-  student = jax.device_put(
+  student = mesh_lib.replicate(
     {
       "params": variables["params"],
       "batch_stats": variables["batch_stats"],
       "opt_state": tx.init(variables["params"]),
     },
-    rep,
+    setup.mesh,
   )
   student = _run_stage(
     setup, workdir, writer, "student", make_student_step(setup, tx), student, config.student.steps
@@ -706,7 +716,7 @@ def run(config, workdir: str) -> dict:
 
   # 4. Meta-training from the pretrained aggregator and the ERM student.
   tx_s, tx_a = optax.adam(config.meta.student_lr), optax.adam(config.meta.aggregator_lr)
-  meta = jax.device_put(
+  meta = mesh_lib.replicate(
     {
       "student": student["params"],
       "aggregator": aggregator["params"],
@@ -714,7 +724,7 @@ def run(config, workdir: str) -> dict:
       "opt_student": tx_s.init(student["params"]),
       "opt_aggregator": tx_a.init(aggregator["params"]),
     },
-    rep,
+    setup.mesh,
   )
   # The initial state is built from arrays the earlier stages own; copy so that
   # donation inside the meta loop never invalidates them (they are evaluated later).
