@@ -181,6 +181,13 @@ def resolve_domains(config, benchmark) -> tuple[tuple[str, ...], tuple[str, ...]
   return sources, targets
 
 
+def whole_domain(splits) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) of all of a domain's images: train, val and test splits together."""
+  x = np.concatenate([splits.train.x, splits.val.x, splits.test.x])
+  y = np.concatenate([splits.train.y, splits.val.y, splits.test.y])
+  return x, y
+
+
 def partition_domains(sources: tuple[str, ...], num_experts: int, seed: int):
   """Random partition of the source domains into `num_experts` super-domains.
 
@@ -206,7 +213,7 @@ def make_setup(config) -> Setup:
       f"({smallest} training examples); accepted: at most {smallest}"
     )
   for d in targets:
-    n = len(splits[d].train.y)
+    n = len(whole_domain(splits[d])[1])
     if config.adapt.support_size > n:
       raise ValueError(
         f"adapt.support_size={config.adapt.support_size} exceeds target domain {d!r} "
@@ -565,7 +572,7 @@ def _accuracy(predict: Callable, x: np.ndarray, y: np.ndarray, batch_size: int) 
 
 
 def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> dict:
-  """Accuracy of every variant on every target domain's test split."""
+  """Accuracy of every variant on every target domain (all of its images)."""
   cfg = setup.config
   model, agg_model = setup.model, setup.agg_model
   adapt = make_adapt_fn(setup)
@@ -601,8 +608,11 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
   }
   erm_stats = student_erm["batch_stats"]
   for d_idx, domain in enumerate(setup.targets):
-    split = setup.splits[domain]
-    x_test, y_test = split.test.x, split.test.y
+    # The whole target domain is predicted (its labels are never used for
+    # training), as in the paper's protocol; the unlabeled support for
+    # adaptation is drawn from the same images (transductive, as in the
+    # official evaluator).
+    x_test, y_test = whole_domain(setup.splits[domain])
     f_test = expert_features(setup, experts, x_test)  # [E, N, D]
     expert_logits = head_of_experts(experts["params"]["head"], f_test)
     variants["expert_average"][domain] = {
@@ -621,9 +631,7 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
       "accuracy": acc_of(meta_state["student"], meta_state["batch_stats"])
     }
 
-    # Unlabeled support draws from the target's training split.
-    pool = split.train.x
-    f_pool = expert_features(setup, experts, pool)
+    pool, f_pool = x_test, f_test
     runs = {"aggregator_pretrained": [], "meta_dmoe": []}
     for r in range(cfg.adapt.repeats):
       key = jax.random.fold_in(jax.random.fold_in(setup.key("adapt"), d_idx), r)
