@@ -46,6 +46,7 @@ _BUILTIN_MODULES = (
   "moe_adapt.data.digits",
   "moe_adapt.data.fashion",
   "moe_adapt.data.tfds_builders",
+  "moe_adapt.data.text",
 )
 
 

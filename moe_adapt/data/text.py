@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tokenizers
 
-from moe_adapt.data import fetch
+from moe_adapt.data import fetch, registry
 
 # Bump when a change here changes the arrays built from the same archive and tokenizer.
 CODE_VERSION = 1
@@ -859,3 +859,6 @@ TEXT_BENCHMARKS: dict[str, Callable[..., TextBenchmark]] = {
   "tweets_topics": tweets_topics,
   "newsgroups": newsgroups,
 }
+
+for _name, _factory in TEXT_BENCHMARKS.items():
+  registry.register_benchmark(_name, _factory)

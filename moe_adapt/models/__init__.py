@@ -1,15 +1,15 @@
-"""Flax Linen modules: image backbones, the classifier wrapper, Meta-DMoE's aggregator."""
+"""Flax Linen modules: image backbones, the classifier wrapper, Meta-DMoE's aggregator,
+the BERT-style encoder and ViT (`bert`, `vit`) and adapters (`adapters`)."""
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import numpy as np
 from flax import linen as nn
 
+from moe_adapt.models import adapters, bert, text_classifier, vit
+from moe_adapt.models.adapters import count_params
 from moe_adapt.models.aggregator import Aggregator, AggregatorClassifier
 from moe_adapt.models.classifier import Classifier
 from moe_adapt.models.cnn import ConvNet
@@ -26,8 +26,12 @@ __all__ = [
   "ResNet18",
   "ResNet34",
   "ResNet50",
+  "adapters",
+  "bert",
   "count_params",
   "get_backbone",
+  "text_classifier",
+  "vit",
 ]
 
 # Backbone constructors by config name; each maps images [B, H, W, C] to features [B, D].
@@ -36,6 +40,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
   "resnet18": ResNet18,
   "resnet34": ResNet34,
   "resnet50": ResNet50,
+  "vit": vit.ViT,
 }
 
 
@@ -51,7 +56,7 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
   """The backbone registered as `name`, constructed with `kwargs`.
 
   Args:
-    name: one of BACKBONES ('convnet', 'resnet18', 'resnet34', 'resnet50').
+    name: one of BACKBONES ('convnet', 'resnet18', 'resnet34', 'resnet50', 'vit').
     **kwargs: fields of that module, e.g. width=16 or num_filters=32, small_input=True.
 
   Raises:
@@ -67,12 +72,3 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
       f"backbone {name!r}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
     )
   return ctor(**kwargs)
-
-
-def count_params(tree: Any) -> int:
-  """Total number of scalars in a pytree of arrays or jax.ShapeDtypeStructs (from eval_shape)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = getattr(leaf, "shape", None)
-    total += math.prod(shape) if shape is not None else int(np.size(leaf))
-  return total
