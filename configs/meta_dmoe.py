@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.log_every = 50
   c.num_devices = 0  # 0 = all local devices (data parallel)
+  # A directory shared by the runs of a sweep: finished experts / aggregator /
+  # student stages are reused by runs whose config fields for that stage agree
+  # (moe_adapt/train/stage_cache.py). Empty = off.
+  c.stage_cache = ""
 
   if benchmark == "digits_rot":
     c.data.target_domains = ("rot75",)

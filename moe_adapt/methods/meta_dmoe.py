@@ -46,6 +46,7 @@ from moe_adapt.train import checkpoint as ckpt_lib
 from moe_adapt.train import loop as loop_lib
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import stage_cache
 
 PyTree = Any
 
@@ -658,10 +659,34 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
 # ----------------------------------------------------------------------------
 
 
+# The config fields each reusable stage depends on (see train/stage_cache.py);
+# meta-training, the last stage, is what ablations vary and is never shared.
+STAGE_FIELDS = {
+  "experts": ("seed", "data", "model", "experts", "num_devices"),
+  "aggregator": (
+    "seed",
+    "data",
+    "model",
+    "experts",
+    "aggregator",
+    "eval_batch_size",
+    "num_devices",
+  ),
+  "student": ("seed", "data", "model", "student", "num_devices"),
+}
+
+
 def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTree:
+  """Trains one stage (resuming, or fetching it from the stage cache when shared)."""
   cfg = setup.config
-  with ckpt_lib.Checkpointer(f"{workdir}/checkpoints/{stage}") as checkpointer:
-    return loop_lib.train_loop(
+  directory = f"{workdir}/checkpoints/{stage}"
+  cache, key = cfg.stage_cache, None
+  if cache and stage in STAGE_FIELDS:
+    key = stage_cache.stage_key(cfg.to_dict(), STAGE_FIELDS[stage])
+    if stage_cache.fetch(cache, stage, key, directory):
+      logging.info("stage %s: reused %s/%s-%s", stage, cache, stage, key)
+  with ckpt_lib.Checkpointer(directory) as checkpointer:
+    state = loop_lib.train_loop(
       step_fn,
       state,
       num_steps=num_steps,
@@ -672,6 +697,9 @@ def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTr
       writer=writer,
       progress=True,
     )
+  if key is not None and jax.process_index() == 0:
+    stage_cache.store(cache, stage, key, directory)
+  return state
 
 
 def run(config, workdir: str) -> dict:
