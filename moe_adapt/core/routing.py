@@ -1,0 +1,224 @@
+"""Routing and teacher-selection functions: which expert handles an input, and how much.
+
+Covers AdaMix's stochastic routing, top-k gating, Monte-Carlo-dropout uncertainty and the
+MUKA/MUKI integration of teachers with different label sets. Pure and jit-able; statistics
+are computed and returned in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+  "integrate_teachers",
+  "margin_weights",
+  "mc_dropout_probs",
+  "normalized_entropy",
+  "random_route",
+  "top_k_route",
+]
+
+INTEGRATION_MODES = ("hard", "soft")
+
+
+def random_route(key: jax.Array, num_experts: int, shape: Sequence[int] = ()) -> jax.Array:
+  """Uniformly random expert indices (AdaMix stochastic routing).
+
+  AdaMix (Wang et al., EMNLP 2022) picks, for every forward pass during training, one
+  adaptation module per mixture uniformly at random instead of using a learned gate.
+
+  Args:
+    key: a PRNG key.
+    num_experts: number of experts E ≥ 1. Static (it sets the sampling range).
+    shape: shape of the returned index array (e.g. () for one choice per step, [B] for one
+      per example). Static.
+
+  Returns:
+    int32 array of `shape` with values uniform in [0, E).
+  """
+  if not isinstance(num_experts, int | np.integer) or num_experts < 1:
+    raise ValueError(f"num_experts={num_experts!r} is invalid; accepted: an integer >= 1")
+  return jax.random.randint(key, tuple(shape), 0, int(num_experts), dtype=jnp.int32)
+
+
+def top_k_route(gate_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  r"""Indices and normalised weights of the k largest gate logits.
+
+  .. math::
+    \mathcal{I} = \operatorname{top-k}(g),\qquad
+    w_i = \frac{e^{g_i}}{\sum_{j \in \mathcal{I}} e^{g_j}},\ i \in \mathcal{I}
+
+  The sparse gate of Shazeer et al. (ICLR 2017, "Outrageously Large Neural Networks"),
+  without its noise term. Ties go to the lower index.
+
+  Args:
+    gate_logits: [..., E] gate logits.
+    k: number of experts to keep, 1 ≤ k ≤ E. Static (it sets the output shape).
+
+  Returns:
+    (indices, weights): int32 [..., k] in decreasing order of logit, and float32 [..., k]
+    summing to 1 over the last axis.
+  """
+  num_experts = jnp.shape(gate_logits)[-1] if jnp.ndim(gate_logits) else 0
+  if not isinstance(k, int | np.integer) or not 1 <= k <= num_experts:
+    raise ValueError(
+      f"k={k!r} is invalid for gate_logits of shape {jnp.shape(gate_logits)}; "
+      f"accepted: an integer in [1, {num_experts}]"
+    )
+  values, indices = jax.lax.top_k(jnp.asarray(gate_logits, jnp.float32), int(k))
+  return indices.astype(jnp.int32), jax.nn.softmax(values, axis=-1)
+
+
+def mc_dropout_probs(
+  apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+  params: Any,
+  x: jax.Array,
+  key: jax.Array,
+  *,
+  num_samples: int,
+) -> jax.Array:
+  r"""Softmax outputs of S stochastic (dropout) forward passes, vmapped over the keys.
+
+  .. math::
+    P_s = \mathrm{softmax}(f(\theta, x; \xi_s)),\quad \xi_1..\xi_S = \mathrm{split}(key, S)
+
+  Monte-Carlo dropout (Gal & Ghahramani, ICML 2016) as used by MUKA/MUKI (Li et al.,
+  Findings of EMNLP 2022, "From Mimicking to Integrating: Knowledge Integration for
+  Pre-Trained Language Models") to score how confident each teacher is (M = 16 there).
+  The S passes run as one vmapped call; pass i uses `jax.random.split(key, S)[i]`.
+
+  Args:
+    apply_fn: `apply_fn(params, x, key) -> logits [B, C]`, with dropout driven by `key`.
+      Static (a Python callable).
+    params: the model parameters (any pytree), shared by all passes.
+    x: [B, ...] inputs.
+    key: a PRNG key.
+    num_samples: S ≥ 1. Static (it sets the output shape).
+
+  Returns:
+    float32 [S, B, C].
+  """
+  if not isinstance(num_samples, int | np.integer) or num_samples < 1:
+    raise ValueError(f"num_samples={num_samples!r} is invalid; accepted: an integer >= 1")
+  keys = jax.random.split(key, int(num_samples))
+
+  def one_pass(k: jax.Array) -> jax.Array:
+    return jax.nn.softmax(jnp.asarray(apply_fn(params, x, k), jnp.float32), axis=-1)
+
+  return jax.vmap(one_pass)(keys)
+
+
+def normalized_entropy(probs: jax.Array) -> jax.Array:
+  r"""Entropy over the last axis divided by its maximum log C, clipped to [0, 1].
+
+  .. math::
+    u(p) = \frac{-\sum_c p_c \log p_c}{\log C}
+
+  MUKI's uncertainty u_k(x) (computed on the MC-dropout mean p̄_k); the confidence score is
+  1 − u. Zero probabilities contribute 0; C = 1 gives 0 (a single class is certain).
+
+  Args:
+    probs: [..., C] probabilities.
+
+  Returns:
+    float32 [...] in [0, 1].
+  """
+  if jnp.ndim(probs) < 1:
+    raise ValueError("probs is a scalar; accepted: arrays of shape [..., C]")
+  num_classes = jnp.shape(probs)[-1]
+  p = jnp.asarray(probs, jnp.float32)
+  if num_classes <= 1:
+    return jnp.zeros(p.shape[:-1], jnp.float32)
+  # The inner `where` keeps log's argument positive so that the gradient has no NaN.
+  safe_p = jnp.where(p > 0, p, 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(safe_p), 0.0), axis=-1)
+  return jnp.clip(entropy / np.log(num_classes), 0.0, 1.0)
+
+
+def integrate_teachers(
+  teacher_probs: Sequence[jax.Array],
+  confidences: jax.Array,
+  *,
+  mode: str,
+  temperature: float | jax.Array | None = None,
+) -> jax.Array:
+  r"""MUKA/MUKI target over the union of the teachers' label spaces.
+
+  Teacher k predicts over its own label set L_k; the union label space concatenates the
+  sets in order, so teacher k's classes occupy columns [Σ_{j<k} C_j, Σ_{j≤k} C_j).
+  With confidences s_k(x) (MUKI: 1 − normalised MC-dropout entropy):
+
+  - ``mode='hard'``: q(x) = P_{k*}(x) zero-padded, k* = argmax_k s_k(x) (ties: lowest k).
+  - ``mode='soft'``: q(x) = concat_k(w_k(x) · P_k(x)), w = softmax_k(s(x) / T)
+    (MUKI default T = 0.2).
+
+  Because the padded teacher distributions have disjoint supports, rows of q sum to 1
+  whenever the teachers' rows do. From Li et al. (MUKA, arXiv 2112.07327; MUKI, Findings
+  of EMNLP 2022), "supervision integration".
+
+  Args:
+    teacher_probs: K arrays [B, C_k] (any matching leading batch shape) of teacher
+      probabilities. Their number and class counts are static.
+    confidences: [B, K] per-example confidence of each teacher (higher = more confident).
+    mode: 'hard' or 'soft'. Static.
+    temperature: T > 0 for 'soft' (required there); ignored by 'hard'.
+
+  Returns:
+    float32 [B, Σ_k C_k].
+  """
+  if mode not in INTEGRATION_MODES:
+    raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(INTEGRATION_MODES)}")
+  teacher_probs = list(teacher_probs)
+  conf_shape = jnp.shape(confidences)
+  if not conf_shape or len(teacher_probs) != conf_shape[-1]:
+    raise ValueError(
+      f"teacher_probs has {len(teacher_probs)} teachers but confidences has shape "
+      f"{conf_shape}; accepted: confidences of shape [B, K] with K = len(teacher_probs)"
+    )
+  for i, p in enumerate(teacher_probs):
+    if jnp.ndim(p) < 1 or jnp.shape(p)[:-1] != conf_shape[:-1]:
+      raise ValueError(
+        f"teacher_probs[{i}] has shape {jnp.shape(p)}; accepted: batch shape "
+        f"{conf_shape[:-1]} equal to that of confidences, followed by a class axis"
+      )
+  conf = jnp.asarray(confidences, jnp.float32)
+  if mode == "hard":
+    weights = jax.nn.one_hot(jnp.argmax(conf, axis=-1), len(teacher_probs), dtype=jnp.float32)
+  else:
+    if temperature is None:
+      raise ValueError("temperature=None is invalid for mode='soft'; accepted: a number > 0")
+    if isinstance(temperature, int | float) and not temperature > 0:
+      raise ValueError(f"temperature={temperature!r} is invalid; accepted: a number > 0")
+    weights = jax.nn.softmax(conf / temperature, axis=-1)
+  parts = [
+    weights[..., k : k + 1] * jnp.asarray(p, jnp.float32) for k, p in enumerate(teacher_probs)
+  ]
+  return jnp.concatenate(parts, axis=-1)
+
+
+def margin_weights(confidences: jax.Array) -> jax.Array:
+  r"""Per-example gap between the two largest teacher confidences (MUKI re-weighting).
+
+  .. math::
+    r(x) = s_{(1)}(x) - s_{(2)}(x) \ \ge 0
+
+  MUKI multiplies each example's distillation loss by r (plus 1e-6 in the official code;
+  add it yourself if you want it), so that examples where the teachers are about equally
+  confident — conflicting supervision — count less.
+
+  Args:
+    confidences: [B, K] teacher confidences, K ≥ 2.
+
+  Returns:
+    float32 [B].
+  """
+  shape = jnp.shape(confidences)
+  if len(shape) < 1 or shape[-1] < 2:
+    raise ValueError(f"confidences has shape {shape}; accepted: [B, K] with K >= 2 teachers")
+  top2, _ = jax.lax.top_k(jnp.asarray(confidences, jnp.float32), 2)
+  return top2[..., 0] - top2[..., 1]
