@@ -1,0 +1,582 @@
+r"""Result tables of a sweep: mean ± std over seeds per setting, variant and target domain.
+
+  python -m launch.collect --sweep_dir=runs/mdmoe_ablations [--out=DIR] [--metric=accuracy] \
+      [--select_over=meta.inner_lr --selection=train_domain_val|oracle] [--variants=erm,meta_dmoe]
+
+reads every run's spec.json, config.json and results.json (see `launch.sweep`)
+and writes `results.md`, `results.csv`, `results.tex` and one `plot_<key>.png`
+per numeric swept key into `--out` (default: the sweep folder).
+
+Rows are the settings of the swept keys (the overrides that differ between runs,
+except the seed and the target domains) × the variants each run reports
+(e.g. `erm`, `meta_dmoe`). Columns are the target domains and `mean`. A cell is
+the mean ± sample std over seeds; for `mean`, each seed's metric is first
+averaged over all target domains, so only seeds with every domain count. Runs
+with one target each (leave-one-domain-out) and runs with several targets mix.
+
+Model selection (`--select_over=k1,k2`): per setting of the other keys and
+variant, only the best setting of k1, k2 is kept, chosen by
+- `train_domain_val`: the source-domain validation metric the runs report
+  (`metrics[<variant>]["source_val"][<metric>]`); if some runs do not report it,
+  no selection is made and the tables say so;
+- `oracle`: the mean target metric itself (optimistic: an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SPEC_FILE = "spec.json"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+SEED_KEY = "seed"
+TARGETS_KEY = "data.target_domains"
+MEAN = "mean"
+SOURCE_VAL = "source_val"
+DEFAULT = "(default)"  # A swept key a run neither overrides nor records in config.json.
+SELECTIONS = ("train_domain_val", "oracle")
+MISSING = "–"
+
+
+class Record(NamedTuple):
+  """A run folder: overrides, flat resolved config ({} if absent), results (None if unfinished)."""
+
+  name: str
+  overrides: dict
+  config: dict
+  results: dict | None
+
+
+class Cell(NamedTuple):
+  """Statistics over seeds: mean, sample std (nan when n == 1), number of seeds."""
+
+  mean: float
+  std: float
+  n: int
+
+
+class Row(NamedTuple):
+  """One table row: a setting of the swept keys and a variant, with a cell per column."""
+
+  setting: tuple[tuple[str, Any], ...]
+  variant: str
+  cells: dict[str, Cell]
+  val: Cell | None = None  # Source-domain validation metric, when the runs report one.
+  selected: tuple[tuple[str, Any], ...] = ()  # The chosen values of `--select_over` keys.
+
+
+class Table(NamedTuple):
+  """What every output format shows."""
+
+  metric: str
+  keys: tuple[str, ...]
+  columns: tuple[str, ...]
+  rows: tuple[Row, ...]
+  selected_keys: tuple[str, ...] = ()
+  notes: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, Mapping) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def load_records(sweep_dir: str | os.PathLike) -> list[Record]:
+  """Every run folder (a folder holding spec.json) of `sweep_dir`, sorted by name.
+
+  Raises:
+    ValueError: `sweep_dir` is not a directory, holds no run folder, or a file
+      is not valid JSON.
+  """
+  root = pathlib.Path(sweep_dir)
+  if not root.is_dir():
+    raise ValueError(f"--sweep_dir={os.fspath(sweep_dir)!r} is not a directory")
+  records = []
+  for spec_path in sorted(root.glob(f"*/{SPEC_FILE}")):
+    run = spec_path.parent
+    spec = _read_json(spec_path)
+    config_path, results_path = run / CONFIG_FILE, run / RESULTS_FILE
+    config = _flatten(_read_json(config_path)) if config_path.is_file() else {}
+    results = _read_json(results_path) if results_path.is_file() else None
+    records.append(Record(run.name, dict(spec.get("overrides", {})), config, results))
+  if not records:
+    raise ValueError(f"--sweep_dir={os.fspath(sweep_dir)!r} holds no run folder (*/{SPEC_FILE})")
+  return records
+
+
+# ----------------------------------------------------------------------------
+# Grouping and statistics (pure functions)
+# ----------------------------------------------------------------------------
+
+
+def _hashable(value: Any) -> Any:
+  if isinstance(value, list | tuple):
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+def setting_value(record: Record, key: str) -> Any:
+  """The run's value of dotted `key`: its override, else its config.json, else DEFAULT."""
+  if key in record.overrides:
+    return _hashable(record.overrides[key])
+  if key in record.config:
+    return _hashable(record.config[key])
+  return DEFAULT
+
+
+def swept_keys(records: Sequence[Record]) -> tuple[str, ...]:
+  """Overridden keys whose values differ between runs, except seed and targets; sorted."""
+  keys = {k for r in records for k in r.overrides} - {SEED_KEY, TARGETS_KEY}
+  return tuple(sorted(k for k in keys if len({setting_value(r, k) for r in records}) > 1))
+
+
+def fixed_overrides(records: Sequence[Record]) -> dict[str, Any]:
+  """Overrides every run sets to the same value (the seed excepted)."""
+  if not records:
+    return {}
+  common = set.intersection(*(set(r.overrides) for r in records)) - {SEED_KEY}
+  values = {k: {setting_value(r, k) for r in records} for k in sorted(common)}
+  return {k: next(iter(v)) for k, v in values.items() if len(v) == 1}
+
+
+def _cell(values: Sequence[float]) -> Cell:
+  values = np.asarray(values, np.float64)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+  return Cell(float(np.mean(values)), std, len(values))
+
+
+def _natural(text: str) -> list:
+  """Sort key with digit runs compared as numbers: rot0 < rot15 < rot75."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+def _value_order(value: Any) -> tuple:
+  if value == DEFAULT:
+    return (0, 0.0, "")
+  if isinstance(value, int | float):
+    return (1, float(value), "")
+  return (2, 0.0, show(value))
+
+
+def _number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aggregate(
+  records: Sequence[Record],
+  *,
+  metric: str = "accuracy",
+  keys: Sequence[str] | None = None,
+  variants: Sequence[str] | None = None,
+) -> Table:
+  """Groups finished runs by `keys` and computes mean ± std over seeds.
+
+  Args:
+    records: from `load_records`; runs without results are counted, not used.
+    metric: the per-domain metric, e.g. 'accuracy'.
+    keys: the keys that make a row (default `swept_keys(records)`).
+    variants: variants to report, in this order (default: all, sorted).
+
+  Returns:
+    A Table with a row per (setting, variant), sorted by setting then variant;
+    columns are the target domains (natural order) and 'mean'.
+
+  Raises:
+    ValueError: no run has results, `metric` or a variant appears in none.
+  """
+  keys = tuple(swept_keys(records) if keys is None else keys)
+  done = [r for r in records if r.results is not None]
+  if not done:
+    raise ValueError(f"no run has {RESULTS_FILE} yet ({len(records)} runs)")
+  found = {v for r in done for v in r.results.get("metrics", {})}
+  if variants is None:
+    variants = sorted(found)
+  unknown = [v for v in variants if v not in found]
+  if unknown:
+    raise ValueError(f"variants {unknown} appear in no run; accepted: {', '.join(sorted(found))}")
+
+  # (setting, variant) -> seed -> domain -> values, and seed -> source-val values.
+  per_seed: dict[tuple, dict[Any, dict[str, list[float]]]] = {}
+  per_seed_val: dict[tuple, dict[Any, list[float]]] = {}
+  metrics_seen = set()
+  for r in done:
+    setting = tuple((k, setting_value(r, k)) for k in keys)
+    seed = r.results.get("seed", r.overrides.get(SEED_KEY))
+    for variant in variants:
+      for domain, values in r.results.get("metrics", {}).get(variant, {}).items():
+        if domain == MEAN or not isinstance(values, Mapping):
+          continue
+        metrics_seen.update(values)
+        if not _number(values.get(metric)):
+          continue
+        if domain == SOURCE_VAL:
+          per_seed_val.setdefault((setting, variant), {}).setdefault(seed, [])
+          per_seed_val[(setting, variant)][seed].append(float(values[metric]))
+        else:
+          domains = per_seed.setdefault((setting, variant), {}).setdefault(seed, {})
+          domains.setdefault(domain, []).append(float(values[metric]))
+  if not per_seed:
+    raise ValueError(
+      f"metric={metric!r} appears in no run's results; accepted: {', '.join(sorted(metrics_seen))}"
+    )
+
+  domains = sorted(
+    {d for seeds in per_seed.values() for ds in seeds.values() for d in ds}, key=_natural
+  )
+  order = {v: i for i, v in enumerate(variants)}
+  rows = []
+  for (setting, variant), seeds in per_seed.items():
+    # A run listed twice for one seed and domain cannot happen in a sweep; average if it does.
+    by_seed = {s: {d: float(np.mean(v)) for d, v in ds.items()} for s, ds in seeds.items()}
+    cells = {}
+    for d in domains:
+      values = [ds[d] for ds in by_seed.values() if d in ds]
+      if values:
+        cells[d] = _cell(values)
+    complete = [ds for ds in by_seed.values() if all(d in ds for d in domains)]
+    if complete:
+      cells[MEAN] = _cell([np.mean([ds[d] for d in domains]) for ds in complete])
+    val = per_seed_val.get((setting, variant))
+    val_cell = _cell([float(np.mean(v)) for v in val.values()]) if val else None
+    rows.append(Row(setting, variant, cells, val_cell))
+  rows.sort(key=lambda row: ([_value_order(v) for _, v in row.setting], order[row.variant]))
+
+  notes = [f"{len(records)} runs: {len(done)} with results, {len(records) - len(done)} without."]
+  fixed = fixed_overrides(records)
+  if fixed:
+    notes.append("Fixed overrides: " + ", ".join(f"{k}={show(v)}" for k, v in fixed.items()) + ".")
+  return Table(metric, keys, (*domains, MEAN), tuple(rows), (), tuple(notes))
+
+
+def select_models(
+  table: Table, *, over: Sequence[str], selection: str, higher_is_better: bool = True
+) -> Table:
+  """Keeps, per setting of the other keys and variant, the best setting of `over`.
+
+  Args:
+    table: from `aggregate`, whose keys include `over`.
+    over: the hyper-parameters to select (empty: `table` is returned unchanged).
+    selection: 'train_domain_val' (by the rows' source-domain validation metric)
+      or 'oracle' (by the mean target metric).
+    higher_is_better: False for metrics such as a loss or an error.
+
+  Returns:
+    The table with `over` moved from `keys` to `selected_keys` and one row per
+    group; or, for 'train_domain_val' when some row has no validation metric,
+    the unchanged table with a note saying so.
+
+  Raises:
+    ValueError: unknown `selection`, or a key of `over` that is not swept.
+  """
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection={selection!r} is unknown; accepted: {', '.join(SELECTIONS)}")
+  over = tuple(over)
+  unknown = [k for k in over if k not in table.keys]
+  if unknown:
+    swept = ", ".join(table.keys) or "none"
+    raise ValueError(f"select_over keys {unknown} are not swept; swept keys: {swept}")
+  if not over:
+    return table
+  if selection == "train_domain_val" and any(row.val is None for row in table.rows):
+    note = (
+      f"Model selection train_domain_val over {', '.join(over)}: not every run reports a "
+      f"source-domain validation metric (metrics[<variant>]['{SOURCE_VAL}']['{table.metric}']), "
+      "so no selection was made and every setting is shown."
+    )
+    return table._replace(notes=(*table.notes, note))
+  keys = tuple(k for k in table.keys if k not in over)
+  sign = 1.0 if higher_is_better else -1.0
+  best: dict[tuple, tuple[float, Row]] = {}
+  for row in table.rows:
+    values = dict(row.setting)
+    group = (tuple((k, values[k]) for k in keys), row.variant)
+    source = row.val if selection == "train_domain_val" else row.cells.get(MEAN)
+    score = sign * source.mean if source is not None else -math.inf
+    if group not in best or score > best[group][0]:  # Ties keep the first setting.
+      chosen = row._replace(setting=group[0], selected=tuple((k, values[k]) for k in over))
+      best[group] = (score, chosen)
+  by = "source-domain validation" if selection == "train_domain_val" else "mean target (oracle)"
+  note = f"Model selection {selection} over {', '.join(over)}: the best {by} {table.metric}."
+  order = {}
+  for row in table.rows:
+    order.setdefault(row.variant, len(order))
+  rows = sorted(
+    (row for _, row in best.values()),
+    key=lambda row: ([_value_order(v) for _, v in row.setting], order[row.variant]),
+  )
+  return table._replace(
+    keys=keys,
+    rows=tuple(rows),
+    selected_keys=over,
+    notes=(*table.notes, note),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Output formats
+# ----------------------------------------------------------------------------
+
+
+def show(value: Any) -> str:
+  """A setting value as text: tuples joined by ',', floats by repr."""
+  if isinstance(value, tuple):
+    return ",".join(show(v) for v in value)
+  return str(value)
+
+
+def _row_n(row: Row) -> int:
+  return max(cell.n for cell in row.cells.values())
+
+
+def format_cell(cell: Cell | None, *, row_n: int, scale: float, digits: int, pm: str = "±") -> str:
+  """`'82.0 ± 2.0'`; no ± for one seed; `' (n=2)'` when fewer seeds than the row has."""
+  if cell is None:
+    return MISSING
+  text = f"{cell.mean * scale:.{digits}f}"
+  if cell.n > 1:
+    text += f" {pm} {cell.std * scale:.{digits}f}"
+  if cell.n != row_n:
+    text += f" (n={cell.n})"
+  return text
+
+
+def _header(table: Table) -> list[str]:
+  return [
+    *table.keys,
+    *(f"{k} (selected)" for k in table.selected_keys),
+    "variant",
+    *table.columns,
+    "n",
+  ]
+
+
+def _text_cells(row: Row) -> list[str]:
+  return [*(show(v) for _, v in row.setting), *(show(v) for _, v in row.selected), row.variant]
+
+
+def _caption(table: Table, scale: float) -> str:
+  times = f" (×{scale:g})" if scale != 1 else ""
+  return f"Metric {table.metric}{times}: mean ± std over seeds; n = number of seeds."
+
+
+def to_markdown(table: Table, *, scale: float = 100.0, digits: int = 1) -> str:
+  """The table in GitHub Markdown, preceded by its caption and notes."""
+  esc = lambda s: s.replace("|", r"\|")
+  header = _header(table)
+  n_text = len(header) - len(table.columns) - 1
+  lines = [_caption(table, scale), *table.notes, ""]
+  lines.append("| " + " | ".join(esc(h) for h in header) + " |")
+  lines.append("|" + "|".join([" --- "] * n_text + [" ---: "] * (len(table.columns) + 1)) + "|")
+  for row in table.rows:
+    n = _row_n(row)
+    cells = [
+      format_cell(row.cells.get(c), row_n=n, scale=scale, digits=digits) for c in table.columns
+    ]
+    lines.append("| " + " | ".join(esc(c) for c in [*_text_cells(row), *cells, str(n)]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+  """Long format, unscaled and at full precision: one line per row and column."""
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow([*table.keys, *table.selected_keys, "variant", "column", "mean", "std", "n"])
+  for row in table.rows:
+    for column in table.columns:
+      cell = row.cells.get(column)
+      if cell is not None:
+        writer.writerow([*_text_cells(row), column, repr(cell.mean), repr(cell.std), cell.n])
+  return buf.getvalue()
+
+
+_LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
+_LATEX_SPECIAL.update(
+  {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+)
+
+
+def _latex_escape(text: str) -> str:
+  return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def to_latex(table: Table, *, scale: float = 100.0, digits: int = 1) -> str:
+  """A booktabs `tabular` (needs `\\usepackage{booktabs}`), caption and notes as comments."""
+  header = _header(table)
+  n_text = len(header) - len(table.columns) - 1
+  lines = [f"% {line}" for line in (_caption(table, scale), *table.notes)]
+  lines.append(r"\begin{tabular}{" + "l" * n_text + "r" * (len(table.columns) + 1) + "}")
+  lines.append(r"\toprule")
+  lines.append(" & ".join(_latex_escape(h) for h in header) + r" \\")
+  lines.append(r"\midrule")
+  for row in table.rows:
+    n = _row_n(row)
+    cells = [
+      format_cell(row.cells.get(c), row_n=n, scale=scale, digits=digits, pm=r"$\pm$")
+      for c in table.columns
+    ]
+    texts = [_latex_escape(t) for t in _text_cells(row)]
+    lines.append(" & ".join([*texts, *(c.replace(MISSING, "--") for c in cells), str(n)]) + r" \\")
+  lines.append(r"\bottomrule")
+  lines.append(r"\end{tabular}")
+  return "\n".join(lines) + "\n"
+
+
+def plot_lines(table: Table, key: str) -> dict[str, list[tuple[float, Cell]]]:
+  """Label -> [(value of `key`, mean cell)] for every line with at least two points.
+
+  A line is a variant at one setting of the other keys; its points are the rows
+  whose `key` is a number and whose 'mean' cell exists.
+  """
+  others = [k for k in table.keys if k != key]
+  points: dict[tuple, list[tuple[float, Cell]]] = {}
+  for row in table.rows:
+    values = dict(row.setting)
+    if not _number(values.get(key)) or MEAN not in row.cells:
+      continue
+    rest = tuple((k, values[k]) for k in others) + row.selected
+    points.setdefault((rest, row.variant), []).append((float(values[key]), row.cells[MEAN]))
+  lines = {k: sorted(v, key=lambda p: p[0]) for k, v in points.items() if len(v) > 1}
+  several = len({rest for rest, _ in lines}) > 1
+  label = lambda rest, variant: (
+    f"{variant} ({', '.join(f'{k}={show(v)}' for k, v in rest)})" if several else variant
+  )
+  return {label(*k): v for k, v in lines.items()}
+
+
+def plot_key(table: Table, key: str, path: str | os.PathLike, *, scale: float = 100.0) -> bool:
+  """Writes a PNG of the mean metric against `key`; False (nothing written) if no line."""
+  lines = plot_lines(table, key)
+  if not lines:
+    return False
+  import matplotlib  # Deferred: only plotting needs it.
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  try:
+    for label, points in lines.items():
+      x = [p[0] for p in points]
+      y = [p[1].mean * scale for p in points]
+      err = [0.0 if math.isnan(p[1].std) else p[1].std * scale for p in points]
+      ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+    xs = [p[0] for points in lines.values() for p in points]
+    if min(xs) > 0 and max(xs) / min(xs) >= 100:  # Learning rates and the like.
+      ax.set_xscale("log")
+    times = f" (×{scale:g})" if scale != 1 else ""
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{table.metric}{times}, mean over targets")
+    ax.set_title(f"{table.metric} against {key} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
+  return True
+
+
+def write_outputs(
+  table: Table, out_dir: str | os.PathLike, *, scale: float = 100.0, digits: int = 1
+) -> list[pathlib.Path]:
+  """Writes results.md, results.csv, results.tex and plot_<key>.png files; returns their paths."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  written = []
+  for name, text in (
+    ("results.md", to_markdown(table, scale=scale, digits=digits)),
+    ("results.csv", to_csv(table)),
+    ("results.tex", to_latex(table, scale=scale, digits=digits)),
+  ):
+    (out / name).write_text(text, encoding="utf-8")
+    written.append(out / name)
+  for key in table.keys:
+    path = out / f"plot_{key}.png"
+    if plot_key(table, key, path, scale=scale):
+      written.append(path)
+  return written
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def _split(text: str) -> list[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.collect", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument("--sweep_dir", required=True, help="the folder `launch.sweep` wrote")
+  parser.add_argument("--out", default=None, help="output folder (default: --sweep_dir)")
+  parser.add_argument("--metric", default="accuracy", help="per-domain metric (default accuracy)")
+  parser.add_argument(
+    "--variants", default="", help="comma-separated variants to show (default all)"
+  )
+  parser.add_argument("--select_over", default="", help="comma-separated swept keys to select")
+  parser.add_argument("--selection", choices=SELECTIONS, default="train_domain_val")
+  parser.add_argument("--lower_is_better", action="store_true", help="e.g. for a loss or an ECE")
+  parser.add_argument("--scale", type=float, default=100.0, help="display factor (default 100)")
+  parser.add_argument("--digits", type=int, default=1, help="displayed decimals (default 1)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.digits < 0:
+      raise ValueError(f"--digits={args.digits} is invalid; accepted: an integer >= 0")
+    records = load_records(args.sweep_dir)
+    table = aggregate(records, metric=args.metric, variants=_split(args.variants) or None)
+    table = select_models(
+      table,
+      over=_split(args.select_over),
+      selection=args.selection,
+      higher_is_better=not args.lower_is_better,
+    )
+    written = write_outputs(table, args.out or args.sweep_dir, scale=args.scale, digits=args.digits)
+  except ValueError as e:
+    print(f"launch.collect: error: {e}", file=sys.stderr)
+    return 2
+  print(to_markdown(table, scale=args.scale, digits=args.digits))
+  for note in table.notes:
+    if "no selection was made" in note:
+      print(f"launch.collect: warning: {note}", file=sys.stderr)
+  print("wrote " + ", ".join(str(p) for p in written))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
