@@ -202,7 +202,8 @@ def partition_domains(sources: tuple[str, ...], num_experts: int, seed: int):
 
 def make_setup(config) -> Setup:
   """Loads data, checks sizes against the config, builds models and device arrays."""
-  benchmark = data.get_benchmark(config.data.benchmark, **config.data.options.to_dict())
+  options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
+  benchmark = data.get_benchmark(config.data.benchmark, **options)
   sources, targets = resolve_domains(config, benchmark)
   splits = benchmark.load(seed=config.seed)
 
@@ -286,7 +287,7 @@ def _stack_map(setup: Setup) -> Callable:
   Measured on XLA:CPU (2 cores, 5 ConvNet experts, batch 64; see
   benchmarks/stacked_experts.py): vmap over convolution kernels becomes a
   grouped convolution (~12x slower than a map, reference/performance_notes.md
-  §2), and the *gradient* of a rolled `lax.map` (a while loop) is ~60x slower
+  §2), and the *gradient* of a rolled `lax.map` (a while loop) is 14-20x slower
   than the same scan unrolled, so 'auto' picks the unrolled scan on CPU and vmap
   on accelerators, where grouped convolutions are fast.
   """
@@ -526,7 +527,7 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
       "opt_student": opt_s,
       "opt_aggregator": opt_a,
     }
-    agg_norm = optax.global_norm(g_agg) if jax.tree.leaves(g_agg) else jnp.zeros(())
+    agg_norm = optax.tree.norm(g_agg) if jax.tree.leaves(g_agg) else jnp.zeros(())
     return new, {"loss": loss, "grad_norm_aggregator": agg_norm}
 
   return _bind(
@@ -702,10 +703,15 @@ def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTr
   return state
 
 
-def run(config, workdir: str) -> dict:
-  """Runs (or resumes) every stage and returns the results dict of DESIGN.md."""
+def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
+  """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
+
+  `setup` (from `make_setup(config)`) may be passed when the caller already
+  built it to check the inputs.
+  """
   validate_config(config)
-  setup = make_setup(config)
+  if setup is None:
+    setup = make_setup(config)
   logging.info("super-domains: %s", setup.super_domains)
   writer = metrics_lib.MetricWriter(workdir)
 
