@@ -43,8 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.benchmark = benchmark
-  # Options passed to moe_adapt.data.get_benchmark (e.g. max_per_domain, data_dir).
+  # Options passed to moe_adapt.data.get_benchmark; an empty string means the
+  # benchmark's default (e.g. data_dir: Debian's Fashion-MNIST folder).
   c.data.options = ml_collections.ConfigDict()
+  if benchmark == "digits_rot":
+    c.data.options.image_size = 16
+  else:
+    c.data.options.data_dir = ""
+    c.data.options.max_per_domain = 2000 if benchmark == "fmnist_rot" else 1500
   # Empty = the benchmark's default held-out targets / all remaining domains.
   c.data.target_domains = ()
   c.data.source_domains = ()
@@ -113,8 +119,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.aggregator.pretrain_steps = 400
     c.student.steps = 800
     c.meta.steps = 800
-  elif benchmark == "fmnist_rot":
-    c.data.target_domains = ("rot75",)
+  else:
+    # Sized so that a run takes ~5 minutes on 2 CPU cores.
+    c.experts.steps = 1000
+    c.student.steps = 1500
+    c.meta.steps = 1500
+    if benchmark == "fmnist_rot":
+      c.data.target_domains = ("rot75",)
 
   if tiny:
     c.experts.num_experts = 2
