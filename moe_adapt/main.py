@@ -50,13 +50,16 @@ def run(config, workdir: str, *, overwrite: bool = False) -> dict:
 
   method = methods.get_method(config.method)
   method.validate_config(config)
+  # Data-dependent checks (domains, sizes, files) run before anything is
+  # written, so a corrected command can reuse the same workdir.
+  setup = method.make_setup(config)
   path = workdir_lib.prepare_workdir(workdir, config.to_dict(), overwrite=overwrite)
   stored = workdir_lib.read_results(path)
   if stored is not None:
     logging.info("%s already holds results; nothing to do.", path)
     return stored
   start = time.time()
-  results = method.run(config, str(path))
+  results = method.run(config, str(path), setup=setup)
   results["wall_time_s"] = round(time.time() - start, 2)
   import jax
 
@@ -83,9 +86,20 @@ def main(argv) -> None:
   print(json.dumps(results, sort_keys=True))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a config-file or override error as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # config_flags embeds the config file's traceback; its last line is the error.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    print(f"moe-adapt: error: {lines[-1].strip() if lines else e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def entry_point() -> None:
   """Console script `moe-adapt`."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

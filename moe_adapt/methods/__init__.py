@@ -8,9 +8,11 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-# name -> module path. Each module defines `run(config, workdir) -> dict` and
-# `validate_config(config) -> None`.
+# name -> module path. Each module defines `validate_config(config) -> None`
+# (field checks), `make_setup(config)` (loads data; every data-dependent check)
+# and `run(config, workdir, *, setup=None) -> dict` (the results of DESIGN.md).
 _METHODS = {
+  "co_tuning": "moe_adapt.methods.co_tuning",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",
 }
 

@@ -73,6 +73,17 @@ def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
   return out
 
 
+@jax.jit
+def _state_is_finite(state: PyTree) -> jax.Array:
+  """True when every floating leaf of `state` is finite."""
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(state)
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def train_loop(
   step_fn: StepFn,
   state: PyTree,
@@ -146,10 +157,14 @@ def train_loop(
         f"num_steps={num_steps}; accepted: num_steps >= {start} (or another --workdir)"
       )
 
-  def check_finite() -> None:
+  def check_finite(state=None, step=None) -> None:
     bad = int(first_bad)  # A host sync: done at boundaries only.
     if bad >= 0:
       raise TrainingDivergedError(stage, bad, last_saved, checkpointer.directory)
+    # Before a save: a finite loss does not prove finite parameters (an update
+    # can overflow), and a non-finite state must never become a checkpoint.
+    if state is not None and not bool(_state_is_finite(state)):
+      raise TrainingDivergedError(stage, step, last_saved, checkpointer.directory)
 
   first_bad = jnp.asarray(-1, jnp.int32)
   bar = tqdm.tqdm(
@@ -179,10 +194,10 @@ def train_loop(
           bar.set_postfix(_postfix(host_metrics), refresh=False)
         check_finite()
       if done % checkpoint_every == 0 and done < num_steps:
-        check_finite()
+        check_finite(state, step)
         checkpointer.save(done, state)
         last_saved = done
-    check_finite()
+    check_finite(state, num_steps - 1)
     checkpointer.save(num_steps, state, finished=True)
   finally:
     bar.close()
