@@ -119,7 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict()
   c.finetune.steps = 1000
   c.finetune.batch_size = 48
-  c.finetune.lr = 1e-2
+  # Chosen for the fine_tune baseline on the target val split (100 %, seed 0) from
+  # {1e-3, 1e-2, 3e-2, 1e-1}; see docs/co_tuning.md. (The official ResNet-50 value is 1e-3.)
+  c.finetune.lr = 3e-2
   c.finetune.head_lr_mult = 10.0
   c.finetune.momentum = 0.9
   c.finetune.nesterov = True
