@@ -486,7 +486,7 @@ def test_cli_malformed_override_names_the_field(tmp_path):
 def test_cli_unknown_benchmark_names_the_benchmark(tmp_path):
   proc = cli(["--config=configs/meta_dmoe.py:nope"], tmp_path / "wd")
   assert proc.returncode != 0
-  assert "benchmark='nope' is unknown; accepted: digits_rot, fmnist_rot, fmnist_shift" in (
+  assert "benchmark='nope' is unknown; accepted: digits_rot, fmnist_rot, fmnist_shift, tfds" in (
     proc.stderr
   )
   assert not (tmp_path / "wd").exists()

@@ -1,0 +1,459 @@
+"""Tests of moe_adapt.methods.co_tuning and configs/co_tuning.py.
+
+- End to end through the CLI (`python -m moe_adapt.main --config=configs/co_tuning.py:
+  fmnist,tiny`): results.json with the four variants, the source head's ECE before and
+  after calibration, the relationships (values and heat-map PNGs); a second run with
+  another seed and sampling rate reuses the `source` stage from the stage cache.
+- Bad inputs, each one ValueError naming the field: sampling rate outside (0, 1], a target
+  class left without examples, an unknown relationship kind or variant, a missing source
+  checkpoint (the `cub` preset), classes and domains the benchmark does not have.
+- The pieces against NumPy: class selection and stratified subsampling, the optimiser's
+  per-group learning rates, step decay and weight decay, the L2-SP penalty of the shared
+  fine-tuning step, the relationship diagnostic and the checkpoint format.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from moe_adapt import data
+from moe_adapt.methods import co_tuning
+from moe_adapt.train import mesh as mesh_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+VARIANTS = ("fine_tune", "l2_sp", "co_tuning_direct", "co_tuning_reverse")
+RUN_TIMEOUT_S = 600
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location(
+    "_co_tuning_config", REPO / "configs" / "co_tuning.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CONFIGS = _config_module()
+
+
+def tiny_config(arg: str = "fmnist,tiny", **overrides) -> ml_collections.ConfigDict:
+  """The config of `arg` with dotted-key overrides, e.g. `**{"data.sampling_rate": 0.5}`."""
+  config = CONFIGS.get_config(arg)
+  for name, value in overrides.items():
+    *groups, field = name.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[field] = value
+  return config
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _env(compilation_cache: pathlib.Path) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  # The second run compiles the same programs: it reads them back.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  return env
+
+
+def cli(args, workdir, tmp: pathlib.Path, *, timeout=RUN_TIMEOUT_S):
+  return subprocess.run(
+    [sys.executable, "-m", "moe_adapt.main", *args, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=_env(tmp / "jax_cache"),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two tiny CLI runs sharing a stage cache: (seed 0, rate 1) then (seed 1, rate 0.5)."""
+  tmp = tmp_path_factory.mktemp("co_tuning_cli")
+  cache = tmp / "stage_cache"
+  out = {}
+  for name, seed, rate in (("first", 0, 1.0), ("second", 1, 0.5)):
+    workdir = tmp / name
+    proc = cli(
+      [
+        "--config=configs/co_tuning.py:fmnist,tiny",
+        f"--config.seed={seed}",
+        f"--config.data.sampling_rate={rate}",
+        f"--config.stage_cache={cache}",
+      ],
+      workdir,
+      tmp,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out[name] = workdir
+  return out
+
+
+def _results(workdir) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+def test_cli_run_reports_every_variant(runs):
+  results = _results(runs["first"])
+  assert results["method"] == "co_tuning"
+  assert results["target_domains"] == ["rot45"] and results["source_domains"] == ["rot0"]
+  assert results["target_classes"] == ["Dress", "Coat", "Shirt", "Ankle boot"]
+  assert set(results["metrics"]) == set(VARIANTS)
+  test_size = results["num_examples"]["target_test"]
+  for variant in VARIANTS:
+    per_domain = results["metrics"][variant]
+    acc = per_domain["rot45"]["accuracy"]
+    assert 0.0 <= acc <= 1.0 and per_domain["mean"]["accuracy"] == acc
+    assert round(acc * test_size) == pytest.approx(acc * test_size, abs=1e-6)  # k / N
+    assert 0.0 <= per_domain["rot45"]["ece"] <= 1.0
+  # Tiny preset: 10 training images per target class, all kept at rate 1; at most 4
+  # validation images per class (the tiny domains hold fewer of some classes).
+  assert results["num_examples"]["target_train"] == 40
+  assert 4 <= results["num_examples"]["target_val"] <= 16
+
+
+def test_cli_run_reports_source_calibration(runs):
+  cal = _results(runs["first"])["source_calibration"]
+  assert cal["fitted"] is True
+  assert 0.05 <= cal["temperature"] <= 20.0
+  for key in ("ece_before", "ece_after", "accuracy"):
+    assert 0.0 <= cal[key] <= 1.0
+  assert np.isfinite(cal["nll_before"]) and np.isfinite(cal["nll_after"])
+  assert "rot0 val" in cal["fitted_on"] and "rot0 test" in cal["measured_on"]
+
+
+def test_cli_run_saves_relationships_and_heatmaps(runs):
+  results = _results(runs["first"])
+  for kind in ("direct", "reverse"):
+    info = results["relationships"][kind]
+    matrix = np.asarray(info["matrix"])
+    assert matrix.shape == (4, 6)  # [C_t, C_s]
+    assert np.all(matrix >= 0)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-4)
+    png = runs["first"] / info["heatmap"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0.0 <= info["source_head_accuracy_on_target_test"] <= 1.0
+
+
+def test_second_run_reuses_the_source_stage(runs):
+  first, second = _results(runs["first"]), _results(runs["second"])
+  stages = {json.loads(line)["stage"] for line in open(runs["second"] / "metrics.jsonl")}
+  assert "source" not in stages  # not trained again ...
+  assert set(VARIANTS) <= stages
+  assert (runs["second"] / "checkpoints" / "source").is_dir()  # ... but copied in
+  # The same source model: the same calibration, although seed and rate differ.
+  assert second["source_calibration"] == first["source_calibration"]
+  assert second["num_examples"]["target_train"] == 20  # round(0.5 × 10) per class
+
+
+def test_cli_names_the_missing_source_checkpoint(tmp_path):
+  proc = cli(["--config=configs/co_tuning.py:cub"], tmp_path / "cub", tmp_path, timeout=120)
+  assert proc.returncode == 2
+  assert "model.source_checkpoint is empty" in proc.stderr
+  assert not (tmp_path / "cub").exists()  # nothing written for a bad command
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("arg", ["fmnist", "fmnist,tiny"])
+def test_presets_are_valid(arg):
+  co_tuning.validate_config(CONFIGS.get_config(arg))
+
+
+def test_cub_preset_builds_and_needs_a_checkpoint(tmp_path):
+  config = CONFIGS.get_config("cub")
+  assert config.model.backbone == "resnet50" and config.data.benchmark == "tfds"
+  assert config.data.options.tfds_name == "caltech_birds2011"
+  with pytest.raises(ValueError, match=r"model\.source_checkpoint is empty"):
+    co_tuning.validate_config(config)
+  missing = tmp_path / "resnet50.npz"
+  config.model.source_checkpoint = str(missing)
+  co_tuning.validate_config(config)  # a path is given; whether it exists is data-dependent
+  with pytest.raises(ValueError, match=rf"model\.source_checkpoint='{missing}' does not exist"):
+    co_tuning.make_setup(config)
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match=r"preset='nope' is unknown; accepted: fmnist, cub"):
+    CONFIGS.get_config("nope")
+  with pytest.raises(ValueError, match=r"flags \['huge'\] are unknown; accepted: tiny"):
+    CONFIGS.get_config("fmnist,huge")
+
+
+def test_sweep_declares_the_sampling_rates():
+  assert CONFIGS.get_sweep("fmnist") == [{"data.sampling_rate": r} for r in (0.15, 0.3, 0.5, 1.0)]
+  for overrides in CONFIGS.get_sweep("fmnist"):
+    co_tuning.validate_config(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize(
+  "name, value, match",
+  [
+    ("data.sampling_rate", 0.0, r"data\.sampling_rate=0\.0 is invalid; accepted: .* \(0, 1\]"),
+    ("data.sampling_rate", 1.5, r"data\.sampling_rate=1\.5 is invalid"),
+    ("data.sampling_rate", -0.2, r"data\.sampling_rate=-0\.2 is invalid"),
+    (
+      "variants",
+      ("fine_tune", "co_tuning_cosine"),
+      r"relationship kind 'cosine' is unknown; accepted kinds: direct, reverse",
+    ),
+    ("variants", ("erm",), r"variants has unknown 'erm'; accepted: fine_tune, l2_sp"),
+    ("variants", (), r"variants=\(\) is invalid"),
+    ("variants", ("l2_sp", "l2_sp"), r"lists a variant twice"),
+    ("co_tuning.trade_off", -1.0, r"co_tuning\.trade_off=-1\.0 is invalid"),
+    ("l2_sp.alpha", -0.01, r"l2_sp\.alpha=-0\.01 is invalid"),
+    ("finetune.momentum", 1.0, r"finetune\.momentum=1\.0 is invalid; accepted: .*\[0, 1\)"),
+    ("finetune.lr", 0.0, r"finetune\.lr=0\.0 is invalid"),
+    ("finetune.lr_decay_at", 0.0, r"finetune\.lr_decay_at=0\.0 is invalid"),
+    ("finetune.steps", 0, r"finetune\.steps=0 is invalid; accepted: an integer >= 1"),
+    ("data.target_classes", (3, 3), r"data\.target_classes=\(3, 3\) lists a class twice"),
+    ("data.source_classes", (0, -1), r"data\.source_classes=\(0, -1\) is invalid"),
+    ("seed", -1, r"seed=-1 is invalid; accepted: an integer >= 0"),
+    ("calibration.num_bins", 0, r"calibration\.num_bins=0 is invalid"),
+    ("model.source_checkpoint", "model.pt", r"model\.source_checkpoint='model\.pt' is invalid"),
+  ],
+)
+def test_validate_config_names_the_bad_field(name, value, match):
+  with pytest.raises(ValueError, match=match):
+    co_tuning.validate_config(tiny_config(**{name: value}))
+
+
+def test_calibration_without_source_data_needs_a_temperature(tmp_path):
+  config = tiny_config(
+    **{
+      "data.source_domain": "",
+      "model.source_checkpoint": str(tmp_path / "x.npz"),
+      "model.num_source_classes": 6,
+    }
+  )
+  with pytest.raises(ValueError, match=r"calibration\.temperature=0 \(fit on held-out"):
+    co_tuning.validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    # 10 training images per class × 0.01 rounds to 0: the class would be empty.
+    (
+      {"data.sampling_rate": 0.01},
+      r"data\.sampling_rate=0\.01 leaves target class 'Dress' with no training example",
+    ),
+    ({"data.target_classes": (3, 12)}, r"data\.target_classes has class\(es\) \[12\] beyond"),
+    ({"data.target_domain": "rot99"}, r"data\.target_domain='rot99' is not a domain"),
+    (
+      {"data.target_domain": "rot0", "data.target_classes": (0, 3)},
+      r"both 'rot0' and data\.source_classes and data\.target_classes share class\(es\) \[0\]",
+    ),
+  ],
+)
+def test_make_setup_names_the_bad_field(overrides, match):
+  config = tiny_config(**overrides)
+  co_tuning.validate_config(config)  # data-dependent: only make_setup can tell
+  with pytest.raises(ValueError, match=match):
+    co_tuning.make_setup(config)
+
+
+# ----------------------------------------------------------------------------- data pieces
+
+
+def _split(labels) -> data.Split:
+  y = np.asarray(labels, np.int32)
+  x = np.arange(len(y), dtype=np.float32).reshape(-1, 1, 1, 1)  # x identifies the example
+  return data.Split(x, y)
+
+
+def test_select_classes_relabels_in_the_given_order():
+  split = _split([5, 1, 7, 1, 5, 2])
+  out = co_tuning.select_classes(split, (5, 1), where="test")
+  np.testing.assert_array_equal(out.y, [0, 1, 1, 0])
+  np.testing.assert_array_equal(out.x.ravel(), [0, 1, 3, 4])
+
+
+def test_select_classes_names_an_empty_class():
+  with pytest.raises(ValueError, match=r"target domain 'd' \(train split\) has no example of"):
+    co_tuning.select_classes(_split([0, 0, 1]), (0, 2), where="target domain 'd' (train split)")
+
+
+def test_cap_and_subsample_are_stratified_and_seeded():
+  y = np.repeat(np.arange(3), [20, 30, 10])
+  split = _split(np.random.default_rng(0).permutation(y))
+  capped = co_tuning.cap_per_class(split, 3, 12)
+  np.testing.assert_array_equal(np.bincount(capped.y), [12, 12, 10])
+  for c in range(3):  # the first 12 of each class, in split order
+    np.testing.assert_array_equal(capped.x[capped.y == c], split.x[split.y == c][:12])
+  names = ("a", "b", "c")
+  sub = co_tuning.subsample(
+    capped, 0.5, np.random.default_rng(1), class_names=names, where="t", allow_empty=False
+  )
+  np.testing.assert_array_equal(np.bincount(sub.y), [6, 6, 5])  # round(0.5 · n_c)
+  assert set(sub.x.ravel()) <= set(capped.x.ravel())
+  again = co_tuning.subsample(
+    capped, 0.5, np.random.default_rng(1), class_names=names, where="t", allow_empty=False
+  )
+  np.testing.assert_array_equal(again.x, sub.x)
+  other = co_tuning.subsample(
+    capped, 0.5, np.random.default_rng(2), class_names=names, where="t", allow_empty=False
+  )
+  assert not np.array_equal(other.x, sub.x)
+  empty = co_tuning.subsample(
+    capped, 0.01, np.random.default_rng(1), class_names=names, where="t", allow_empty=True
+  )
+  assert len(empty.y) == 0
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def test_optimizer_group_learning_rates_decay_and_weight_decay():
+  config = tiny_config(**{"finetune.steps": 10, "finetune.lr_decay_at": 0.5})
+  cfg = config.finetune
+  tx = co_tuning.make_optimizer(config)
+  params = {
+    "backbone": {"w": jnp.full((3,), 2.0)},
+    "source_head": {"w": jnp.full((2,), 2.0)},
+    "target_head": {"w": jnp.full((2,), 2.0)},
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = co_tuning.set_weight_decay(tx.init(params), 0.0)
+  momentum = cfg.momentum
+  trace = 0.0
+  for step in range(7):
+    updates, state = tx.update(grads, state, params)
+    # Nesterov SGD with g = 1: trace_t = g + μ·trace_{t−1}; update = −lr·(g + μ·trace_t).
+    trace = 1.0 + momentum * trace
+    lr = cfg.lr * (cfg.lr_decay if step >= 5 else 1.0)
+    expected = -lr * (1.0 + momentum * trace)
+    np.testing.assert_allclose(updates["backbone"]["w"], expected, rtol=1e-5)
+    np.testing.assert_allclose(updates["source_head"]["w"], expected, rtol=1e-5)
+    np.testing.assert_allclose(updates["target_head"]["w"], cfg.head_lr_mult * expected, rtol=1e-5)
+  # Weight decay adds wd·w to the gradient (first step: −lr·(1 + μ)·(g + wd·w)).
+  state = co_tuning.set_weight_decay(tx.init(params), 0.5)
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(
+    updates["backbone"]["w"], -cfg.lr * (1 + momentum) * (1.0 + 0.5 * 2.0), rtol=1e-5
+  )
+
+
+def test_variant_settings():
+  config = tiny_config()
+  ft = co_tuning.variant_settings(config, "fine_tune")
+  assert ft["trade_off"] == ft["l2sp_alpha"] == ft["l2sp_beta"] == 0.0
+  assert ft["weight_decay"] == 5e-4 and ft["relationship"] is None
+  sp = co_tuning.variant_settings(config, "l2_sp")
+  assert (sp["l2sp_alpha"], sp["l2sp_beta"], sp["weight_decay"]) == (0.01, 0.01, 0.0)
+  ct = co_tuning.variant_settings(config, "co_tuning_reverse")
+  assert ct["trade_off"] == 2.3 and ct["relationship"] == "reverse"
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+  return co_tuning.make_setup(tiny_config(num_devices=1))
+
+
+def test_setup_tasks(tiny_setup):
+  task = tiny_setup.task
+  assert task.source_names == ("T-shirt/top", "Trouser", "Pullover", "Sandal", "Sneaker", "Bag")
+  assert tiny_setup.num_source_classes == 6 and tiny_setup.num_target_classes == 4
+  np.testing.assert_array_equal(np.bincount(task.target_train.y), [10, 10, 10, 10])
+  for split in (task.source_train, task.source_val, task.source_test):
+    assert set(np.unique(split.y)) <= set(range(6))
+  assert tiny_setup.x_target.shape == (40, 28, 28, 1)
+
+
+def test_finetune_step_penalty_is_l2_sp(tiny_setup):
+  setup = tiny_setup
+  config = setup.config
+  tx = co_tuning.make_optimizer(config)
+  variables = co_tuning.init_source(setup, optax.adam(1e-3))
+  backbone = variables["params"]["backbone"]
+  rng = np.random.default_rng(0)
+  moved = jax.tree.map(lambda w: w + rng.normal(size=w.shape).astype(np.float32) * 0.1, backbone)
+  head = co_tuning.init_target_head(setup, config.model.options.feature_dim)["head"]
+  params = {"backbone": moved, "source_head": variables["params"]["head"], "target_head": head}
+  step = co_tuning.make_finetune_step(setup, tx)
+  rep = mesh_lib.replicated(setup.mesh)
+  uniform = np.full((4, 6), 1 / 6, np.float32)
+
+  def run(alpha, beta, trade_off):
+    state = jax.device_put(
+      {"params": params, "batch_stats": variables["batch_stats"], "opt_state": tx.init(params)},
+      rep,
+    )
+    coefs = {k: np.float32(v) for k, v in zip(("trade_off", "l2sp_alpha", "l2sp_beta"),
+                                              (trade_off, alpha, beta))}  # fmt: skip
+    _, metrics = step(
+      jax.tree.map(jnp.copy, state),
+      jnp.asarray(0, jnp.int32),
+      setup.x_target,
+      setup.y_target,
+      uniform,
+      backbone,
+      coefs,
+    )
+    return jax.device_get(metrics)
+
+  dist = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
+             for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(backbone)))  # fmt: skip
+  head_sq = sum(float(np.sum(np.asarray(w) ** 2)) for w in jax.tree.leaves(head))
+  plain = run(0.0, 0.0, 0.0)
+  assert plain["penalty"] == 0.0 and plain["loss"] == pytest.approx(plain["target_ce"])
+  sp = run(0.3, 2.0, 0.0)
+  assert sp["penalty"] == pytest.approx(0.5 * 0.3 * dist + 0.5 * 2.0 * head_sq, rel=1e-4)
+  assert sp["loss"] == pytest.approx(sp["target_ce"] + sp["penalty"], rel=1e-5)
+  assert sp["target_ce"] == pytest.approx(plain["target_ce"], rel=1e-6)  # same batch
+  co = run(0.0, 0.0, 2.3)
+  # With a uniform relationship the extra term is λ·(logsumexp(z_s) − mean(z_s)) > 0.
+  assert co["loss"] > co["target_ce"] == pytest.approx(plain["target_ce"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the rest
+
+
+def test_relationship_accuracy_of_an_exact_mapping():
+  # Target class c is source class c: the source head alone predicts the target.
+  relationship = np.eye(3, 4) * 0.9 + 0.025  # [C_t=3, C_s=4]
+  relationship /= relationship.sum(1, keepdims=True)
+  labels = np.array([0, 1, 2, 2, 1])
+  probs = np.eye(4)[labels]
+  prior = np.full(3, 1 / 3)
+  assert co_tuning.relationship_accuracy(relationship, probs, labels, prior) == 1.0
+  assert co_tuning.relationship_accuracy(relationship, probs, (labels + 1) % 3, prior) == 0.0
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_source_checkpoint_round_trip_and_mismatch(tmp_path, suffix, tiny_setup):
+  variables = co_tuning.init_source(tiny_setup, optax.adam(1e-3))
+  template = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  changed = jax.tree.map(lambda x: np.asarray(x) + 1.0, template)
+  path = tmp_path / f"source{suffix}"
+  co_tuning.save_source_checkpoint(path, changed)
+  loaded = co_tuning.load_source_checkpoint(path, template)
+  assert jax.tree.structure(loaded) == jax.tree.structure(template)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(changed)):
+    np.testing.assert_array_equal(a, b)
+  wrong = {"params": {**changed["params"], "head": {"kernel": np.zeros((3, 3), np.float32)}}}
+  co_tuning.save_source_checkpoint(path, {**changed, **wrong})
+  with pytest.raises(ValueError, match=r"model\.source_checkpoint='.*' does not match"):
+    co_tuning.load_source_checkpoint(path, template)
