@@ -10,13 +10,14 @@ Embedded experiment (Fashion-MNIST; see docs/co_tuning.md for the protocol and w
           (domain rot45), at most 160 training and 40 validation images per class, of which
           `data.sampling_rate` (15 / 30 / 50 / 100 %) is used.
 
-Runtime on 2 CPU cores: the source stage about 2–4 minutes (once; a sweep reuses it
-through `stage_cache`), then about 1–2 minutes per run for the four variants. The table
-of docs/co_tuning.md (4 sampling rates × 3 seeds):
+Runtime, measured on a 2-core machine shared with other jobs (load 5–7): the source stage
+3.7 minutes (once; a sweep reuses it through `stage_cache`), then about 3 minutes per run
+for the four variants (4 × 1,000 steps); the first run 7 minutes. The table of
+docs/co_tuning.md (4 sampling rates × 3 seeds = 12 runs, about 40 minutes there):
 
   python -m launch.sweep launch --config=configs/co_tuning.py:fmnist \
       --sweep_dir=runs/co_tuning_fmnist --seeds=0,1,2 --workers=1 \
-      --set stage_cache=$PWD/runs/co_tuning_fmnist/stage_cache
+      --set stage_cache=runs/co_tuning_fmnist/_stage_cache
   python -m launch.collect --sweep_dir=runs/co_tuning_fmnist
 
 Accelerator preset (a skeleton for the paper's setting; it needs files that are not here):
@@ -95,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.options = ml_collections.ConfigDict({"width": 32, "feature_dim": 128})
   # A pre-trained source model to start from instead of the `source` stage ('' = train it).
   c.model.source_checkpoint = ""
-  c.model.num_source_classes = 0  # with a checkpoint: its number of source classes
+  # With a checkpoint and no data.source_domain: the checkpoint's number of source classes.
+  c.model.num_source_classes = 0
 
   # Stage `source`: ERM on the source training split (Adam), shared across runs.
   c.source = ml_collections.ConfigDict()

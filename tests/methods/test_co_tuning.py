@@ -382,50 +382,78 @@ def test_setup_tasks(tiny_setup):
   assert tiny_setup.x_target.shape == (40, 28, 28, 1)
 
 
-def test_finetune_step_penalty_is_l2_sp(tiny_setup):
-  setup = tiny_setup
-  config = setup.config
-  tx = co_tuning.make_optimizer(config)
-  variables = co_tuning.init_source(setup, optax.adam(1e-3))
-  backbone = variables["params"]["backbone"]
+STEP_PARAMS = ("trade_off", "l2sp_alpha", "l2sp_beta")
+
+
+@pytest.fixture(scope="module")
+def step_inputs(tiny_setup):
+  """Host fine-tuning inputs: params whose backbone is moved away from the anchor."""
+  variables = co_tuning.init_source(tiny_setup, optax.adam(1e-3))
+  anchor = variables["params"]["backbone"]
   rng = np.random.default_rng(0)
-  moved = jax.tree.map(lambda w: w + rng.normal(size=w.shape).astype(np.float32) * 0.1, backbone)
-  head = co_tuning.init_target_head(setup, config.model.options.feature_dim)["head"]
+  moved = jax.tree.map(lambda w: w + rng.normal(size=w.shape).astype(np.float32) * 0.1, anchor)
+  feature_dim = tiny_setup.config.model.options.feature_dim
+  head = co_tuning.init_target_head(tiny_setup, feature_dim)["head"]
   params = {"backbone": moved, "source_head": variables["params"]["head"], "target_head": head}
+  return jax.device_get(
+    {"params": params, "batch_stats": variables["batch_stats"], "anchor": anchor}
+  )
+
+
+def _finetune(setup, inputs, coefs, *, steps=1):
+  """Metrics of each step and the final host state, from `inputs` on `setup`'s mesh."""
+  tx = co_tuning.make_optimizer(setup.config)
   step = co_tuning.make_finetune_step(setup, tx)
   rep = mesh_lib.replicated(setup.mesh)
-  uniform = np.full((4, 6), 1 / 6, np.float32)
-
-  def run(alpha, beta, trade_off):
-    state = jax.device_put(
-      {"params": params, "batch_stats": variables["batch_stats"], "opt_state": tx.init(params)},
-      rep,
+  state = jax.device_put(
+    {
+      "params": inputs["params"],
+      "batch_stats": inputs["batch_stats"],
+      "opt_state": tx.init(inputs["params"]),
+    },
+    rep,
+  )
+  uniform = jax.device_put(np.full((4, 6), 1 / 6, np.float32), rep)
+  anchor = jax.device_put(inputs["anchor"], rep)
+  coefs = jax.device_put({k: np.float32(v) for k, v in zip(STEP_PARAMS, coefs)}, rep)
+  history = []
+  for i in range(steps):
+    state, metrics = step(
+      state, jnp.asarray(i, jnp.int32), setup.x_target, setup.y_target, uniform, anchor, coefs
     )
-    coefs = {k: np.float32(v) for k, v in zip(("trade_off", "l2sp_alpha", "l2sp_beta"),
-                                              (trade_off, alpha, beta))}  # fmt: skip
-    _, metrics = step(
-      jax.tree.map(jnp.copy, state),
-      jnp.asarray(0, jnp.int32),
-      setup.x_target,
-      setup.y_target,
-      uniform,
-      backbone,
-      coefs,
-    )
-    return jax.device_get(metrics)
+    history.append(jax.device_get(metrics))
+  return history, jax.device_get(state)
 
-  dist = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
-             for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(backbone)))  # fmt: skip
-  head_sq = sum(float(np.sum(np.asarray(w) ** 2)) for w in jax.tree.leaves(head))
-  plain = run(0.0, 0.0, 0.0)
+
+def test_finetune_step_penalty_is_l2_sp(tiny_setup, step_inputs):
+  moved, anchor = step_inputs["params"]["backbone"], step_inputs["anchor"]
+  dist = sum(float(np.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(moved),
+                                                           jax.tree.leaves(anchor)))  # fmt: skip
+  head_sq = sum(float(np.sum(w**2)) for w in jax.tree.leaves(step_inputs["params"]["target_head"]))
+  [plain], _ = _finetune(tiny_setup, step_inputs, (0.0, 0.0, 0.0))
   assert plain["penalty"] == 0.0 and plain["loss"] == pytest.approx(plain["target_ce"])
-  sp = run(0.3, 2.0, 0.0)
+  [sp], _ = _finetune(tiny_setup, step_inputs, (0.0, 0.3, 2.0))
   assert sp["penalty"] == pytest.approx(0.5 * 0.3 * dist + 0.5 * 2.0 * head_sq, rel=1e-4)
   assert sp["loss"] == pytest.approx(sp["target_ce"] + sp["penalty"], rel=1e-5)
   assert sp["target_ce"] == pytest.approx(plain["target_ce"], rel=1e-6)  # same batch
-  co = run(0.0, 0.0, 2.3)
+  [co], _ = _finetune(tiny_setup, step_inputs, (2.3, 0.0, 0.0))
   # With a uniform relationship the extra term is λ·(logsumexp(z_s) − mean(z_s)) > 0.
   assert co["loss"] > co["target_ce"] == pytest.approx(plain["target_ce"], rel=1e-6)
+
+
+def test_finetune_step_is_the_same_on_1_and_8_devices(tiny_setup, step_inputs):
+  eight = co_tuning.make_setup(tiny_config(num_devices=8))
+  assert eight.mesh.size == 8 and tiny_setup.mesh.size == 1
+  coefs = (2.3, 0.01, 0.01)
+  history1, state1 = _finetune(tiny_setup, step_inputs, coefs, steps=2)
+  history8, state8 = _finetune(eight, step_inputs, coefs, steps=2)
+  for m1, m8 in zip(history1, history8):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  moved = [np.any(a != b) for a, b in zip(jax.tree.leaves(step_inputs["params"]),
+                                          jax.tree.leaves(state1["params"]))]  # fmt: skip
+  assert all(moved), "some parameter was not updated"
 
 
 # ----------------------------------------------------------------------------- the rest

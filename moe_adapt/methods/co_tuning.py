@@ -1,0 +1,1103 @@
+"""Co-Tuning: collaborative fine-tuning through a calibrated category relationship.
+
+You, Kou, Long, Wang. "Co-Tuning for Transfer Learning", NeurIPS 2020.
+
+A pre-trained source model (backbone F + source head G over C_s source classes) is
+transferred to a target task with another label set (C_t classes). Instead of discarding
+G, Co-Tuning translates every target label y_t into a distribution over the source classes,
+R[y_t] = p(y_s | y_t), and fine-tunes F, G and a new target head H together with
+
+  L = CE(H(F(x)), y_t) + λ · soft-CE(G(F(x)), R[y_t]);
+
+prediction uses H only. Stages and steps (each training stage checkpointed under
+`<workdir>/checkpoints/<stage>` and skipped when finished):
+
+1. `source`: the source model, pre-trained by ERM on the source training split (or loaded
+   from `model.source_checkpoint`). It depends only on the source data, model and `source`
+   fields, so every run of a sweep reuses it through the stage cache.
+2. Calibration: a temperature T of the source head fitted on the source val split; the
+   source head's ECE before and after is measured on the source test split (the official
+   code hard-codes T for its ImageNet ResNet-50; with a checkpoint and no source data,
+   `calibration.temperature` gives T).
+3. Relationships on the target training subset from the calibrated source probabilities
+   softmax(G(F(x)) / T): `direct` (per-class means) and/or `reverse` (the paper's
+   Algorithm 1; its L2 strength and calibration use the target val subset).
+4. One fine-tuning stage per variant, all from the same pre-trained weights and the same
+   new head initialisation, with the official recipe (SGD, Nesterov momentum 0.9, weight
+   decay 5e-4, lr for F and G and 10× lr for H, a step decay):
+   - `fine_tune`: CE on H (G unused);
+   - `l2_sp`: CE + α/2·||θ_F − θ_F⁰||² + β/2·||θ_H||² instead of weight decay
+     (Li, Grandvalet, Davoine, ICML 2018);
+   - `co_tuning_direct`, `co_tuning_reverse`: the Co-Tuning loss with that relationship.
+   All variants run one compiled step: the relationship, the pre-trained anchor and the
+   loss coefficients are arguments, the weight decay an optimiser hyperparameter.
+5. Evaluation of H on the target test split (accuracy, ECE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_adapt import core, data, models
+from moe_adapt.train import checkpoint as ckpt_lib
+from moe_adapt.train import loop as loop_lib
+from moe_adapt.train import mesh as mesh_lib
+from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import stage_cache
+
+PyTree = Any
+
+RELATIONSHIPS = ("direct", "reverse")
+VARIANTS = ("fine_tune", "l2_sp", *(f"co_tuning_{kind}" for kind in RELATIONSHIPS))
+_CO_TUNING_PREFIX = "co_tuning_"
+CHECKPOINT_SUFFIXES = (".npz", ".safetensors")
+
+
+# ----------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------
+
+
+def _field(config, name: str):
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def _check_class_list(name: str, value) -> None:
+  if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+    raise ValueError(f"{name}={value!r} is invalid; accepted: a tuple of class indices (or ())")
+  for c in value:
+    if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+      raise ValueError(f"{name}={tuple(value)!r} is invalid; accepted: class indices >= 0")
+  if len(set(value)) != len(value):
+    raise ValueError(f"{name}={tuple(value)!r} lists a class twice")
+
+
+def _check_variants(variants) -> None:
+  if isinstance(variants, str) or not isinstance(variants, Sequence) or not variants:
+    raise ValueError(
+      f"variants={variants!r} is invalid; accepted: a non-empty tuple of {', '.join(VARIANTS)}"
+    )
+  for v in variants:
+    if v in VARIANTS:
+      continue
+    if isinstance(v, str) and v.startswith(_CO_TUNING_PREFIX):
+      kind = v[len(_CO_TUNING_PREFIX) :]
+      raise ValueError(
+        f"variants has {v!r}, whose relationship kind {kind!r} is unknown; accepted kinds: "
+        f"{', '.join(RELATIONSHIPS)} (variants co_tuning_direct, co_tuning_reverse)"
+      )
+    raise ValueError(f"variants has unknown {v!r}; accepted: {', '.join(VARIANTS)}")
+  if len(set(variants)) != len(variants):
+    raise ValueError(f"variants={tuple(variants)!r} lists a variant twice")
+
+
+def validate_config(config) -> None:
+  """Checks every field this method reads; raises ValueError naming the field."""
+
+  def integer(name: str, minimum: int) -> None:
+    value = _field(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {minimum}")
+
+  def number(name: str, *, low: float, high: float = np.inf, low_open: bool, high_open=False):
+    value = _field(config, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+      lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+      interval = f"{lo}{low:g}, {high:g}{hi}" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
+      raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
+
+  for name in ("seed", "source.seed", "data.benchmark_seed", "num_devices"):
+    integer(name, 0)
+  for name in ("data.target_train_per_class", "data.target_val_per_class"):
+    integer(name, 0)
+  for name in (
+    "source.steps",
+    "source.batch_size",
+    "finetune.steps",
+    "finetune.batch_size",
+    "co_tuning.reverse_max_iter",
+    "calibration.num_bins",
+    "eval_batch_size",
+    "checkpoint_every",
+    "log_every",
+  ):
+    integer(name, 1)
+  number("data.sampling_rate", low=0.0, high=1.0, low_open=True)
+  for name in ("source.lr", "finetune.lr", "finetune.head_lr_mult", "finetune.head_init_std"):
+    number(name, low=0.0, low_open=True)
+  number("finetune.momentum", low=0.0, high=1.0, low_open=False, high_open=True)
+  number("finetune.lr_decay_at", low=0.0, high=1.0, low_open=True)
+  number("finetune.lr_decay", low=0.0, high=1.0, low_open=True)
+  for name in (
+    "finetune.weight_decay",
+    "co_tuning.trade_off",
+    "l2_sp.alpha",
+    "l2_sp.beta",
+    "calibration.temperature",
+  ):
+    number(name, low=0.0, low_open=False)
+  if not isinstance(config.finetune.nesterov, bool):
+    raise ValueError(f"finetune.nesterov={config.finetune.nesterov!r} is invalid; accepted: bool")
+  _check_variants(config.variants)
+  _check_class_list("data.source_classes", config.data.source_classes)
+  _check_class_list("data.target_classes", config.data.target_classes)
+  for name in ("data.source_domain", "data.target_domain", "model.source_checkpoint"):
+    if not isinstance(_field(config, name), str):
+      raise ValueError(f"{name}={_field(config, name)!r} is invalid; accepted: a string")
+
+  checkpoint = config.model.source_checkpoint
+  if not checkpoint and not config.data.source_domain:
+    raise ValueError(
+      "model.source_checkpoint is empty and so is data.source_domain: nothing to pre-train on; "
+      "accepted: model.source_checkpoint=PATH of a pre-trained source model "
+      f"({' or '.join(CHECKPOINT_SUFFIXES)}, see co_tuning.save_source_checkpoint), or a "
+      "data.source_domain of the benchmark to pre-train on"
+    )
+  if checkpoint and not checkpoint.endswith(CHECKPOINT_SUFFIXES):
+    raise ValueError(
+      f"model.source_checkpoint={checkpoint!r} is invalid; accepted: a "
+      f"{' or '.join(CHECKPOINT_SUFFIXES)} file"
+    )
+  if checkpoint and not config.data.source_domain:
+    integer("model.num_source_classes", 1)  # otherwise data.source_classes says it
+  if not config.data.source_domain and config.calibration.temperature == 0:
+    raise ValueError(
+      "calibration.temperature=0 (fit on held-out source data) needs data.source_domain; "
+      "accepted: calibration.temperature > 0 when the source model comes without source data "
+      "(e.g. 1/0.8840456604957581, the official code's constant for torchvision's ResNet-50)"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Data: the source and target tasks
+# ----------------------------------------------------------------------------
+
+
+def select_classes(split: data.Split, classes: Sequence[int], *, where: str) -> data.Split:
+  """The examples of `classes`, relabelled 0..len(classes)-1 in that order.
+
+  Raises:
+    ValueError: naming `where` and the class when a class has no example.
+  """
+  classes = np.asarray(classes, np.int64)
+  keep = np.isin(split.y, classes)
+  relabel = np.full(max(int(classes.max()), int(split.y.max(initial=0))) + 1, -1, np.int32)
+  relabel[classes] = np.arange(len(classes), dtype=np.int32)
+  y = relabel[split.y[keep]]
+  counts = np.bincount(y, minlength=len(classes))
+  if np.any(counts == 0):
+    missing = [int(classes[i]) for i in np.flatnonzero(counts == 0)]
+    raise ValueError(
+      f"{where} has no example of class(es) {missing}; accepted: classes present in it"
+    )
+  return data.Split(split.x[keep], y)
+
+
+def cap_per_class(split: data.Split, num_classes: int, cap: int) -> data.Split:
+  """The first `cap` examples of each class (all when cap == 0), in split order.
+
+  Splits are already shuffled by the benchmark, so this is a fixed random subset.
+  """
+  if cap == 0:
+    return split
+  keep = np.zeros(len(split.y), bool)
+  for c in range(num_classes):
+    keep[np.flatnonzero(split.y == c)[:cap]] = True
+  return data.Split(split.x[keep], split.y[keep])
+
+
+def subsample(
+  split: data.Split,
+  rate: float,
+  rng: np.random.Generator,
+  *,
+  class_names: Sequence[str],
+  where: str,
+  allow_empty: bool,
+) -> data.Split:
+  """A stratified random subset: round(rate · n_c) examples of each class c, in split order.
+
+  Raises:
+    ValueError: naming `data.sampling_rate` and the class, when a class would keep no
+      example and `allow_empty` is False.
+  """
+  keep = []
+  for c, name in enumerate(class_names):
+    idx = np.flatnonzero(split.y == c)
+    n = round(rate * len(idx))
+    if n == 0 and not allow_empty:
+      raise ValueError(
+        f"data.sampling_rate={rate} leaves target class {name!r} with no {where} example "
+        f"(round({rate} × {len(idx)}) = 0); accepted: a sampling rate >= "
+        f"{0.5 / max(len(idx), 1):.3g}, or more examples per class "
+        "(data.target_train_per_class)"
+      )
+    keep.append(np.sort(rng.permutation(idx)[:n]))
+  idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+  return data.Split(split.x[idx], split.y[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Source and target splits (host NumPy), labels relabelled to 0..C-1.
+
+  The source splits are None when the source model comes from a checkpoint.
+  """
+
+  source_domain: str
+  target_domain: str
+  source_names: tuple[str, ...]
+  target_names: tuple[str, ...]
+  source_train: data.Split | None
+  source_val: data.Split | None
+  source_test: data.Split | None
+  target_train: data.Split  # the sampled subset
+  target_val: data.Split  # the sampled subset (may be empty at low rates)
+  target_test: data.Split
+  input_shape: tuple[int, int, int]
+
+
+def _class_indices(name: str, value: Sequence[int], benchmark) -> tuple[int, ...]:
+  classes = tuple(value) or tuple(range(benchmark.num_classes))
+  bad = [c for c in classes if c >= benchmark.num_classes]
+  if bad:
+    raise ValueError(
+      f"{name} has class(es) {bad} beyond benchmark {benchmark.name!r}'s {benchmark.num_classes} "
+      f"classes; accepted: indices in [0, {benchmark.num_classes})"
+    )
+  return classes
+
+
+def make_task(config) -> Task:
+  """Loads the benchmark and builds the source and target tasks of the config."""
+  cfg = config.data
+  # An empty string means the benchmark's default (e.g. data_dir).
+  options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
+  benchmark = data.get_benchmark(cfg.benchmark, **options)
+  target_domain = cfg.target_domain or benchmark.default_targets[0]
+  for field, domain in (
+    ("data.source_domain", cfg.source_domain),
+    ("data.target_domain", target_domain),
+  ):
+    if domain and domain not in benchmark.domains:
+      raise ValueError(
+        f"{field}={domain!r} is not a domain of benchmark {benchmark.name!r}; accepted: "
+        f"{', '.join(benchmark.domains)}"
+      )
+  target_classes = _class_indices("data.target_classes", cfg.target_classes, benchmark)
+  if cfg.source_domain:
+    source_classes = _class_indices("data.source_classes", cfg.source_classes, benchmark)
+    shared = sorted(set(source_classes) & set(target_classes))
+    if cfg.source_domain == target_domain and shared:
+      # Without a domain shift only disjoint label sets keep the two tasks' images apart.
+      raise ValueError(
+        f"data.source_domain and data.target_domain are both {target_domain!r} and "
+        f"data.source_classes and data.target_classes share class(es) {shared}: the same "
+        "images would serve both tasks; accepted: another target domain or disjoint classes"
+      )
+  names = benchmark.class_names
+  splits = benchmark.load(seed=cfg.benchmark_seed)
+
+  source = {"train": None, "val": None, "test": None}
+  if cfg.source_domain:
+    source_names = tuple(names[c] for c in source_classes)
+    for part in source:
+      source[part] = select_classes(
+        getattr(splits[cfg.source_domain], part),
+        source_classes,
+        where=f"source domain {cfg.source_domain!r} ({part} split)",
+      )
+  else:
+    source_names = tuple(f"source_{j}" for j in range(config.model.num_source_classes))
+
+  target_names = tuple(names[c] for c in target_classes)
+  target = {
+    part: select_classes(
+      getattr(splits[target_domain], part),
+      target_classes,
+      where=f"target domain {target_domain!r} ({part} split)",
+    )
+    for part in ("train", "val", "test")
+  }
+  train = cap_per_class(target["train"], len(target_classes), cfg.target_train_per_class)
+  val = cap_per_class(target["val"], len(target_classes), cfg.target_val_per_class)
+  rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7]))
+  rate = float(cfg.sampling_rate)
+  train = subsample(train, rate, rng, class_names=target_names, where="training", allow_empty=False)
+  val = subsample(val, rate, rng, class_names=target_names, where="validation", allow_empty=True)
+  return Task(
+    source_domain=cfg.source_domain,
+    target_domain=target_domain,
+    source_names=source_names,
+    target_names=target_names,
+    source_train=source["train"],
+    source_val=source["val"],
+    source_test=source["test"],
+    target_train=train,
+    target_val=val,
+    target_test=target["test"],
+    input_shape=tuple(benchmark.input_shape),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Setup: models, mesh, device arrays
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the stages share, derived from the config and the data."""
+
+  config: Any
+  task: Task
+  mesh: jax.sharding.Mesh
+  source_model: models.Classifier  # backbone + source head ({'backbone', 'head'})
+  target_model: models.Classifier  # the same backbone + a target head; used for `classify`
+  x_source: jax.Array | None  # [N_s, H, W, C] source training images, replicated
+  y_source: jax.Array | None  # [N_s] int32
+  x_target: jax.Array  # [N_t, H, W, C] sampled target training images, replicated
+  y_target: jax.Array  # [N_t] int32
+
+  @property
+  def num_source_classes(self) -> int:
+    return len(self.task.source_names)
+
+  @property
+  def num_target_classes(self) -> int:
+    return len(self.task.target_names)
+
+  def key(self, stage: str) -> jax.Array:
+    """The PRNG key of a stage; steps fold their index into it."""
+    if stage == "source":  # the source model does not depend on the run's seed
+      return jax.random.fold_in(jax.random.key(self.config.source.seed), 0)
+    stage_ids = {"target_head": 1, "finetune": 2}
+    return jax.random.fold_in(jax.random.key(self.config.seed), stage_ids[stage])
+
+  def constrain(self, x: jax.Array) -> jax.Array:
+    """Shards the leading (batch) axis over the mesh when it divides evenly."""
+    if self.mesh.size == 1 or x.shape[0] % self.mesh.size:
+      return x
+    spec = P("data", *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def make_setup(config) -> Setup:
+  """Loads the data, builds the models and places the training arrays on the mesh.
+
+  Every data-dependent check happens here (the CLI calls it before it writes anything):
+  the source checkpoint file, domains, classes, the sampled subsets.
+  """
+  checkpoint = config.model.source_checkpoint
+  if checkpoint and not pathlib.Path(checkpoint).is_file():
+    raise ValueError(_missing_checkpoint_message(checkpoint))
+  task = make_task(config)
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
+  backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
+  source_model = models.Classifier(backbone=backbone, num_classes=len(task.source_names))
+  target_model = models.Classifier(backbone=backbone, num_classes=len(task.target_names))
+  rep = mesh_lib.replicated(mesh)
+  x_s = y_s = None
+  if task.source_train is not None and not config.model.source_checkpoint:
+    x_s = jax.device_put(task.source_train.x, rep)
+    y_s = jax.device_put(task.source_train.y, rep)
+  return Setup(
+    config=config,
+    task=task,
+    mesh=mesh,
+    source_model=source_model,
+    target_model=target_model,
+    x_source=x_s,
+    y_source=y_s,
+    x_target=jax.device_put(task.target_train.x, rep),
+    y_target=jax.device_put(task.target_train.y, rep),
+  )
+
+
+def _bind(jitted: Callable, *arrays) -> Callable:
+  """`step(state, step)` calling `jitted(state, step, *arrays)`.
+
+  Data arrays are passed as arguments rather than closed over, so they are not
+  baked into the compiled program as constants (and one compiled step serves
+  every variant, which differ only in these arguments).
+  """
+  return lambda state, step: jitted(state, step, *arrays)
+
+
+def _eval_batches(x: np.ndarray, batch_size: int):
+  """Fixed-size batches (the last one padded) so evaluation compiles once."""
+  for start in range(0, len(x), batch_size):
+    xb = x[start : start + batch_size]
+    if len(xb) < batch_size:
+      xb = np.concatenate([xb, np.zeros((batch_size - len(xb), *xb.shape[1:]), xb.dtype)])
+    yield xb
+
+
+# ----------------------------------------------------------------------------
+# Stage 1: the source model
+# ----------------------------------------------------------------------------
+
+
+def init_source(setup: Setup, tx: optax.GradientTransformation) -> PyTree:
+  """The source model's variables at initialisation and its optimiser state."""
+  sample = jnp.zeros((1, *setup.task.input_shape), jnp.float32)
+  variables = setup.source_model.init(setup.key("source"), sample, train=False)
+  params = variables["params"]
+  return {
+    "params": params,
+    "batch_stats": variables.get("batch_stats", {}),
+    "opt_state": tx.init(params),
+  }
+
+
+def make_source_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """ERM on the source training split (BatchNorm in training mode)."""
+  cfg = setup.config.source
+
+  def step(state, step, x, y):
+    key = jax.random.fold_in(setup.key("source"), step + 1)
+    idx = jax.random.randint(key, (cfg.batch_size,), 0, y.shape[0])
+    xb = setup.constrain(x[idx])
+
+    def loss_fn(params):
+      logits, updates = setup.source_model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
+        xb,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+
+  return _bind(jax.jit(step, donate_argnums=0), setup.x_source, setup.y_source)
+
+
+def _flatten_variables(variables: Mapping) -> dict[str, np.ndarray]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    flat["/".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(leaf)
+  return flat
+
+
+def _missing_checkpoint_message(path) -> str:
+  return (
+    f"model.source_checkpoint='{path}' does not exist; accepted: the path of a pre-trained "
+    f"source model ({' or '.join(CHECKPOINT_SUFFIXES)}) written by "
+    "co_tuning.save_source_checkpoint or by a converter that uses the same array names"
+  )
+
+
+def save_source_checkpoint(path: str | os.PathLike, variables: Mapping) -> None:
+  """Writes `{'params': ..., 'batch_stats': ...}` of a source Classifier as flat arrays.
+
+  The format `model.source_checkpoint` reads: one array per leaf, named by its path
+  joined with '/' (e.g. `params/backbone/Conv_0/kernel`), in an .npz or (by suffix)
+  .safetensors file. A converter from another framework writes the same names.
+  """
+  path = pathlib.Path(path)
+  flat = _flatten_variables(variables)
+  if path.suffix == ".safetensors":
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path)
+  elif path.suffix == ".npz":
+    np.savez(path, **flat)
+  else:
+    raise ValueError(f"path={str(path)!r} is invalid; accepted: a .npz or .safetensors file")
+
+
+def load_source_checkpoint(path: str | os.PathLike, template: Mapping) -> dict:
+  """Reads a `save_source_checkpoint` file into the structure of `template`.
+
+  Args:
+    path: the .npz or .safetensors file (`model.source_checkpoint`).
+    template: `{'params': ..., 'batch_stats': ...}` of the configured source Classifier.
+
+  Raises:
+    ValueError: naming model.source_checkpoint when the file is missing, or its arrays do
+      not match the template (missing or extra names, shapes).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(_missing_checkpoint_message(path))
+  if path.suffix == ".safetensors":
+    import safetensors.numpy
+
+    stored = safetensors.numpy.load_file(path)
+  else:
+    with np.load(path) as f:
+      stored = {k: f[k] for k in f.files}
+  expected = _flatten_variables(template)
+  missing = sorted(set(expected) - set(stored))
+  extra = sorted(set(stored) - set(expected))
+  wrong = [
+    f"{k}: {stored[k].shape} (expected {expected[k].shape})"
+    for k in expected
+    if k in stored and stored[k].shape != expected[k].shape
+  ]
+  if missing or extra or wrong:
+    details = "; ".join(
+      part
+      for part in (
+        f"missing {missing[:5]}" if missing else "",
+        f"unexpected {extra[:5]}" if extra else "",
+        f"shapes {wrong[:5]}" if wrong else "",
+      )
+      if part
+    )
+    raise ValueError(
+      f"model.source_checkpoint='{path}' does not match the configured model "
+      f"({_size_text(template)}): {details}"
+    )
+  leaves_with_path = jax.tree_util.tree_leaves_with_path(template)
+  values = [
+    np.asarray(stored["/".join(str(getattr(k, "key", k)) for k in p)], np.asarray(leaf).dtype)
+    for p, leaf in leaves_with_path
+  ]
+  return jax.tree.unflatten(jax.tree.structure(template), values)
+
+
+def _size_text(template: Mapping) -> str:
+  n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(template.get("params", {})))
+  return f"{n} parameters"
+
+
+# ----------------------------------------------------------------------------
+# Stage 2: calibration and the category relationships
+# ----------------------------------------------------------------------------
+
+
+def make_logits_fn(setup: Setup) -> Callable:
+  """`(variables, x [N, ...]) -> (source logits [N, C_s], features [N, D])`, eval mode."""
+  model = setup.source_model
+
+  @jax.jit
+  def batch_fn(variables, xb):
+    feats = model.apply(variables, xb, train=False, method=models.Classifier.features)
+    logits = model.apply({"params": variables["params"]}, feats, method=models.Classifier.classify)
+    return logits
+
+  def logits_fn(variables, x: np.ndarray) -> np.ndarray:
+    bs = setup.config.eval_batch_size
+    out = [np.asarray(batch_fn(variables, xb)) for xb in _eval_batches(x, bs)]
+    return np.concatenate(out)[: len(x)] if out else np.zeros((0, setup.num_source_classes))
+
+  return logits_fn
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+  z = jnp.asarray(logits, jnp.float32) / temperature
+  return float(core.losses.cross_entropy(z, jnp.asarray(labels, jnp.int32)).mean())
+
+
+def calibrate(setup: Setup, source_logits_fn: Callable, variables: PyTree) -> dict:
+  """The temperature of the source head and its ECE / NLL before and after.
+
+  T is fitted on the source val split and measured on the source test split; without
+  source data, T = calibration.temperature and nothing is measured.
+  """
+  cfg, task = setup.config.calibration, setup.task
+  if task.source_val is None:
+    return {
+      "temperature": float(cfg.temperature),
+      "fitted": False,
+      "note": "no source data: calibration.temperature is used as given",
+    }
+  val_logits = source_logits_fn(variables, task.source_val.x)
+  if cfg.temperature > 0:
+    temperature, fitted = float(cfg.temperature), False
+  else:
+    temperature = float(core.calibration.fit_temperature(val_logits, task.source_val.y))
+    fitted = True
+  test_logits = source_logits_fn(variables, task.source_test.x)
+  y = task.source_test.y
+
+  def ece(t: float) -> float:
+    probs = jax.nn.softmax(jnp.asarray(test_logits) / t, axis=-1)
+    return float(core.calibration.expected_calibration_error(probs, y, num_bins=cfg.num_bins))
+
+  return {
+    "temperature": temperature,
+    "fitted": fitted,
+    "fitted_on": f"{task.source_domain} val ({len(task.source_val.y)} examples)",
+    "measured_on": f"{task.source_domain} test ({len(y)} examples)",
+    "accuracy": float(np.mean(np.argmax(test_logits, -1) == y)),
+    "ece_before": ece(1.0),
+    "ece_after": ece(temperature),
+    "nll_before": _nll(test_logits, y, 1.0),
+    "nll_after": _nll(test_logits, y, temperature),
+    "num_bins": cfg.num_bins,
+  }
+
+
+def compute_relationship(
+  kind: str,
+  train_probs: np.ndarray,
+  train_labels: np.ndarray,
+  val_probs: np.ndarray,
+  val_labels: np.ndarray,
+  num_target_classes: int,
+  *,
+  max_iter: int,
+) -> np.ndarray:
+  """[C_t, C_s] p(y_s | y_t) from calibrated source probabilities on target data.
+
+  `direct`: per-class means on the training subset. `reverse`: Algorithm 1, fitted on the
+  training subset, its L2 strength chosen and its map calibrated on the validation subset
+  (on the training subset when the validation subset is empty).
+  """
+  if kind not in RELATIONSHIPS:
+    raise ValueError(f"relationship kind={kind!r} is unknown; accepted: {', '.join(RELATIONSHIPS)}")
+  if kind == "direct":
+    return np.asarray(
+      core.category_mapping.direct_relationship(train_probs, train_labels, num_target_classes)
+    )
+  has_val = len(val_labels) > 0
+  return np.asarray(
+    core.category_mapping.reverse_relationship(
+      train_probs,
+      train_labels,
+      num_target_classes,
+      val_source_probs=val_probs if has_val else None,
+      val_labels=val_labels if has_val else None,
+      max_iter=max_iter,
+    )
+  )
+
+
+def relationship_accuracy(
+  relationship: np.ndarray, probs: np.ndarray, labels: np.ndarray, prior: np.ndarray
+) -> float:
+  """Accuracy of predicting y_t from the source head alone through the relationship.
+
+  p(y_t | y_s) ∝ R[y_t, y_s] · p(y_t) (Bayes with the target class prior), then
+  p(y_t | x) = Σ_s p(y_t | y_s) f_0(x)_s: how much the source head tells about the target
+  classes (a diagnostic of the task, not a variant).
+  """
+  joint = relationship * prior[:, None]  # [C_t, C_s]
+  t_given_s = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-30)
+  scores = probs @ t_given_s.T  # [N, C_t]
+  return float(np.mean(np.argmax(scores, -1) == labels))
+
+
+def save_heatmap(
+  path: pathlib.Path,
+  relationship: np.ndarray,
+  target_names: Sequence[str],
+  source_names: Sequence[str],
+  *,
+  title: str,
+) -> None:
+  """The [C_t, C_s] relationship as an annotated heat map PNG (rows: target classes)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  c_t, c_s = relationship.shape
+  annotate = c_t * c_s <= 400
+  fig, ax = plt.subplots(figsize=(min(2.0 + 0.9 * c_s, 24), min(1.5 + 0.6 * c_t, 24)))
+  image = ax.imshow(relationship, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+  if c_s <= 40 and c_t <= 40:
+    ax.set_xticks(range(c_s), source_names, rotation=45, ha="right")
+    ax.set_yticks(range(c_t), target_names)
+  if annotate:
+    for i in range(c_t):
+      for j in range(c_s):
+        value = relationship[i, j]
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if value > 0.6 else "white")  # fmt: skip
+  ax.set_xlabel("source class y_s")
+  ax.set_ylabel("target class y_t")
+  ax.set_title(title)
+  fig.colorbar(image, ax=ax, label="p(y_s | y_t)")
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Stage 3: fine-tuning (all variants share one compiled step)
+# ----------------------------------------------------------------------------
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum and per-group learning rates, as in the official code.
+
+  Groups: the backbone and the source head at `finetune.lr`, the new target head at
+  `head_lr_mult` × lr; each × `lr_decay` after `lr_decay_at` × steps. The weight decay
+  (added to the gradient before momentum, like PyTorch's SGD) is an injected
+  hyperparameter, so variants set it in their optimiser state (`set_weight_decay`)
+  without recompiling the step.
+  """
+  cfg = config.finetune
+  boundary = max(1, round(cfg.lr_decay_at * cfg.steps))
+
+  def group(lr: float) -> optax.GradientTransformation:
+    schedule = optax.piecewise_constant_schedule(lr, {boundary: cfg.lr_decay})
+
+    def sgd(learning_rate, weight_decay):
+      return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+      )
+
+    return optax.inject_hyperparams(sgd)(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+  def labels(params):
+    return {k: "head" if k == "target_head" else "base" for k in params}
+
+  return optax.multi_transform(
+    {"base": group(cfg.lr), "head": group(cfg.lr * cfg.head_lr_mult)}, labels
+  )
+
+
+def set_weight_decay(opt_state: PyTree, weight_decay: float) -> PyTree:
+  """The optimiser state of `make_optimizer` with another weight decay."""
+  return optax.tree_utils.tree_set(opt_state, weight_decay=jnp.float32(weight_decay))
+
+
+def init_target_head(setup: Setup, feature_dim: int) -> dict:
+  """The new target head: weights ~ N(0, head_init_std²), zero bias (official init)."""
+  std = setup.config.finetune.head_init_std
+  kernel = std * jax.random.normal(
+    setup.key("target_head"), (feature_dim, setup.num_target_classes), jnp.float32
+  )
+  return {"head": {"kernel": kernel, "bias": jnp.zeros((setup.num_target_classes,), jnp.float32)}}
+
+
+def variant_settings(config, variant: str) -> dict:
+  """Loss coefficients, weight decay and relationship kind of a variant."""
+  cfg = config
+  settings = {
+    "trade_off": 0.0,
+    "l2sp_alpha": 0.0,
+    "l2sp_beta": 0.0,
+    "weight_decay": cfg.finetune.weight_decay,
+    "relationship": None,
+  }
+  if variant == "l2_sp":
+    # The L2-SP penalty replaces weight decay: α toward θ⁰ on the backbone, β on the head.
+    settings.update(l2sp_alpha=cfg.l2_sp.alpha, l2sp_beta=cfg.l2_sp.beta, weight_decay=0.0)
+  elif variant.startswith(_CO_TUNING_PREFIX):
+    settings.update(
+      trade_off=cfg.co_tuning.trade_off, relationship=variant[len(_CO_TUNING_PREFIX) :]
+    )
+  return settings
+
+
+def _squared_distance(a: PyTree, b: PyTree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def make_finetune_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """`jitted(state, step, x, y, relationship, anchor, coefs)`, shared by every variant.
+
+  state: {'params': {'backbone', 'source_head', 'target_head'}, 'batch_stats', 'opt_state'};
+  relationship: [C_t, C_s]; anchor: the pre-trained backbone params (L2-SP's θ⁰);
+  coefs: {'trade_off', 'l2sp_alpha', 'l2sp_beta'} float32 scalars.
+  """
+  cfg = setup.config.finetune
+  src, tgt = setup.source_model, setup.target_model
+
+  def step(state, step, x, y, relationship, anchor, coefs):
+    key = jax.random.fold_in(setup.key("finetune"), step)
+    idx = jax.random.randint(key, (cfg.batch_size,), 0, y.shape[0])
+    xb, yb = setup.constrain(x[idx]), y[idx]
+
+    def loss_fn(params):
+      variables = {"params": {"backbone": params["backbone"]}, "batch_stats": state["batch_stats"]}
+      feats, updates = src.apply(
+        variables, xb, train=True, mutable=["batch_stats"], method=models.Classifier.features
+      )
+      classify = models.Classifier.classify
+      target_logits = tgt.apply({"params": {"head": params["target_head"]}}, feats, method=classify)
+      source_logits = src.apply({"params": {"head": params["source_head"]}}, feats, method=classify)
+      per_example = core.category_mapping.co_tuning_loss(
+        target_logits, source_logits, yb, relationship, trade_off=coefs["trade_off"]
+      )
+      penalty = 0.5 * coefs["l2sp_alpha"] * _squared_distance(params["backbone"], anchor)
+      penalty += (
+        0.5
+        * coefs["l2sp_beta"]
+        * _squared_distance(
+          params["target_head"], jax.tree.map(jnp.zeros_like, params["target_head"])
+        )
+      )
+      ce = core.losses.cross_entropy(target_logits, yb).mean()
+      aux = (updates["batch_stats"], ce, penalty)
+      return per_example.mean() + penalty, aux
+
+    (loss, (stats, ce, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "batch_stats": stats, "opt_state": opt_state}
+    return new, {"loss": loss, "target_ce": ce, "penalty": penalty}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# Stage 4: evaluation
+# ----------------------------------------------------------------------------
+
+
+def make_target_predict(setup: Setup) -> Callable:
+  """`(state, x [N, ...]) -> target-head probabilities [N, C_t]`, eval mode."""
+  src, tgt = setup.source_model, setup.target_model
+
+  @jax.jit
+  def batch_fn(params, stats, xb):
+    variables = {"params": {"backbone": params["backbone"]}, "batch_stats": stats}
+    feats = src.apply(variables, xb, train=False, method=models.Classifier.features)
+    logits = tgt.apply(
+      {"params": {"head": params["target_head"]}}, feats, method=models.Classifier.classify
+    )
+    return jax.nn.softmax(logits, axis=-1)
+
+  def predict(state, x: np.ndarray) -> np.ndarray:
+    bs = setup.config.eval_batch_size
+    out = [
+      np.asarray(batch_fn(state["params"], state["batch_stats"], xb)) for xb in _eval_batches(x, bs)
+    ]
+    return np.concatenate(out)[: len(x)]
+
+  return predict
+
+
+def evaluate_target(setup: Setup, predict: Callable, state: PyTree) -> dict:
+  """Accuracy and ECE of the target head on the target test (and val) split."""
+  test = setup.task.target_test
+  probs = predict(state, test.x)
+  out = {
+    "accuracy": float(np.mean(np.argmax(probs, -1) == test.y)),
+    "ece": float(
+      core.calibration.expected_calibration_error(
+        probs, test.y, num_bins=setup.config.calibration.num_bins
+      )
+    ),
+  }
+  val = setup.task.target_val
+  if len(val.y):
+    out["val_accuracy"] = float(np.mean(np.argmax(predict(state, val.x), -1) == val.y))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------
+
+
+# The config fields each reusable stage depends on (see train/stage_cache.py). The source
+# model does not depend on the run's seed or on anything about the target task.
+STAGE_FIELDS = {
+  "source": (
+    "data.benchmark",
+    "data.options",
+    "data.benchmark_seed",
+    "data.source_domain",
+    "data.source_classes",
+    "model.backbone",
+    "model.options",
+    "source",
+    "num_devices",
+  ),
+}
+
+
+def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTree:
+  """Trains one stage (resuming, or fetching it from the stage cache when shared)."""
+  cfg = setup.config
+  directory = f"{workdir}/checkpoints/{stage}"
+  cache, key = cfg.stage_cache, None
+  if cache and stage in STAGE_FIELDS:
+    key = stage_cache.stage_key(cfg.to_dict(), STAGE_FIELDS[stage])
+    if stage_cache.fetch(cache, stage, key, directory):
+      logging.info("stage %s: reused %s/%s-%s", stage, cache, stage, key)
+  with ckpt_lib.Checkpointer(directory) as checkpointer:
+    state = loop_lib.train_loop(
+      step_fn,
+      state,
+      num_steps=num_steps,
+      checkpointer=checkpointer,
+      stage=stage,
+      checkpoint_every=cfg.checkpoint_every,
+      log_every=cfg.log_every,
+      writer=writer,
+      progress=True,
+    )
+  if key is not None and jax.process_index() == 0:
+    stage_cache.store(cache, stage, key, directory)
+  return state
+
+
+def pretrained_source(setup: Setup, workdir: str, writer) -> dict:
+  """The source model's {'params', 'batch_stats'}: trained (stage `source`) or loaded."""
+  config = setup.config
+  tx = optax.adam(config.source.lr)
+  state = init_source(setup, tx)
+  if config.model.source_checkpoint:
+    template = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = load_source_checkpoint(config.model.source_checkpoint, template)
+    return mesh_lib.replicate(variables, setup.mesh)
+  state = mesh_lib.replicate(state, setup.mesh)
+  state = _run_stage(
+    setup, workdir, writer, "source", make_source_step(setup, tx), state, config.source.steps
+  )
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
+  """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
+
+  `setup` (from `make_setup(config)`) may be passed when the caller already
+  built it to check the inputs.
+  """
+  validate_config(config)
+  if setup is None:
+    setup = make_setup(config)
+  task = setup.task
+  logging.info(
+    "co_tuning: source %s %s, target %s %s: %d train / %d val / %d test",
+    task.source_domain or "(checkpoint)",
+    task.source_names,
+    task.target_domain,
+    task.target_names,
+    len(task.target_train.y),
+    len(task.target_val.y),
+    len(task.target_test.y),
+  )
+  writer = metrics_lib.MetricWriter(workdir)
+  primary = jax.process_index() == 0
+
+  # 1. The source model.
+  source = pretrained_source(setup, workdir, writer)
+
+  # 2. Calibration on held-out source data, then the relationships on target data.
+  source_logits = make_logits_fn(setup)
+  calibration = calibrate(setup, source_logits, source)
+  temperature = calibration["temperature"]
+
+  def calibrated_probs(x):
+    return np.asarray(jax.nn.softmax(jnp.asarray(source_logits(source, x)) / temperature, -1))
+
+  probs_train = calibrated_probs(task.target_train.x)
+  probs_val = calibrated_probs(task.target_val.x)
+  probs_test = calibrated_probs(task.target_test.x)
+  prior = np.bincount(task.target_train.y, minlength=setup.num_target_classes) / len(
+    task.target_train.y
+  )
+  kinds = [k for k in RELATIONSHIPS if f"{_CO_TUNING_PREFIX}{k}" in config.variants]
+  relationships, relationship_info = {}, {}
+  for kind in kinds:
+    r = compute_relationship(
+      kind,
+      probs_train,
+      task.target_train.y,
+      probs_val,
+      task.target_val.y,
+      setup.num_target_classes,
+      max_iter=config.co_tuning.reverse_max_iter,
+    )
+    relationships[kind] = r
+    heatmap = f"relationship_{kind}.png"
+    if primary:
+      save_heatmap(
+        pathlib.Path(workdir) / heatmap,
+        r,
+        task.target_names,
+        task.source_names,
+        title=f"p(y_s | y_t), {kind} (rate {config.data.sampling_rate:g}, seed {config.seed})",
+      )
+    relationship_info[kind] = {
+      "matrix": np.round(r, 6).tolist(),
+      "heatmap": heatmap,
+      "source_head_accuracy_on_target_test": relationship_accuracy(
+        r, probs_test, task.target_test.y, prior
+      ),
+    }
+
+  # 3. Fine-tuning, one stage per variant, all from the same starting point.
+  tx = make_optimizer(config)
+  step_fn = make_finetune_step(setup, tx)
+  feature_dim = setup.source_model.apply(
+    source,
+    jnp.zeros((1, *task.input_shape), jnp.float32),
+    train=False,
+    method=models.Classifier.features,
+  ).shape[-1]
+  start = {
+    "backbone": source["params"]["backbone"],
+    "source_head": source["params"]["head"],
+    "target_head": init_target_head(setup, feature_dim)["head"],
+  }
+  uniform = np.full(
+    (setup.num_target_classes, setup.num_source_classes), 1.0 / setup.num_source_classes, np.float32
+  )
+  rep = mesh_lib.replicated(setup.mesh)
+  anchor = jax.device_put(source["params"]["backbone"], rep)
+  predict = make_target_predict(setup)
+  metrics = {}
+  for variant in config.variants:
+    settings = variant_settings(config, variant)
+    kind = settings["relationship"]
+    relationship = jax.device_put(relationships[kind] if kind else uniform, rep)
+    coefs = jax.device_put(
+      {k: np.float32(settings[k]) for k in ("trade_off", "l2sp_alpha", "l2sp_beta")}, rep
+    )
+    state = {
+      "params": start,
+      "batch_stats": source["batch_stats"],
+      "opt_state": set_weight_decay(tx.init(start), settings["weight_decay"]),
+    }
+    # Copies: donation inside the loop must not invalidate the shared starting point.
+    state = jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
+    bound = _bind(step_fn, setup.x_target, setup.y_target, relationship, anchor, coefs)
+    state = _run_stage(setup, workdir, writer, variant, bound, state, config.finetune.steps)
+    metrics[variant] = {task.target_domain: evaluate_target(setup, predict, state)}
+    metrics[variant]["mean"] = {"accuracy": metrics[variant][task.target_domain]["accuracy"]}
+  writer.close()
+
+  return {
+    "method": "co_tuning",
+    "benchmark": config.data.benchmark,
+    "seed": config.seed,
+    "source_domains": [task.source_domain] if task.source_domain else [],
+    "target_domains": [task.target_domain],
+    "source_classes": list(task.source_names),
+    "target_classes": list(task.target_names),
+    "sampling_rate": float(config.data.sampling_rate),
+    "num_examples": {
+      "source_train": 0 if task.source_train is None else len(task.source_train.y),
+      "target_train": len(task.target_train.y),
+      "target_val": len(task.target_val.y),
+      "target_test": len(task.target_test.y),
+    },
+    "source_calibration": calibration,
+    "relationships": relationship_info,
+    "metrics": metrics,
+  }
