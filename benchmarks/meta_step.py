@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import statistics
@@ -101,17 +100,6 @@ def with_meta(setup: meta_dmoe.Setup, *, first_order: bool, remat: bool) -> meta
   cfg.meta.first_order = first_order
   cfg.meta.remat = remat
   return dataclasses.replace(setup, config=cfg)
-
-
-def unbind(step: Callable) -> tuple[Callable, tuple]:
-  """(jitted, arrays) of a `meta_dmoe._bind` step, so that it can be AOT-compiled."""
-  names = inspect.getclosurevars(step).nonlocals
-  if "jitted" not in names or "arrays" not in names:
-    raise ValueError(
-      f"step={step!r} is not a meta_dmoe._bind closure (nonlocals {sorted(names)}); "
-      "accepted: the callable returned by meta_dmoe.make_meta_step"
-    )
-  return names["jitted"], tuple(names["arrays"])
 
 
 def init_meta_state(setup: meta_dmoe.Setup, tx_s, tx_a, feature_dim: int) -> dict:
@@ -381,7 +369,8 @@ def main() -> None:
     _, first_order, remat = next(o for o in ORDERS if o[0] == order)
     vsetup = with_meta(setup, first_order=first_order, remat=remat)
     if source == "cached_features":
-      jitted, arrays = unbind(meta_dmoe.make_meta_step(vsetup, tx_s, tx_a, feats))
+      bound = meta_dmoe.make_meta_step(vsetup, tx_s, tx_a, feats)
+      jitted, arrays = bound.jitted, bound.arrays
     else:
       jitted, arrays = make_meta_step_experts_in_step(vsetup, tx_s, tx_a, experts)
     state = init_meta_state(setup, tx_s, tx_a, feature_dim)

@@ -51,11 +51,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
-from moe_adapt.train import checkpoint as ckpt_lib
-from moe_adapt.train import loop as loop_lib
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
-from moe_adapt.train import stage_cache
+from moe_adapt.train import stages
 
 PyTree = Any
 
@@ -432,16 +430,6 @@ def make_setup(config) -> Setup:
   )
 
 
-def _bind(jitted: Callable, *arrays) -> Callable:
-  """`step(state, step)` calling `jitted(state, step, *arrays)`.
-
-  Data arrays are passed as arguments rather than closed over, so they are not
-  baked into the compiled program as constants (and one compiled step serves
-  every variant, which differ only in these arguments).
-  """
-  return lambda state, step: jitted(state, step, *arrays)
-
-
 def _eval_batches(x: np.ndarray, batch_size: int):
   """Fixed-size batches (the last one padded) so evaluation compiles once."""
   for start in range(0, len(x), batch_size):
@@ -491,7 +479,7 @@ def make_source_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
 
-  return _bind(jax.jit(step, donate_argnums=0), setup.x_source, setup.y_source)
+  return stages.bind(jax.jit(step, donate_argnums=0), setup.x_source, setup.y_source)
 
 
 def _flatten_variables(variables: Mapping) -> dict[str, np.ndarray]:
@@ -929,32 +917,6 @@ STAGE_FIELDS = {
 }
 
 
-def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTree:
-  """Trains one stage (resuming, or fetching it from the stage cache when shared)."""
-  cfg = setup.config
-  directory = f"{workdir}/checkpoints/{stage}"
-  cache, key = cfg.stage_cache, None
-  if cache and stage in STAGE_FIELDS:
-    key = stage_cache.stage_key(cfg.to_dict(), STAGE_FIELDS[stage])
-    if stage_cache.fetch(cache, stage, key, directory):
-      logging.info("stage %s: reused %s/%s-%s", stage, cache, stage, key)
-  with ckpt_lib.Checkpointer(directory) as checkpointer:
-    state = loop_lib.train_loop(
-      step_fn,
-      state,
-      num_steps=num_steps,
-      checkpointer=checkpointer,
-      stage=stage,
-      checkpoint_every=cfg.checkpoint_every,
-      log_every=cfg.log_every,
-      writer=writer,
-      progress=True,
-    )
-  if key is not None and jax.process_index() == 0:
-    stage_cache.store(cache, stage, key, directory)
-  return state
-
-
 def pretrained_source(setup: Setup, workdir: str, writer) -> dict:
   """The source model's {'params', 'batch_stats'}: trained (stage `source`) or loaded."""
   config = setup.config
@@ -965,8 +927,15 @@ def pretrained_source(setup: Setup, workdir: str, writer) -> dict:
     variables = load_source_checkpoint(config.model.source_checkpoint, template)
     return mesh_lib.replicate(variables, setup.mesh)
   state = mesh_lib.replicate(state, setup.mesh)
-  state = _run_stage(
-    setup, workdir, writer, "source", make_source_step(setup, tx), state, config.source.steps
+  state = stages.run_stage(
+    setup.config,
+    workdir,
+    "source",
+    make_source_step(setup, tx),
+    state,
+    config.source.steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
   )
   return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
@@ -1076,8 +1045,17 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     }
     # Copies: donation inside the loop must not invalidate the shared starting point.
     state = jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
-    bound = _bind(step_fn, setup.x_target, setup.y_target, relationship, anchor, coefs)
-    state = _run_stage(setup, workdir, writer, variant, bound, state, config.finetune.steps)
+    bound = stages.bind(step_fn, setup.x_target, setup.y_target, relationship, anchor, coefs)
+    state = stages.run_stage(
+      setup.config,
+      workdir,
+      variant,
+      bound,
+      state,
+      config.finetune.steps,
+      writer=writer,
+      stage_fields=STAGE_FIELDS,
+    )
     metrics[variant] = {task.target_domain: evaluate_target(setup, predict, state)}
     metrics[variant]["mean"] = {"accuracy": metrics[variant][task.target_domain]["accuracy"]}
   writer.close()

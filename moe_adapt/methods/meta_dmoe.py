@@ -42,11 +42,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
-from moe_adapt.train import checkpoint as ckpt_lib
-from moe_adapt.train import loop as loop_lib
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
-from moe_adapt.train import stage_cache
+from moe_adapt.train import stages
 
 PyTree = Any
 
@@ -266,15 +264,6 @@ def make_setup(config) -> Setup:
   )
 
 
-def _bind(jitted: Callable, *arrays) -> Callable:
-  """`step(state, step)` calling `jitted(state, step, *arrays)`.
-
-  Data arrays are passed as arguments rather than closed over, so they are not
-  baked into the compiled program as constants.
-  """
-  return lambda state, step: jitted(state, step, *arrays)
-
-
 def _unrolled_map(fn: Callable, xs):
   """`jax.lax.map` as an unrolled scan: one traced body, straight-line code."""
   _, ys = jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs, unroll=True)
@@ -344,7 +333,7 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     new = {"params": params, "batch_stats": stats, "opt_state": opt_state}
     return new, {"loss": losses.mean(), "loss_max": losses.max()}
 
-  return _bind(
+  return stages.bind(
     jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.expert_pools, setup.pool_sizes
   )
 
@@ -405,7 +394,7 @@ def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {"loss": loss}
 
-  return _bind(jax.jit(step, donate_argnums=0), setup.y, feats)
+  return stages.bind(jax.jit(step, donate_argnums=0), setup.y, feats)
 
 
 def make_student_step(setup: Setup, tx) -> Callable:
@@ -431,7 +420,7 @@ def make_student_step(setup: Setup, tx) -> Callable:
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
 
-  return _bind(jax.jit(step, donate_argnums=0), setup.x, setup.y)
+  return stages.bind(jax.jit(step, donate_argnums=0), setup.x, setup.y)
 
 
 # ----------------------------------------------------------------------------
@@ -530,7 +519,7 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
     agg_norm = optax.tree.norm(g_agg) if jax.tree.leaves(g_agg) else jnp.zeros(())
     return new, {"loss": loss, "grad_norm_aggregator": agg_norm}
 
-  return _bind(
+  return stages.bind(
     jax.jit(step, donate_argnums=0),
     setup.x,
     setup.y,
@@ -677,32 +666,6 @@ STAGE_FIELDS = {
 }
 
 
-def _run_stage(setup, workdir, writer, stage, step_fn, state, num_steps) -> PyTree:
-  """Trains one stage (resuming, or fetching it from the stage cache when shared)."""
-  cfg = setup.config
-  directory = f"{workdir}/checkpoints/{stage}"
-  cache, key = cfg.stage_cache, None
-  if cache and stage in STAGE_FIELDS:
-    key = stage_cache.stage_key(cfg.to_dict(), STAGE_FIELDS[stage])
-    if stage_cache.fetch(cache, stage, key, directory):
-      logging.info("stage %s: reused %s/%s-%s", stage, cache, stage, key)
-  with ckpt_lib.Checkpointer(directory) as checkpointer:
-    state = loop_lib.train_loop(
-      step_fn,
-      state,
-      num_steps=num_steps,
-      checkpointer=checkpointer,
-      stage=stage,
-      checkpoint_every=cfg.checkpoint_every,
-      log_every=cfg.log_every,
-      writer=writer,
-      progress=True,
-    )
-  if key is not None and jax.process_index() == 0:
-    stage_cache.store(cache, stage, key, directory)
-  return state
-
-
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
 
@@ -718,8 +681,15 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   # 1. Experts.
   tx = optax.adam(config.experts.lr)
   experts = mesh_lib.replicate(init_experts(setup, tx), setup.mesh)
-  experts = _run_stage(
-    setup, workdir, writer, "experts", make_expert_step(setup, tx), experts, config.experts.steps
+  experts = stages.run_stage(
+    config,
+    workdir,
+    "experts",
+    make_expert_step(setup, tx),
+    experts,
+    config.experts.steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
   )
   feats = expert_features(setup, experts, np.asarray(setup.x))  # [E, N_src, D], cached
 
@@ -730,14 +700,15 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   aggregator = mesh_lib.replicate(
     {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
   )
-  aggregator = _run_stage(
-    setup,
+  aggregator = stages.run_stage(
+    config,
     workdir,
-    writer,
     "aggregator",
     make_aggregator_step(setup, tx, feats),
     aggregator,
     config.aggregator.pretrain_steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
   )
 
   # 3. ERM student.
@@ -752,8 +723,15 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     },
     setup.mesh,
   )
-  student = _run_stage(
-    setup, workdir, writer, "student", make_student_step(setup, tx), student, config.student.steps
+  student = stages.run_stage(
+    config,
+    workdir,
+    "student",
+    make_student_step(setup, tx),
+    student,
+    config.student.steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
   )
 
   # 4. Meta-training from the pretrained aggregator and the ERM student.
@@ -771,14 +749,15 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   # The initial state is built from arrays the earlier stages own; copy so that
   # donation inside the meta loop never invalidates them (they are evaluated later).
   meta = jax.tree.map(jnp.copy, meta)
-  meta = _run_stage(
-    setup,
+  meta = stages.run_stage(
+    config,
     workdir,
-    writer,
     "meta",
     make_meta_step(setup, tx_s, tx_a, feats),
     meta,
     config.meta.steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
   )
   writer.close()
 
