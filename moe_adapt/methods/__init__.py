@@ -14,6 +14,7 @@ from typing import Any
 _METHODS = {
   "co_tuning": "moe_adapt.methods.co_tuning",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",
+  "muka": "moe_adapt.methods.muka",
 }
 
 

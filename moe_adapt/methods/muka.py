@@ -1,0 +1,741 @@
+"""MUKA / MUKI: uncertainty-aware integration of teachers with different label sets.
+
+Li, Lin, Ren, Zhao, Li, Zhou, Sun. "Model Uncertainty-Aware Knowledge Amalgamation for
+Pre-Trained Language Models" (MUKA, arXiv 2112.07327) and "From Mimicking to Integrating:
+Knowledge Integration for Pre-Trained Language Models" (MUKI, Findings of EMNLP 2022).
+
+K teachers each know a disjoint contiguous chunk of the sorted label list (chunk size
+⌊C / K⌋, the last teacher takes the remainder). A student over the union of the label sets
+(the chunks concatenated in teacher order = the global label order) is trained without
+labels on a transfer set, by distillation from an integrated target. Here on one domain of
+a benchmark (Fashion-MNIST, upright images) with the CNN. Stages and steps (each training
+stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped when finished):
+
+1. `teacher_<k>`: teacher k trained by CE on the labeled training images of its classes
+   (dropout on its features), frozen afterwards. Teachers depend only on the data, model
+   and `teachers` fields, so every run of a sweep reuses them through the stage cache.
+2. Scores, computed ONCE over the transfer set (the training images of all classes, labels
+   ignored) and cached in `<workdir>/confidences.npz`: per teacher and example the
+   confidence s_k(x) = 1 − normalised entropy of the mean of S MC-dropout passes (`mc`),
+   and of one deterministic pass (`single`, the over-confident baseline); and the
+   teachers' deterministic logits (the distillation targets come from dropout-off passes).
+3. One student stage per variant, all from the same initialisation, sharing one compiled
+   step (targets, per-example weights, temperature and label grouping are arguments):
+   - `muki`: soft integration (softmax(s / τ_s) weights) + margin re-weighting + MC scores;
+   - `hard`: hard integration (the most confident teacher's distribution);
+   - `no_margin`: `muki` without the margin weights;
+   - `single_pass`: `muki` with single-pass entropy scores;
+   - `vanilla_kd`: KL to softmax(concat(teacher logits) / T), × T²;
+   - `uhc`: per teacher, the student's probabilities renormalised over that teacher's labels,
+     KL to the teacher, summed over teachers, × T² (Vongkulbhisal et al., CVPR 2019);
+   - `oracle`: CE with all labels of the transfer set (an upper bound, not annotation-free).
+   Loss of the distillation variants: mean_i w_i · KL(q_i ‖ p_student(x_i)).
+4. Evaluation on the test split: accuracy over the union labels and on each teacher's
+   label subset (argmax over all labels); `teacher_<k>`: teacher k's accuracy on the test
+   examples of its own classes (argmax over its classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_adapt import core, data, models
+from moe_adapt.train import mesh as mesh_lib
+from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import stages
+
+PyTree = Any
+
+INTEGRATION_MODES = ("hard", "soft")
+STUDENT_VARIANTS = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc", "oracle")
+VARIANTS = (*STUDENT_VARIANTS, "teachers")
+CONFIDENCE_FILE = "confidences.npz"
+# The official code adds this to the margin so that no example's weight is exactly 0.
+MARGIN_EPSILON = 1e-6
+
+
+# ----------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------
+
+
+def _field(config, name: str):
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def _check_variants(variants) -> None:
+  if isinstance(variants, str) or not isinstance(variants, Sequence) or not variants:
+    raise ValueError(
+      f"variants={variants!r} is invalid; accepted: a non-empty tuple of {', '.join(VARIANTS)}"
+    )
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"variants has unknown {v!r}; accepted: {', '.join(VARIANTS)}")
+  if len(set(variants)) != len(variants):
+    raise ValueError(f"variants={tuple(variants)!r} lists a variant twice")
+
+
+def validate_config(config) -> None:
+  """Checks every field this method reads; raises ValueError naming the field."""
+
+  def integer(name: str, minimum: int) -> None:
+    value = _field(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {minimum}")
+
+  def number(name: str, *, low: float, high: float = np.inf, low_open: bool = True):
+    value = _field(config, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+      lo = "(" if low_open else "["
+      interval = f"{lo}{low:g}, {high:g})" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
+      raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
+
+  for name in ("seed", "teachers.seed", "data.benchmark_seed", "num_devices"):
+    integer(name, 0)
+  for name in ("data.train_per_class", "data.test_per_class"):
+    integer(name, 0)
+  integer("teachers.num_teachers", 2)
+  for name in (
+    "teachers.steps",
+    "teachers.batch_size",
+    "student.steps",
+    "student.batch_size",
+    "muki.num_mc_samples",
+    "eval_batch_size",
+    "checkpoint_every",
+    "log_every",
+  ):
+    integer(name, 1)
+  for name in (
+    "teachers.lr",
+    "student.lr",
+    "muki.score_temperature",
+    "muki.kd_temperature",
+    "vanilla_kd.temperature",
+    "uhc.temperature",
+  ):
+    number(name, low=0.0)
+  number("model.dropout", low=0.0, high=1.0, low_open=False)
+  if config.muki.integration not in INTEGRATION_MODES:
+    raise ValueError(
+      f"muki.integration={config.muki.integration!r} is unknown; accepted: "
+      f"{', '.join(INTEGRATION_MODES)}"
+    )
+  if not isinstance(config.muki.margin, bool):
+    raise ValueError(f"muki.margin={config.muki.margin!r} is invalid; accepted: True or False")
+  if not isinstance(config.data.domain, str):
+    raise ValueError(f"data.domain={config.data.domain!r} is invalid; accepted: a string")
+  _check_variants(config.variants)
+
+
+# ----------------------------------------------------------------------------
+# Data: the teachers' label chunks, the transfer and test sets
+# ----------------------------------------------------------------------------
+
+
+def label_chunks(num_classes: int, num_teachers: int) -> tuple[tuple[int, ...], ...]:
+  """Contiguous chunks of range(num_classes), ⌊C / K⌋ each, the last takes the remainder.
+
+  Raises:
+    ValueError: naming teachers.num_teachers unless 2 <= K <= C.
+  """
+  if not 2 <= num_teachers <= num_classes:
+    raise ValueError(
+      f"teachers.num_teachers={num_teachers} is invalid for {num_classes} classes; accepted: "
+      f"an integer in [2, {num_classes}] (each teacher needs at least one class)"
+    )
+  size = num_classes // num_teachers
+  bounds = [k * size for k in range(num_teachers)] + [num_classes]
+  return tuple(tuple(range(bounds[k], bounds[k + 1])) for k in range(num_teachers))
+
+
+def cap_per_class(split: data.Split, num_classes: int, cap: int, *, where: str) -> data.Split:
+  """The first `cap` examples of each class (all when cap == 0), in split order.
+
+  Splits are already shuffled by the benchmark, so this is a fixed random subset.
+
+  Raises:
+    ValueError: naming `where` and the class when a class has no example.
+  """
+  keep = np.zeros(len(split.y), bool)
+  for c in range(num_classes):
+    idx = np.flatnonzero(split.y == c)
+    if not len(idx):
+      raise ValueError(f"{where} has no example of class {c}; accepted: every class present")
+    keep[idx[:cap] if cap else idx] = True
+  return data.Split(split.x[keep], split.y[keep])
+
+
+# ----------------------------------------------------------------------------
+# Model: a Classifier with dropout on the features (the MC-dropout site)
+# ----------------------------------------------------------------------------
+
+
+class DropoutClassifier(nn.Module):
+  """Backbone → dropout → linear head; params {'backbone', 'head'}.
+
+  The CNN backbone has no dropout of its own; this dropout, on the features before the
+  head, is where MC dropout samples (a transformer's hidden dropout plays this role in the
+  official code). The rng collection is 'dropout'.
+
+  Attributes:
+    backbone: images [B, H, W, C] -> features [B, D].
+    num_classes: number of logits C.
+    rate: dropout probability.
+  """
+
+  backbone: nn.Module
+  num_classes: int
+  rate: float
+
+  def setup(self):
+    self.dropout = nn.Dropout(self.rate)
+    self.head = nn.Dense(self.num_classes, dtype=jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, stochastic: bool = False):
+    """Images [B, H, W, C] -> logits [B, C]; `stochastic` turns dropout on."""
+    return self.classify(self.features(x, train=train), stochastic=stochastic)
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images [B, H, W, C] -> features [B, D] (BatchNorm batch statistics when `train`)."""
+    return self.backbone(x, train=train)
+
+  def classify(self, features: jax.Array, *, stochastic: bool = False) -> jax.Array:
+    """Features [B, D] -> logits [B, C] (float32); uses only params['head']."""
+    return self.head(self.dropout(features, deterministic=not stochastic))
+
+
+# ----------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the stages share, derived from the config and the data."""
+
+  config: Any
+  domain: str
+  class_names: tuple[str, ...]
+  chunks: tuple[tuple[int, ...], ...]  # teacher k's global class indices
+  train: data.Split  # the transfer set (labels used only by teachers and the oracle)
+  test: data.Split
+  input_shape: tuple[int, int, int]
+  mesh: jax.sharding.Mesh
+  teacher_models: tuple[DropoutClassifier, ...]
+  student_model: DropoutClassifier
+  x_train: jax.Array  # [N, H, W, C] the transfer images, replicated
+
+  @property
+  def num_teachers(self) -> int:
+    return len(self.chunks)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def teacher_examples(self, k: int) -> np.ndarray:
+    """Indices into the transfer set of teacher k's classes."""
+    return np.flatnonzero(np.isin(self.train.y, self.chunks[k]))
+
+  def key(self, stage: str, index: int = 0) -> jax.Array:
+    """The PRNG key of a stage; steps fold their index into it."""
+    if stage == "teacher":  # teachers do not depend on the run's seed
+      return jax.random.fold_in(jax.random.key(self.config.teachers.seed), index)
+    stage_ids = {"student_init": 1, "student": 2, "mc": 3}
+    return jax.random.fold_in(jax.random.key(self.config.seed), stage_ids[stage])
+
+  def constrain(self, x: jax.Array) -> jax.Array:
+    """Shards the leading (batch) axis over the mesh when it divides evenly."""
+    if self.mesh.size == 1 or x.shape[0] % self.mesh.size:
+      return x
+    spec = P("data", *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def make_setup(config) -> Setup:
+  """Loads the data and builds the models; every data-dependent check happens here.
+
+  Raises:
+    ValueError: naming the field: an unknown domain, more teachers than classes, a class
+      without training or test examples.
+  """
+  cfg = config.data
+  options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
+  benchmark = data.get_benchmark(cfg.benchmark, **options)
+  domain = cfg.domain or benchmark.domains[0]
+  if domain not in benchmark.domains:
+    raise ValueError(
+      f"data.domain={domain!r} is not a domain of benchmark {benchmark.name!r}; accepted: "
+      f"{', '.join(benchmark.domains)}"
+    )
+  chunks = label_chunks(benchmark.num_classes, config.teachers.num_teachers)
+  splits = benchmark.load(seed=cfg.benchmark_seed)[domain]
+  c = benchmark.num_classes
+  train = cap_per_class(splits.train, c, cfg.train_per_class, where=f"domain {domain!r} (train)")
+  test = cap_per_class(splits.test, c, cfg.test_per_class, where=f"domain {domain!r} (test)")
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
+
+  def classifier(num_classes: int) -> DropoutClassifier:
+    backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
+    return DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=config.model.dropout)
+
+  rep = mesh_lib.replicated(mesh)
+  return Setup(
+    config=config,
+    domain=domain,
+    class_names=tuple(benchmark.class_names),
+    chunks=chunks,
+    train=train,
+    test=test,
+    input_shape=tuple(benchmark.input_shape),
+    mesh=mesh,
+    teacher_models=tuple(classifier(len(chunk)) for chunk in chunks),
+    student_model=classifier(c),
+    x_train=jax.device_put(train.x, rep),
+  )
+
+
+def _eval_batches(x: np.ndarray, batch_size: int):
+  """Fixed-size batches (the last one padded) so evaluation compiles once."""
+  for start in range(0, len(x), batch_size):
+    xb = x[start : start + batch_size]
+    if len(xb) < batch_size:
+      xb = np.concatenate([xb, np.zeros((batch_size - len(xb), *xb.shape[1:]), xb.dtype)])
+    yield xb
+
+
+def init_model(model: DropoutClassifier, key: jax.Array, input_shape, tx) -> PyTree:
+  """{'params', 'batch_stats', 'opt_state'} of a freshly initialised model."""
+  variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  params = variables["params"]
+  return {
+    "params": params,
+    "batch_stats": variables.get("batch_stats", {}),
+    "opt_state": tx.init(params),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Stage 1: teachers
+# ----------------------------------------------------------------------------
+
+
+def make_teacher_step(setup: Setup, k: int, tx: optax.GradientTransformation) -> Callable:
+  """`jitted(state, step, x, y)`: CE on teacher k's classes (y relabelled 0..C_k-1)."""
+  cfg, model = setup.config.teachers, setup.teacher_models[k]
+  base = setup.key("teacher", k)
+
+  def step(state, step, x, y):
+    key = jax.random.fold_in(base, step + 1)
+    idx_key, drop_key = jax.random.split(key)
+    idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, y.shape[0])
+    xb = setup.constrain(x[idx])
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
+        xb,
+        train=True,
+        stochastic=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": drop_key},
+      )
+      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def train_teachers(setup: Setup, workdir: str, writer) -> list[dict]:
+  """Stages `teacher_<k>`: each teacher's {'params', 'batch_stats'}."""
+  cfg = setup.config.teachers
+  rep = mesh_lib.replicated(setup.mesh)
+  teachers = []
+  for k, chunk in enumerate(setup.chunks):
+    tx = optax.adam(cfg.lr)
+    state = init_model(setup.teacher_models[k], setup.key("teacher", k), setup.input_shape, tx)
+    idx = setup.teacher_examples(k)
+    x = jax.device_put(setup.train.x[idx], rep)
+    y = jax.device_put((setup.train.y[idx] - chunk[0]).astype(np.int32), rep)
+    step = stages.bind(make_teacher_step(setup, k, tx), x, y)
+    state = mesh_lib.replicate(state, setup.mesh)
+    state = stages.run_stage(
+      setup.config,
+      workdir,
+      f"teacher_{k}",
+      step,
+      state,
+      cfg.steps,
+      writer=writer,
+      stage_fields={f"teacher_{k}": TEACHER_FIELDS},
+    )
+    teachers.append({"params": state["params"], "batch_stats": state["batch_stats"]})
+  return teachers
+
+
+# ----------------------------------------------------------------------------
+# Stage 2: teacher scores on the transfer set (computed once, cached)
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_batch(model: DropoutClassifier, num_samples: int, variables, xb, key):
+  """(logits [B, C_k], mean of `num_samples` MC-dropout softmaxes [B, C_k]) of one batch.
+
+  Dropout sits after the deterministic backbone, so the backbone runs once and the S
+  MC-dropout passes (`core.routing.mc_dropout_probs`) run over the head on its features:
+  the same samples as S full passes, at a fraction of the cost. `model` is static, so
+  teachers of one architecture share the compiled function.
+  """
+  feats = model.apply(variables, xb, train=False, method=DropoutClassifier.features)
+  head = {"params": {"head": variables["params"]["head"]}}
+
+  def apply_fn(params, f, drop_key):
+    return model.apply(
+      params, f, stochastic=True, rngs={"dropout": drop_key}, method=DropoutClassifier.classify
+    )
+
+  logits = model.apply(head, feats, method=DropoutClassifier.classify)
+  probs = core.routing.mc_dropout_probs(apply_fn, head, feats, key, num_samples=num_samples)
+  return logits, probs.mean(axis=0)
+
+
+def compute_scores(setup: Setup, teachers: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Teacher logits and confidences over the transfer set.
+
+  Returns:
+    {'logits_<k>': [N, C_k] deterministic (dropout off) logits of teacher k,
+     'mc': [N, K] 1 − normalised entropy of the MC-dropout mean,
+     'single': [N, K] 1 − normalised entropy of softmax(logits / muki.kd_temperature)}.
+  """
+  x, bs = setup.train.x, setup.config.eval_batch_size
+  tau = setup.config.muki.kd_temperature
+  out, mc, single = {}, [], []
+  for k, variables in enumerate(teachers):
+    model, s = setup.teacher_models[k], setup.config.muki.num_mc_samples
+    base = jax.random.fold_in(setup.key("mc"), k)
+    logits, mean_probs = [], []
+    for i, xb in enumerate(_eval_batches(x, bs)):
+      lb, pb = _score_batch(model, s, variables, xb, jax.random.fold_in(base, i))
+      logits.append(np.asarray(lb))
+      mean_probs.append(np.asarray(pb))
+    logits = np.concatenate(logits)[: len(x)]
+    mean_probs = np.concatenate(mean_probs)[: len(x)]
+    out[f"logits_{k}"] = logits
+    mc.append(1.0 - np.asarray(core.routing.normalized_entropy(mean_probs)))
+    det = jax.nn.softmax(jnp.asarray(logits) / tau, axis=-1)
+    single.append(1.0 - np.asarray(core.routing.normalized_entropy(det)))
+  out["mc"] = np.stack(mc, axis=1).astype(np.float32)
+  out["single"] = np.stack(single, axis=1).astype(np.float32)
+  return out
+
+
+def teacher_scores(setup: Setup, teachers: Sequence[dict], workdir: str) -> dict[str, np.ndarray]:
+  """`compute_scores`, read from `<workdir>/confidences.npz` when it is there.
+
+  The scores of frozen teachers on a fixed transfer set never change, so they are
+  computed once and a resumed run reads them back (the official code's "teacher
+  weight file").
+
+  Raises:
+    ValueError: when the cached file does not match the transfer set and the teachers.
+  """
+  path = pathlib.Path(workdir) / CONFIDENCE_FILE
+  n, k = len(setup.train.y), setup.num_teachers
+  if path.is_file():
+    with np.load(path) as f:
+      cached = {name: f[name] for name in f.files}
+    expected = {"mc": (n, k), "single": (n, k)}
+    expected.update({f"logits_{j}": (n, len(c)) for j, c in enumerate(setup.chunks)})
+    shapes = {name: cached[name].shape for name in cached}
+    if shapes != expected:
+      raise ValueError(
+        f"{path} holds arrays {shapes}, but this run needs {expected}; accepted: the file this "
+        "run wrote (remove it, or use another --workdir)"
+      )
+    logging.info("teacher scores: read %s", path)
+    return cached
+  scores = compute_scores(setup, teachers)
+  if jax.process_index() == 0:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **scores)
+    os.replace(tmp, path)
+  return scores
+
+
+# ----------------------------------------------------------------------------
+# Stage 3: students (all variants share one compiled step)
+# ----------------------------------------------------------------------------
+
+
+def _softmax_np(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def variant_targets(setup: Setup, variant: str, scores: dict[str, np.ndarray]) -> dict:
+  """Per-example targets and loss settings of a student variant.
+
+  Returns:
+    {'targets': [N, C] (for 'uhc' each teacher's slot sums to 1, the row to K),
+     'weights': [N], 'temperature': student softmax temperature, 'scale': loss factor,
+     'groups': [C] int32 label group of each class (softmax within a group)}.
+  """
+  cfg = setup.config
+  n, c = len(setup.train.y), setup.num_classes
+  logits = [scores[f"logits_{k}"] for k in range(setup.num_teachers)]
+  one_group = np.zeros(c, np.int32)
+  settings = {"weights": np.ones(n, np.float32), "temperature": 1.0, "scale": 1.0}
+  if variant == "oracle":
+    targets = np.eye(c, dtype=np.float32)[setup.train.y]
+    return {**settings, "targets": targets, "groups": one_group}
+  if variant == "vanilla_kd":
+    t = cfg.vanilla_kd.temperature
+    targets = _softmax_np(np.concatenate(logits, axis=1) / t)
+    return {**settings, "targets": targets, "temperature": t, "scale": t * t, "groups": one_group}
+  if variant == "uhc":
+    t = cfg.uhc.temperature
+    targets = np.concatenate([_softmax_np(z / t) for z in logits], axis=1)
+    groups = np.concatenate([np.full(len(ch), k, np.int32) for k, ch in enumerate(setup.chunks)])
+    return {**settings, "targets": targets, "temperature": t, "scale": t * t, "groups": groups}
+  if variant not in ("muki", "hard", "no_margin", "single_pass"):
+    raise ValueError(f"variant={variant!r} is unknown; accepted: {', '.join(STUDENT_VARIANTS)}")
+  m = cfg.muki
+  mode = "hard" if variant == "hard" else m.integration
+  conf = scores["single" if variant == "single_pass" else "mc"]
+  probs = [jax.nn.softmax(jnp.asarray(z) / m.kd_temperature, axis=-1) for z in logits]
+  targets = np.asarray(
+    core.routing.integrate_teachers(probs, conf, mode=mode, temperature=m.score_temperature)
+  )
+  weights = settings["weights"]
+  if m.margin and variant != "no_margin":
+    weights = np.asarray(core.routing.margin_weights(conf)) + MARGIN_EPSILON
+  return {
+    **settings,
+    "targets": targets,
+    "weights": weights.astype(np.float32),
+    "temperature": m.kd_temperature,
+    "groups": one_group,
+  }
+
+
+def grouped_kl(target_probs: jax.Array, logits: jax.Array, groups: jax.Array, num_groups: int):
+  """Per-example Σ_c q_c (log q_c − log p̂_c), p̂ = softmax of `logits` within each group.
+
+  With one group this is KL(q ‖ softmax(logits)); with the teachers' label groups and q the
+  concatenated teacher distributions it is UHC's Σ_k KL(P_k ‖ renormalised student).
+
+  Args:
+    target_probs: [B, C] (each group's slot a distribution, or the whole row one).
+    logits: [B, C] student logits.
+    groups: [C] int32 group of each class, in [0, num_groups).
+    num_groups: G (static).
+
+  Returns:
+    float32 [B].
+  """
+  member = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)  # [C, G]
+  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
+  bias = jnp.where(member > 0, 0.0, -1e9)
+  lse = jax.nn.logsumexp(logits[:, :, None] + bias[None], axis=1)  # [B, G]
+  log_p = logits - lse[:, groups]
+  q = jnp.asarray(target_probs, jnp.float32)
+  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1)
+
+
+def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """`jitted(state, step, x, targets, weights, groups, coefs)`, shared by every variant.
+
+  loss = mean_i w_i · scale · grouped_kl(q_i, z_i / T); coefs: {'temperature', 'scale'}.
+  """
+  cfg, model = setup.config.student, setup.student_model
+  base, num_groups = setup.key("student"), setup.num_teachers
+
+  def step(state, step, x, targets, weights, groups, coefs):
+    key = jax.random.fold_in(base, step)
+    idx_key, drop_key = jax.random.split(key)
+    idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, x.shape[0])
+    xb = setup.constrain(x[idx])
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
+        xb,
+        train=True,
+        stochastic=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": drop_key},
+      )
+      kl = grouped_kl(targets[idx], logits / coefs["temperature"], groups, num_groups)
+      return jnp.mean(weights[idx] * kl) * coefs["scale"], updates["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# Stage 4: evaluation
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict_batch(model: DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
+  # `model` is static (Linen modules hash by their fields): one compile per architecture.
+  return jnp.argmax(model.apply(variables, xb, train=False), axis=-1)
+
+
+def _predict(setup: Setup, model: DropoutClassifier, variables: dict, x: np.ndarray) -> np.ndarray:
+  """Argmax predictions [N] of `model` (eval mode, dropout off)."""
+  bs = setup.config.eval_batch_size
+  out = [np.asarray(_predict_batch(model, variables, xb)) for xb in _eval_batches(x, bs)]
+  return np.concatenate(out)[: len(x)]
+
+
+def evaluate_student(setup: Setup, variables: dict) -> dict:
+  """Accuracy over the union labels and on each teacher's label subset (test split)."""
+  y = setup.test.y
+  pred = _predict(setup, setup.student_model, variables, setup.test.x)
+  out = {"union": {"accuracy": float(np.mean(pred == y))}}
+  for k, chunk in enumerate(setup.chunks):
+    mask = np.isin(y, chunk)
+    out[f"subset_{k}"] = {"accuracy": float(np.mean(pred[mask] == y[mask]))}
+  out["mean"] = {"accuracy": out["union"]["accuracy"]}
+  return out
+
+
+def evaluate_teacher(setup: Setup, k: int, variables: dict) -> dict:
+  """Teacher k's accuracy on the test examples of its own classes (argmax over them)."""
+  chunk = setup.chunks[k]
+  mask = np.isin(setup.test.y, chunk)
+  pred = _predict(setup, setup.teacher_models[k], variables, setup.test.x[mask])
+  acc = float(np.mean(pred + chunk[0] == setup.test.y[mask]))
+  return {f"subset_{k}": {"accuracy": acc}, "mean": {"accuracy": acc}}
+
+
+# ----------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------
+
+
+# The config fields each reusable stage depends on (see train/stage_cache.py). Teachers do
+# not depend on the run's seed nor on anything about the student.
+TEACHER_FIELDS = (
+  "data.benchmark",
+  "data.options",
+  "data.benchmark_seed",
+  "data.domain",
+  "data.train_per_class",
+  "model",
+  "teachers",
+  "num_devices",
+)
+
+
+def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
+  """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
+
+  `setup` (from `make_setup(config)`) may be passed when the caller already built it.
+  """
+  validate_config(config)
+  if setup is None:
+    setup = make_setup(config)
+  logging.info(
+    "muka: %d teachers on %s, %d transfer / %d test images of %s",
+    setup.num_teachers,
+    setup.chunks,
+    len(setup.train.y),
+    len(setup.test.y),
+    setup.domain,
+  )
+  writer = metrics_lib.MetricWriter(workdir)
+
+  # 1-2. Teachers, then their scores on the transfer set (once).
+  teachers = train_teachers(setup, workdir, writer)
+  scores = teacher_scores(setup, teachers, workdir)
+
+  # 3. Students, one stage per variant, all from the same initialisation.
+  tx = optax.adam(config.student.lr)
+  start = init_model(setup.student_model, setup.key("student_init"), setup.input_shape, tx)
+  start = mesh_lib.replicate(start, setup.mesh)
+  step_fn = make_student_step(setup, tx)
+  rep = mesh_lib.replicated(setup.mesh)
+  metrics = {}
+  for variant in config.variants:
+    if variant == "teachers":
+      for k, variables in enumerate(teachers):
+        metrics[f"teacher_{k}"] = evaluate_teacher(setup, k, variables)
+      continue
+    t = variant_targets(setup, variant, scores)
+    arrays = jax.device_put(
+      (
+        t["targets"].astype(np.float32),
+        t["weights"].astype(np.float32),
+        t["groups"],
+        {"temperature": np.float32(t["temperature"]), "scale": np.float32(t["scale"])},
+      ),
+      rep,
+    )
+    # Copies: donation inside the loop must not invalidate the shared starting point.
+    state = jax.tree.map(jnp.copy, start)
+    bound = stages.bind(step_fn, setup.x_train, *arrays)
+    state = stages.run_stage(
+      config, workdir, variant, bound, state, config.student.steps, writer=writer, stage_fields={}
+    )
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    metrics[variant] = evaluate_student(setup, variables)
+  writer.close()
+
+  mc, single = scores["mc"], scores["single"]
+  return {
+    "method": "muka",
+    "benchmark": config.data.benchmark,
+    "seed": config.seed,
+    "target_domains": [setup.domain],
+    "teacher_classes": [[setup.class_names[c] for c in chunk] for chunk in setup.chunks],
+    "num_examples": {"transfer": len(setup.train.y), "test": len(setup.test.y)},
+    "confidences": {
+      # How often the most confident teacher is the one that owns the gold label.
+      "mc_selects_owner": _owner_rate(setup, mc),
+      "single_selects_owner": _owner_rate(setup, single),
+      "mc_mean": [float(v) for v in mc.mean(axis=0)],
+      "single_mean": [float(v) for v in single.mean(axis=0)],
+    },
+    "metrics": metrics,
+  }
+
+
+def _owner_rate(setup: Setup, confidences: np.ndarray) -> float:
+  """Fraction of transfer examples whose most confident teacher owns the gold label."""
+  owner = np.zeros(setup.num_classes, np.int64)
+  for k, chunk in enumerate(setup.chunks):
+    owner[list(chunk)] = k
+  return float(np.mean(np.argmax(confidences, axis=1) == owner[setup.train.y]))

@@ -1,0 +1,240 @@
+"""Tests of moe_adapt.methods.muka and configs/muka.py.
+
+- End to end through the CLI (`python -m moe_adapt.main --config=configs/muka.py:
+  fmnist,tiny`): results.json with every variant, accuracies over the union labels and per
+  teacher subset, each teacher alone on its classes.
+- In process: the integrated targets of each variant (rows sum to 1, teacher k's mass only
+  in its slot), the teacher scores cached once in the workdir, the grouped KL against NumPy,
+  the label chunks.
+- Bad inputs, each one ValueError naming the field.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from moe_adapt.methods import muka
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TRAINED = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc", "oracle")
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location("_muka_config", REPO / "configs" / "muka.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CONFIGS = _config_module()
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The tiny config with dotted-key overrides, e.g. `**{"teachers.num_teachers": 4}`."""
+  config = CONFIGS.get_config("fmnist,tiny")
+  for name, value in overrides.items():
+    *groups, field = name.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[field] = value
+  return config
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("muka_cli")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moe_adapt.main",
+      "--config=configs/muka.py:fmnist,tiny",
+      f"--workdir={tmp / 'run'}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return tmp / "run"
+
+
+def test_cli_run_reports_every_variant(cli_run):
+  results = json.loads((cli_run / "results.json").read_text())
+  assert results["method"] == "muka" and results["target_domains"] == ["rot0"]
+  metrics = results["metrics"]
+  assert set(metrics) == {*TRAINED, "teacher_0", "teacher_1"}
+  n_test = results["num_examples"]["test"]
+  for variant in TRAINED:
+    m = metrics[variant]
+    assert set(m) == {"union", "subset_0", "subset_1", "mean"}
+    for part in m.values():
+      assert 0.0 <= part["accuracy"] <= 1.0
+    acc = m["union"]["accuracy"]
+    assert m["mean"]["accuracy"] == acc
+    assert round(acc * n_test) == pytest.approx(acc * n_test, abs=1e-6)  # k / N
+  for k in range(2):
+    assert set(metrics[f"teacher_{k}"]) == {f"subset_{k}", "mean"}
+    assert 0.0 <= metrics[f"teacher_{k}"][f"subset_{k}"]["accuracy"] <= 1.0
+  assert results["teacher_classes"][0][0] == "T-shirt/top"
+  assert len(results["teacher_classes"][1]) == 5
+  assert (cli_run / muka.CONFIDENCE_FILE).is_file()
+  for stage in ("teacher_0", "teacher_1", *TRAINED):
+    assert (cli_run / "checkpoints" / stage).is_dir()
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def setup4():
+  """The tiny setup with K = 4 teachers (chunks of 2, 2, 2 and 4 classes)."""
+  return muka.make_setup(tiny_config(**{"teachers.num_teachers": 4}))
+
+
+@pytest.fixture(scope="module")
+def teachers4(setup4):
+  """Untrained teacher variables (scores need not be meaningful, only well-formed)."""
+  import jax
+  import optax
+
+  tx = optax.adam(1e-3)
+  out = []
+  for k, model in enumerate(setup4.teacher_models):
+    state = muka.init_model(model, jax.random.key(k), setup4.input_shape, tx)
+    out.append({"params": state["params"], "batch_stats": state["batch_stats"]})
+  return out
+
+
+@pytest.fixture(scope="module")
+def scores4(setup4, teachers4):
+  return muka.compute_scores(setup4, teachers4)
+
+
+def test_label_chunks():
+  assert muka.label_chunks(10, 2) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+  assert muka.label_chunks(10, 4) == ((0, 1), (2, 3), (4, 5), (6, 7, 8, 9))
+
+
+def test_scores_are_cached_once(setup4, teachers4, tmp_path, monkeypatch):
+  first = muka.teacher_scores(setup4, teachers4, str(tmp_path))
+  n = len(setup4.train.y)
+  assert first["mc"].shape == (n, 4) and first["single"].shape == (n, 4)
+  assert np.all((first["mc"] >= 0) & (first["mc"] <= 1))
+  for k, chunk in enumerate(setup4.chunks):
+    assert first[f"logits_{k}"].shape == (n, len(chunk))
+
+  def fail(*args, **kwargs):
+    raise AssertionError("scores computed a second time")
+
+  monkeypatch.setattr(muka, "compute_scores", fail)
+  second = muka.teacher_scores(setup4, teachers4, str(tmp_path))
+  for name in first:
+    np.testing.assert_array_equal(second[name], first[name])
+
+
+@pytest.mark.parametrize("variant", ["muki", "hard", "single_pass", "vanilla_kd", "oracle"])
+def test_targets_are_distributions_in_the_right_slots(setup4, scores4, variant):
+  scores = scores4
+  t = muka.variant_targets(setup4, variant, scores)
+  q = t["targets"]
+  assert q.shape == (len(setup4.train.y), 10) and np.all(q >= 0)
+  np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-5)
+  if variant in ("muki", "hard", "single_pass"):
+    conf = scores["single" if variant == "single_pass" else "mc"]
+    for k, chunk in enumerate(setup4.chunks):
+      slot = q[:, list(chunk)]
+      probs = np.exp(scores[f"logits_{k}"])
+      probs /= probs.sum(axis=1, keepdims=True)
+      if variant == "hard":
+        w = (np.argmax(conf, axis=1) == k).astype(np.float32)
+      else:
+        e = np.exp((conf - conf.max(axis=1, keepdims=True)) / 0.2)
+        w = (e / e.sum(axis=1, keepdims=True))[:, k]
+      # Teacher k's mass w_k lies only in its own slot, shaped as its distribution.
+      np.testing.assert_allclose(slot.sum(axis=1), w, atol=1e-5)
+      np.testing.assert_allclose(slot, w[:, None] * probs, atol=1e-5)
+    top2 = np.sort(conf, axis=1)[:, -2:]
+    np.testing.assert_allclose(t["weights"], top2[:, 1] - top2[:, 0] + 1e-6, atol=1e-6)
+
+
+def test_uhc_targets_and_grouped_kl_against_numpy(setup4, scores4):
+  t = muka.variant_targets(setup4, "uhc", scores4)
+  q, groups = t["targets"], t["groups"]
+  np.testing.assert_array_equal(groups, [0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+  for k in range(4):
+    np.testing.assert_allclose(q[:, groups == k].sum(axis=1), 1.0, atol=1e-5)
+  z = np.random.default_rng(0).normal(size=q.shape).astype(np.float32)
+  expected = np.zeros(len(q))
+  for k in range(4):
+    zk = z[:, groups == k]
+    log_p = zk - np.log(np.exp(zk).sum(axis=1, keepdims=True))
+    qk = q[:, groups == k]
+    expected += np.sum(qk * (np.log(np.maximum(qk, 1e-30)) - log_p), axis=1)
+  got = muka.grouped_kl(jnp.asarray(q), jnp.asarray(z), jnp.asarray(groups), 4)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+  # One group: the plain KL(q ‖ softmax(z)).
+  p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+  qn = q / q.sum(axis=1, keepdims=True)
+  one = muka.grouped_kl(jnp.asarray(qn), jnp.asarray(z), jnp.zeros(10, jnp.int32), 4)
+  np.testing.assert_allclose(
+    np.asarray(one), np.sum(qn * (np.log(qn) - np.log(p)), axis=1), rtol=1e-4, atol=1e-5
+  )
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_presets_are_valid():
+  muka.validate_config(CONFIGS.get_config("fmnist"))
+  muka.validate_config(CONFIGS.get_config("fmnist,tiny"))
+  assert CONFIGS.get_sweep() == [{"teachers.num_teachers": 2}, {"teachers.num_teachers": 4}]
+
+
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    ({"teachers.num_teachers": 1}, r"teachers\.num_teachers=1 is invalid"),
+    ({"muki.integration": "median"}, r"muki\.integration='median' is unknown; accepted: hard"),
+    ({"muki.num_mc_samples": 0}, r"muki\.num_mc_samples=0 is invalid"),
+    ({"variants": ("muki", "dfa")}, r"variants has unknown 'dfa'"),
+    ({"model.dropout": 1.0}, r"model\.dropout=1\.0 is invalid"),
+  ],
+)
+def test_validate_config_names_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    muka.validate_config(tiny_config(**overrides))
+
+
+def test_more_teachers_than_classes_is_refused():
+  config = tiny_config(**{"teachers.num_teachers": 11})
+  muka.validate_config(config)  # the class count is data-dependent
+  with pytest.raises(ValueError, match=r"teachers\.num_teachers=11 is invalid for 10 classes"):
+    muka.make_setup(config)
+
+
+def test_unknown_domain_is_refused():
+  with pytest.raises(ValueError, match=r"data\.domain='rot90' is not a domain"):
+    muka.make_setup(tiny_config(**{"data.domain": "rot90"}))
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match=r"preset='nope' is unknown; accepted: fmnist"):
+    CONFIGS.get_config("nope")
+  with pytest.raises(ValueError, match=r"flags \['huge'\] are unknown; accepted: tiny"):
+    CONFIGS.get_config("fmnist,huge")
