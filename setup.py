@@ -3,46 +3,44 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
-    "ml-collections==1.1.0",
-    "tensorflow-datasets==4.9.10",
-    "scikit-learn==1.9.1",
-    "tqdm==4.70.1",
-    "matplotlib==3.11.2",
-    "absl-py==2.5.1",
-    "numpy==2.4.6",
-    "safetensors==0.8.0",
-    "tokenizers==0.23.3",
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "chex==0.1.92",
+  "ml-collections==1.1.0",
+  "tensorflow-datasets==4.9.10",
+  "scikit-learn==1.9.1",
+  "tqdm==4.70.1",
+  "matplotlib==3.11.2",
+  "absl-py==2.5.1",
+  "numpy==2.4.6",
+  "safetensors==0.8.0",
+  "tokenizers==0.23.3",
 ]
 
 TEST_REQUIRES = [
-    "pytest==9.2.0",
-    "hypothesis==6.170.15",
-    "ruff==0.17.6",
+  "pytest==9.2.0",
+  "hypothesis==6.170.15",
+  "ruff==0.17.6",
 ]
 
 setuptools.setup(
-    name="moe_adapt",
-    version="0.1.0",
-    description=(
-        "Adapting models to new domains and tasks by reusing several experts, in JAX/Flax."
-    ),
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*"]),
-    install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
-    entry_points={
-        "console_scripts": [
-            "moe-adapt=moe_adapt.main:entry_point",
-            "moe-adapt-data=moe_adapt.data.fetch:entry_point",
-        ],
-    },
+  name="moe_adapt",
+  version="0.1.0",
+  description=("Adapting models to new domains and tasks by reusing several experts, in JAX/Flax."),
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  license="MIT",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*"]),
+  install_requires=INSTALL_REQUIRES,
+  extras_require={"test": TEST_REQUIRES},
+  entry_points={
+    "console_scripts": [
+      "moe-adapt=moe_adapt.main:entry_point",
+      "moe-adapt-data=moe_adapt.data.fetch:entry_point",
+    ],
+  },
 )
