@@ -1,5 +1,6 @@
 """Flax Linen modules: image backbones, the classifier wrapper, Meta-DMoE's aggregator,
-the BERT-style encoder and ViT (`bert`, `vit`) and adapters (`adapters`)."""
+the BERT-style encoder and ViT (`bert`, `vit`), adapters (`adapters`) and AdaMix mixtures of
+adapters (`adamix`, which registers the adapter kinds 'adamix' and 'adamix_lora')."""
 
 import dataclasses
 import functools
@@ -8,7 +9,15 @@ from typing import Any
 
 from flax import linen as nn
 
-from moe_adapt.models import adapters, bert, text_classifier, vit
+# adamix is imported for its side effect too: it registers its AdapterConfig kinds.
+from moe_adapt.models import adamix, adapters, bert, text_classifier, vit
+from moe_adapt.models.adamix import (
+  MixtureAdapter,
+  MixtureDense,
+  MixtureLoRADense,
+  merge_mixture_params,
+  mixture_param_counts,
+)
 from moe_adapt.models.adapters import count_params
 from moe_adapt.models.aggregator import Aggregator, AggregatorClassifier
 from moe_adapt.models.classifier import Classifier
@@ -22,14 +31,20 @@ __all__ = [
   "Bottleneck",
   "Classifier",
   "ConvNet",
+  "MixtureAdapter",
+  "MixtureDense",
+  "MixtureLoRADense",
   "ResNet",
   "ResNet18",
   "ResNet34",
   "ResNet50",
+  "adamix",
   "adapters",
   "bert",
   "count_params",
   "get_backbone",
+  "merge_mixture_params",
+  "mixture_param_counts",
   "text_classifier",
   "vit",
 ]

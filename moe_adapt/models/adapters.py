@@ -7,7 +7,10 @@ insert:
 - 'pfeiffer': one `BottleneckAdapter` after the FFN output projection only;
 - 'lora': the projections named in `lora_targets` become `LoRADense` (frozen base kernel
   plus a rank-r update B·A with B = 0 at init, so the model starts exactly as pretrained);
-- 'none': the plain backbone.
+- 'none': the plain backbone;
+- 'adamix', 'adamix_lora': AdaMix mixtures of M bottleneck adapters / LoRA updates, routed
+  at random per forward pass (registered by `moe_adapt.models.adamix`; they use the
+  `num_experts`, `share`, `mixture_inference` and `fixed_expert` fields).
 
 Separability (what AdapterSoup, sign analysis and checkpointing rely on): every adapter
 parameter sits under a key starting with 'adapter' (a submodule such as `adapter_mlp`) or
@@ -43,6 +46,9 @@ PROJECTIONS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 ADAPTER_PREFIXES = ("adapter", "lora")
 HEAD_KEY = "head"
 TRAIN_MODES = ("adapters", "head", "all")
+# Mixture options (AdaMix): which projection has one shared copy, and what an eval forward does.
+SHARES = ("none", "up", "down")
+MIXTURE_INFERENCE = ("merged", "random", "fixed")
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -75,6 +81,15 @@ class AdapterConfig:
     lora_alpha: LoRA scale numerator; the update is (lora_alpha / lora_rank)·x·A·B.
     lora_targets: projections that get LoRA, from `PROJECTIONS`.
     lora_dropout: dropout on the LoRA branch's input during training.
+    num_experts: experts M per mixture (kinds 'adamix', 'adamix_lora'), >= 1.
+    share: which projection of a mixture has a single copy shared by all experts, from
+      `SHARES`: 'up' (bottleneck up-projection / LoRA B; AdaMix's released setting),
+      'down' (down-projection / LoRA A) or 'none' (both routed).
+    mixture_inference: what a deterministic (eval) forward of a mixture does, from
+      `MIXTURE_INFERENCE`: 'merged' (uniform average of the experts' weights applied as one
+      module, AdaMix's default), 'random' (random routing as in training; needs a
+      'routing' rng) or 'fixed' (always expert `fixed_expert`).
+    fixed_expert: the expert index used by mixture_inference='fixed', in [0, num_experts).
   """
 
   kind: str = "none"
@@ -85,6 +100,10 @@ class AdapterConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("query", "value")
   lora_dropout: float = 0.0
+  num_experts: int = 4
+  share: str = "up"
+  mixture_inference: str = "merged"
+  fixed_expert: int = 0
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -100,6 +119,12 @@ class AdapterConfig:
       raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
     if not 0 <= self.lora_dropout < 1:
       raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+    check_mixture_options(
+      num_experts=self.num_experts,
+      share=self.share,
+      mixture_inference=self.mixture_inference,
+      fixed_expert=self.fixed_expert,
+    )
     # Lists from config files become tuples, so the config stays hashable.
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = [t for t in self.lora_targets if t not in PROJECTIONS]
@@ -112,6 +137,30 @@ class AdapterConfig:
   @property
   def lora_scale(self) -> float:
     return self.lora_alpha / self.lora_rank
+
+
+def check_mixture_options(
+  *, num_experts: int, share: str, mixture_inference: str, fixed_expert: int
+) -> None:
+  """Raises ValueError naming the first invalid mixture option (see `AdapterConfig`)."""
+
+  def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  if not is_int(num_experts) or num_experts < 1:
+    raise ValueError(f"num_experts={num_experts!r} is invalid; accepted: an int >= 1")
+  if share not in SHARES:
+    raise ValueError(f"share={share!r} is unknown; accepted: {', '.join(SHARES)}")
+  if mixture_inference not in MIXTURE_INFERENCE:
+    raise ValueError(
+      f"mixture_inference={mixture_inference!r} is unknown; accepted: "
+      f"{', '.join(MIXTURE_INFERENCE)}"
+    )
+  if not is_int(fixed_expert) or not 0 <= fixed_expert < num_experts:
+    raise ValueError(
+      f"fixed_expert={fixed_expert!r} is invalid; accepted: an int in [0, num_experts="
+      f"{num_experts})"
+    )
 
 
 class Dense(nn.Module):
