@@ -12,7 +12,9 @@ from typing import Any
 # (field checks), `make_setup(config)` (loads data; every data-dependent check)
 # and `run(config, workdir, *, setup=None) -> dict` (the results of DESIGN.md).
 _METHODS = {
+  "adamix": "moe_adapt.methods.adamix",
   "co_tuning": "moe_adapt.methods.co_tuning",
+  "finetune": "moe_adapt.methods.finetune",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",
   "muka": "moe_adapt.methods.muka",
 }

@@ -1,0 +1,142 @@
+"""Pieces shared by the config files in `configs/`: argument parsing and common defaults.
+
+Config files are loaded by path (`--config=configs/x.py:arg`), so what they share lives in
+the package rather than beside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+
+
+def parse_config_arg(
+  arg: str | None, *, presets: Sequence[str], flags: Sequence[str] = ("tiny",)
+) -> tuple[str, frozenset[str]]:
+  """`'<preset>[,flag...]'` -> (preset, flags); the first preset is the default.
+
+  Raises:
+    ValueError: naming the unknown preset or flag and the accepted ones.
+  """
+  tokens = [t.strip() for t in (arg or presets[0]).split(",") if t.strip()]
+  preset, given = tokens[0], frozenset(tokens[1:])
+  if preset not in presets:
+    raise ValueError(
+      f"config argument preset={preset!r} is unknown; accepted: {', '.join(presets)}"
+    )
+  unknown = given - set(flags)
+  if unknown:
+    raise ValueError(
+      f"config argument flags {sorted(unknown)} are unknown; accepted: {', '.join(flags)}"
+    )
+  return preset, given
+
+
+# Benchmarks of the adapter methods, by preset: (benchmark, model kind).
+ADAPTER_PRESETS = {
+  "vader": ("vader_sentiment", "minilm"),
+  "tweets": ("tweets_topics", "minilm"),
+  "digits": ("digits_rot", "vit"),
+  "fmnist": ("fmnist_rot", "vit"),
+}
+
+
+def adapter_harness(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
+  """Fields read by `moe_adapt.methods.finetune`'s harness (data, model, adapter, train).
+
+  Text presets fine-tune MiniLM (`moe-adapt-data fetch minilm` and the corpus first);
+  image presets pre-train a small ViT on the source domains inside the pipeline.
+  """
+  benchmark, kind = ADAPTER_PRESETS[preset]
+  text = kind == "minilm"
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # adapter/head initialisation, batch order, dropout and routing draws
+
+  c.data = ml_collections.ConfigDict()
+  c.data.benchmark = benchmark
+  # Options of moe_adapt.data.get_benchmark ('' = the benchmark's default).
+  c.data.options = ml_collections.ConfigDict({"data_dir": "", "max_per_domain": ""})
+  if text:
+    # 48 WordPiece tokens hold 97 % of VADER texts and 92 % of the tweets whole; the
+    # step costs ~25 % less than at 64.
+    c.data.options.max_len = 48
+  elif benchmark == "digits_rot":
+    c.data.options = ml_collections.ConfigDict({"image_size": 16})
+  elif benchmark == "fmnist_rot":
+    c.data.options.max_per_domain = 2000
+  c.data.benchmark_seed = 0  # which examples fall in which split: fixed across seeds
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = kind
+  c.model.dropout = 0.1  # on the pooled features (text) / inside the blocks (ViT)
+  # Architecture: for 'bert' a BertConfig, for 'vit' the ViT's fields; MiniLM brings its own.
+  c.model.options = ml_collections.ConfigDict()
+  if not text:
+    c.model.options = ml_collections.ConfigDict(
+      {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 4, "mlp_dim": 128}
+    )
+
+  # The adapter modules (models.adapters.AdapterConfig fields but `kind`). Bottleneck 48
+  # is AdaMix's BERT-base setting; LoRA on query/value with rank 8.
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.bottleneck = 48 if text else 16
+  c.adapter.activation = "gelu"
+  c.adapter.init_scale = 1e-2
+  c.adapter.lora_rank = 8 if text else 4
+  c.adapter.lora_alpha = 16.0 if text else 8.0
+  c.adapter.lora_targets = ("query", "value")
+  c.adapter.lora_dropout = 0.0
+
+  # Fine-tuning: AdamW, linear warm-up then linear decay (AdaMix's schedule).
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 150 if text else 400
+  c.train.batch_size = 32 if text else 64
+  c.train.lr = 1e-3  # adapters and head
+  c.train.lr_full = 5e-5 if text else 3e-4  # full fine-tuning
+  c.train.warmup_fraction = 0.06
+  c.train.weight_decay = 0.01
+
+  # ViT only: pre-training of the whole model on the source domains (stage `pretrain`).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.domains = ()  # () = every domain but the benchmark's default targets
+  c.pretrain.steps = 1500
+  c.pretrain.batch_size = 64
+  c.pretrain.lr = 1e-3
+
+  c.eval_batch_size = 256
+  # Evaluation on at most this many test examples per domain (a subset fixed by
+  # data.benchmark_seed; 0 = all): mixtures are evaluated many times.
+  c.eval = ml_collections.ConfigDict({"max_examples": 0})
+  c.checkpoint_every = 100
+  c.log_every = 25
+  c.num_devices = 0  # 0 = all local devices (data parallel)
+  # A directory shared by the runs of a sweep: the finished `pretrain` stage is reused by
+  # runs whose config fields for it agree (moe_adapt/train/stage_cache.py). Empty = off.
+  c.stage_cache = ""
+
+  if tiny:
+    c.model.options = ml_collections.ConfigDict(
+      {"patch_size": 4, "hidden_size": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+    )
+    if text:
+      c.model.kind = "bert"
+      c.model.options = ml_collections.ConfigDict(
+        {
+          "vocab_size": 128,
+          "hidden_size": 16,
+          "num_hidden_layers": 2,
+          "num_attention_heads": 2,
+          "intermediate_size": 32,
+        }
+      )
+    c.adapter.bottleneck = 4
+    c.adapter.lora_rank = 2
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.pretrain.steps = 4
+    c.pretrain.batch_size = 8
+    c.eval_batch_size = 64
+    c.checkpoint_every = 2
+    c.log_every = 1
+  return c

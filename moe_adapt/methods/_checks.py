@@ -1,0 +1,58 @@
+"""Config-field checks shared by the methods' `validate_config` (one clear ValueError each)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def field(config: Any, name: str) -> Any:
+  """`config.a.b` for name 'a.b'."""
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def integer(config: Any, name: str, minimum: int) -> None:
+  """The field `name` is an int >= minimum (bools rejected)."""
+  value = field(config, name)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {minimum}")
+
+
+def number(
+  config: Any, name: str, *, low: float, high: float = np.inf, low_open: bool = True
+) -> None:
+  """The field `name` is a finite number in (low, high) — or [low, high) if not low_open."""
+  value = field(config, name)
+  ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+  ok = ok and (value > low if low_open else value >= low) and value < high
+  if not ok:
+    lo = "(" if low_open else "["
+    interval = f"{lo}{low:g}, {high:g})" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
+    raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
+
+
+def choice(config: Any, name: str, accepted: Sequence[str]) -> None:
+  """The field `name` is one of `accepted`."""
+  value = field(config, name)
+  if value not in accepted:
+    raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(accepted)}")
+
+
+def names(config: Any, name: str, accepted: Sequence[str], *, allow_empty: bool = False) -> None:
+  """The field `name` is a tuple of distinct entries of `accepted` (non-empty unless allowed)."""
+  value = field(config, name)
+  if isinstance(value, str) or not isinstance(value, Sequence) or (not value and not allow_empty):
+    raise ValueError(
+      f"{name}={value!r} is invalid; accepted: a {'' if allow_empty else 'non-empty '}tuple of "
+      f"{', '.join(accepted)}"
+    )
+  for v in value:
+    if v not in accepted:
+      raise ValueError(f"{name} has unknown {v!r}; accepted: {', '.join(accepted)}")
+  if len(set(value)) != len(value):
+    raise ValueError(f"{name}={tuple(value)!r} lists an entry twice")

@@ -1,0 +1,246 @@
+"""AdaMix: a mixture of adaptation modules per layer, stochastic routing, merged inference.
+
+Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptations for
+Parameter-efficient Model Tuning" (EMNLP 2022). The modules are `models.adamix` (kinds
+'adamix' and 'adamix_lora'); training and evaluation use the fine-tuning harness
+(`methods.finetune`). One run trains, on the same data and from the same backbone:
+
+- `adapter`: one bottleneck adapter per block at AdaMix's place (after the FFN output,
+  Pfeiffer's) with the same bottleneck — the single module AdaMix is compared with;
+- `adamix`: M experts per block, random routing, up-projection shared, consistency
+  regularisation (CE on pass 1 + w · symmetric KL between two routed passes, stop-gradient
+  targets, as the official RoBERTa code);
+- `adamix_no_consistency` (w = 0) and `adamix_no_sharing` (up-projections routed too);
+- `lora` and `adamix_lora` (M routed LoRA A matrices, one shared B, consistency);
+- `full`: full fine-tuning.
+
+Each mixture variant `v` is evaluated three ways (DESIGN.md `metrics[<variant>]`):
+`v` = merged (uniform weight average, one module's cost — AdaMix's inference), `v_random` =
+the mean accuracy of `eval.routing_samples` single random routing choices (each a fixed
+random sub-model: one expert per layer and projection, drawn once), `v_fixed` = expert 0
+everywhere. `routing_spread[v]` lists the single choices' mean accuracies (the paper's
+Figure 5), plotted with the merged model in `<workdir>/plots/routing_spread.png`.
+
+Results also carry trainable and inference parameter counts (without the head) and the
+seconds per training step of each variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from moe_adapt import models
+from moe_adapt.methods import _checks
+from moe_adapt.methods import finetune as ft
+from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import workdir as workdir_lib
+
+
+class Variant(NamedTuple):
+  """How one compared model is built and trained."""
+
+  kind: str  # adapter kind
+  train_mode: str  # 'adapters' or 'all'
+  overrides: Mapping[str, Any]  # AdapterConfig fields on top of config.adapter
+  consistency: bool  # AdaMix's consistency regulariser on
+
+
+VARIANTS: dict[str, Variant] = {
+  "adapter": Variant("pfeiffer", "adapters", {}, False),
+  "adamix": Variant("adamix", "adapters", {}, True),
+  "adamix_no_consistency": Variant("adamix", "adapters", {}, False),
+  "adamix_no_sharing": Variant("adamix", "adapters", {"share": "none"}, True),
+  "lora": Variant("lora", "adapters", {}, False),
+  "adamix_lora": Variant("adamix_lora", "adapters", {}, True),
+  "full": Variant("none", "all", {}, False),
+}
+MIXTURES = models.adamix.MIXTURE_KINDS
+SPREAD_PLOT = "plots/routing_spread.png"
+EVAL_CACHE = "adamix_eval.json"
+
+
+def validate_config(config) -> None:
+  """Checks every field this method reads; raises ValueError naming the field."""
+  ft.validate_harness_config(config)
+  _checks.names(config, "variants", tuple(VARIANTS))
+  _checks.integer(config, "adamix.num_experts", 1)
+  _checks.integer(config, "eval.routing_samples", 1)
+  _checks.number(config, "adamix.consistency_weight", low=0.0, low_open=False)
+  _checks.choice(config, "adamix.share", adapters_lib.SHARES)
+
+
+make_setup = ft.make_setup
+
+
+def variant_adapter(config, name: str) -> adapters_lib.AdapterConfig:
+  """The AdapterConfig of variant `name` (mixture fields from `config.adamix`)."""
+  v = VARIANTS[name]
+  fields = {}
+  if v.kind in MIXTURES:
+    fields = {"num_experts": config.adamix.num_experts, "share": config.adamix.share}
+  fields.update(v.overrides)
+  return ft.adapter_config(config, v.kind, **fields)
+
+
+def inference_params(params: Any, adapter: adapters_lib.AdapterConfig) -> Any:
+  """What a deployed model holds: mixtures merged, LoRA folded into the kernels."""
+  if adapter.kind in MIXTURES:
+    params, adapter = models.adamix.merge_mixture_params(params, adapter)
+  if adapter.kind == "lora":
+    params = adapters_lib.merge_lora(params, adapter)
+  return params
+
+
+def evaluate_mixture(
+  setup: ft.Setup,
+  adapter: adapters_lib.AdapterConfig,
+  params: Any,
+  domains: Sequence[str],
+  *,
+  key: jax.Array,
+) -> dict[str, Any]:
+  """Merged, fixed-expert and single-random-choice evaluations of a trained mixture."""
+  n = setup.config.eval.routing_samples
+
+  def model(mode: str):
+    return ft.build_model(setup, dataclasses.replace(adapter, mixture_inference=mode))
+
+  random_model = model("random")
+  choices = [
+    ft.evaluate(setup, random_model, params, domains, routing_key=jax.random.fold_in(key, r))
+    for r in range(n)
+  ]
+  mean_random = {
+    d: {"accuracy": float(np.mean([c[d]["accuracy"] for c in choices]))} for d in (*domains, "mean")
+  }
+  return {
+    "merged": ft.evaluate(setup, model("merged"), params, domains),
+    "fixed": ft.evaluate(setup, model("fixed"), params, domains),
+    "random": mean_random,
+    "spread": [c["mean"]["accuracy"] for c in choices],
+  }
+
+
+def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
+  """Runs (or resumes) every variant and returns the results dict of DESIGN.md."""
+  validate_config(config)
+  if setup is None:
+    setup = make_setup(config)
+  sources, targets = ft.protocol_domains(setup)
+  train_set = setup.task.pooled("train", sources)
+  logging.info("adamix: %d training examples from %s", len(train_set), sources)
+  writer = metrics_lib.MetricWriter(workdir)
+  backbone = ft.pretrained_backbone(setup, workdir, writer)
+  # Evaluations are cached per variant: a resumed run neither retrains nor re-evaluates.
+  cache_path = os.path.join(workdir, EVAL_CACHE)
+  cache = workdir_lib.read_json(cache_path) if os.path.exists(cache_path) else {}
+  metrics, spread = {}, {}
+  for name in config.variants:
+    v = VARIANTS[name]
+    if name not in cache:
+      adapter = variant_adapter(config, name)
+      model = ft.build_model(setup, adapter)
+      params = ft.init_params(setup, model, setup.key("init"), backbone)
+      trained = ft.train(
+        setup,
+        workdir,
+        writer,
+        stage=name,
+        model=model,
+        params=params,
+        train_mode=v.train_mode,
+        examples=train_set,
+        steps=config.train.steps,
+        lr=ft.variant_lr(config, v.train_mode),
+        batch_size=config.train.batch_size,
+        consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
+      )
+      entry = {
+        "params": ft.param_counts(
+          trained.params,
+          train_mode=v.train_mode,
+          inference_params=inference_params(trained.params, adapter),
+        ),
+        "step_time_s": trained.step_time_s,
+      }
+      if v.kind in MIXTURES:
+        entry["eval"] = evaluate_mixture(
+          setup, adapter, trained.params, targets, key=setup.key("routing_eval")
+        )
+      else:
+        entry["eval"] = {"merged": ft.evaluate(setup, model, trained.params, targets)}
+      cache[name] = entry
+      workdir_lib.write_json_atomic(cache_path, cache)
+    entry = cache[name]
+    metrics[name] = entry["eval"]["merged"]
+    if v.kind in MIXTURES:
+      metrics[f"{name}_random"] = entry["eval"]["random"]
+      metrics[f"{name}_fixed"] = entry["eval"]["fixed"]
+      spread[name] = entry["eval"]["spread"]
+  writer.close()
+  results = {
+    "method": "adamix",
+    "benchmark": config.data.benchmark,
+    "seed": config.seed,
+    "protocol": config.data.protocol,
+    "source_domains": list(sources),
+    "target_domains": list(targets),
+    "num_examples": {"train": len(train_set)},
+    "params": {n: cache[n]["params"] for n in config.variants},
+    "step_time_s": {n: cache[n]["step_time_s"] for n in config.variants},
+    "routing_spread": spread,
+    "metrics": metrics,
+  }
+  if spread:
+    plot_routing_spread([results], os.path.join(workdir, SPREAD_PLOT))
+  return results
+
+
+def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str) -> None:
+  """Violin + strip plot of single random-routing choices, merged models as red dots.
+
+  Args:
+    runs: results dicts of `run` (e.g. several seeds); each contributes its choices and
+      its merged accuracy per mixture variant.
+    path: where the PNG goes (folders created).
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = [n for n in runs[0]["routing_spread"]]
+  fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.6))
+  for i, name in enumerate(names):
+    points = [100 * a for r in runs for a in r["routing_spread"][name]]
+    merged = [100 * r["metrics"][name]["mean"]["accuracy"] for r in runs]
+    if len(points) > 1:
+      ax.violinplot([points], positions=[i], showextrema=False)
+    jitter = np.random.default_rng(i).uniform(-0.08, 0.08, len(points))
+    ax.scatter(
+      i + jitter,
+      points,
+      s=10,
+      color="tab:blue",
+      alpha=0.7,
+      label="single routing choice" if i == 0 else None,
+    )
+    ax.scatter(
+      [i] * len(merged), merged, s=40, color="tab:red", zorder=3, label="merged" if i == 0 else None
+    )
+  ax.set_xticks(range(len(names)), names, rotation=15)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"AdaMix on {runs[0]['benchmark']}: random routing vs merged")
+  ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

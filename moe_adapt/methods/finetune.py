@@ -1,0 +1,697 @@
+"""Fine-tuning a pretrained transformer with adapters: the `finetune` method and its harness.
+
+The harness (used by `adamix` and `adapter_soup` too) covers one recipe: a pretrained
+backbone — MiniLM (`model.kind='minilm'`, weights from `moe-adapt-data fetch minilm`), a
+randomly initialised small BERT (`'bert'`, for tests) or a ViT pre-trained inside the
+pipeline on source domains (`'vit'`, stage `pretrain`) — gets adapters inserted
+(`models.adapters.AdapterConfig`), a new linear head, and is trained on labeled examples
+with only the chosen parameters updated (`train`: 'adapters' = adapters + head, 'head',
+'all'). Trees of the trainable parameters are what the step differentiates, so a frozen
+backbone costs no weight gradients.
+
+The `finetune` method compares, in one run on the same data, the variants
+- `full`: every parameter (its own learning rate, `train.lr_full`);
+- `head`: the linear head on the frozen backbone (a linear probe);
+- `houlsby`, `pfeiffer`: bottleneck adapters (two per block / one per block) + head;
+- `lora`: LoRA on `adapter.lora_targets` + head;
+with `data.protocol`:
+- 'lodo' (leave-domain-out): train on the training splits of every domain but the
+  targets, report accuracy on the targets' test splits;
+- 'pooled' (in-domain): train on the training splits of `data.domains` (all by default)
+  and report accuracy on each of their test splits.
+
+Results also carry, per variant, the parameter counts ({total, trainable, inference}) and
+the training cost per step (seconds, measured on a few extra compiled steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_adapt import core, data, models
+from moe_adapt.methods import _checks
+from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import mesh as mesh_lib
+from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import stages
+
+PyTree = Any
+
+MODEL_KINDS = ("minilm", "bert", "vit")
+PROTOCOLS = ("lodo", "pooled")
+TRAIN_MODES = adapters_lib.TRAIN_MODES
+# variant -> (adapter kind, what is trained).
+VARIANTS: dict[str, tuple[str, str]] = {
+  "full": ("none", "all"),
+  "head": ("none", "head"),
+  "houlsby": ("houlsby", "adapters"),
+  "pfeiffer": ("pfeiffer", "adapters"),
+  "lora": ("lora", "adapters"),
+}
+# Steps timed after training to report the cost of one step.
+TIMED_STEPS = 5
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+
+class Examples(NamedTuple):
+  """Labeled examples of one modality.
+
+  Attributes:
+    inputs: the model's positional inputs: text (token_ids [N, T] int32, attention_mask
+      [N, T] int32); images (x [N, H, W, C] float32,).
+    labels: [N] int32.
+  """
+
+  inputs: tuple[np.ndarray, ...]
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+  def take(self, idx: np.ndarray) -> Examples:
+    return Examples(tuple(a[idx] for a in self.inputs), self.labels[idx])
+
+
+def concat_examples(parts: Sequence[Examples]) -> Examples:
+  """The examples of `parts` one after the other."""
+  if not parts:
+    raise ValueError("concat_examples needs at least one part")
+  inputs = tuple(np.concatenate(arrays) for arrays in zip(*(p.inputs for p in parts)))
+  return Examples(inputs, np.concatenate([p.labels for p in parts]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A benchmark's domains as `Examples` per split.
+
+  Attributes:
+    benchmark: the benchmark's name.
+    modality: 'text' or 'image'.
+    domains: every domain, in the benchmark's order.
+    class_names: [C] class names.
+    default_targets: the benchmark's default held-out domains.
+    train, val, test: domain -> Examples.
+  """
+
+  benchmark: str
+  modality: str
+  domains: tuple[str, ...]
+  class_names: tuple[str, ...]
+  default_targets: tuple[str, ...]
+  train: Mapping[str, Examples]
+  val: Mapping[str, Examples]
+  test: Mapping[str, Examples]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def pooled(self, split: str, domains: Sequence[str]) -> Examples:
+    """The examples of `split` of `domains`, concatenated in the given order."""
+    return concat_examples([getattr(self, split)[d] for d in domains])
+
+
+def load_task(config) -> Task:
+  """Loads `config.data.benchmark` (with `data.options`, '' = default) as a `Task`."""
+  cfg = config.data
+  options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
+  bench = data.get_benchmark(cfg.benchmark, **options)
+  loaded = bench.load(seed=cfg.benchmark_seed)
+  text = hasattr(bench, "max_len")
+
+  def examples(split) -> Examples:
+    if text:
+      return Examples((split.token_ids, split.attention_mask), split.labels.astype(np.int32))
+    return Examples((split.x.astype(np.float32),), split.y.astype(np.int32))
+
+  parts = {
+    name: {d: examples(getattr(s, name)) for d, s in loaded.items()}
+    for name in ("train", "val", "test")
+  }
+  cap = config.eval.max_examples
+  if cap:  # a fixed subset: the same for every seed and method
+    rng = np.random.default_rng(cfg.benchmark_seed)
+    parts["test"] = {
+      d: ex.take(np.sort(rng.permutation(len(ex))[:cap])) if len(ex) > cap else ex
+      for d, ex in parts["test"].items()
+    }
+  return Task(
+    benchmark=bench.name,
+    modality="text" if text else "image",
+    domains=tuple(bench.domains),
+    class_names=tuple(bench.class_names),
+    default_targets=tuple(bench.default_targets),
+    **parts,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------
+
+
+def validate_harness_config(config) -> None:
+  """Checks the fields the harness reads (data, model, adapter, train, pretrain, ...)."""
+  for name in ("seed", "data.benchmark_seed", "num_devices", "eval.max_examples"):
+    _checks.integer(config, name, 0)
+  for name in (
+    "train.steps",
+    "train.batch_size",
+    "eval_batch_size",
+    "checkpoint_every",
+    "log_every",
+  ):
+    _checks.integer(config, name, 1)
+  for name in ("train.lr", "train.lr_full"):
+    _checks.number(config, name, low=0.0)
+  _checks.number(config, "train.warmup_fraction", low=0.0, high=1.0, low_open=False)
+  _checks.number(config, "train.weight_decay", low=0.0, low_open=False)
+  _checks.number(config, "model.dropout", low=0.0, high=1.0, low_open=False)
+  _checks.choice(config, "model.kind", MODEL_KINDS)
+  if config.model.kind == "vit":
+    _checks.integer(config, "pretrain.steps", 1)
+    _checks.integer(config, "pretrain.batch_size", 1)
+    _checks.number(config, "pretrain.lr", low=0.0)
+  try:
+    adapter_config(config, "pfeiffer")
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"adapter: {e}") from None
+
+
+def validate_config(config) -> None:
+  """Checks every field of the `finetune` method; raises ValueError naming the field."""
+  validate_harness_config(config)
+  _checks.choice(config, "data.protocol", PROTOCOLS)
+  _checks.names(config, "variants", tuple(VARIANTS))
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+
+
+def adapter_config(config, kind: str, **overrides: Any) -> adapters_lib.AdapterConfig:
+  """`AdapterConfig(kind, **config.adapter, **overrides)`."""
+  fields = dict(config.adapter.to_dict())
+  fields.update(overrides)
+  return adapters_lib.AdapterConfig(kind=kind, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The task, the mesh and the backbone's description, shared by every stage."""
+
+  config: Any
+  task: Task
+  mesh: jax.sharding.Mesh
+  backbone_config: Any  # bert.BertConfig (text) or dict of ViT options (image)
+  # Pretrained encoder params (text) or None (ViT: produced by the `pretrain` stage).
+  pretrained: PyTree | None
+
+  @property
+  def backbone_key(self) -> str:
+    """Top-level params key of the backbone: 'encoder' (text) or 'backbone' (ViT)."""
+    return "encoder" if self.task.modality == "text" else "backbone"
+
+  def key(self, stage: str, index: int = 0) -> jax.Array:
+    """The PRNG key of a stage (by name), fold in `index` (e.g. a domain number)."""
+    digest = zlib.crc32(stage.encode()) % (2**31)
+    key = jax.random.fold_in(jax.random.key(self.config.seed), digest)
+    return jax.random.fold_in(key, index)
+
+  def constrain(self, x: jax.Array) -> jax.Array:
+    """Shards the leading (batch) axis over the mesh when it divides evenly."""
+    if self.mesh.size == 1 or x.shape[0] % self.mesh.size:
+      return x
+    spec = P("data", *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def make_setup(config) -> Setup:
+  """Loads the data and the pretrained encoder; every data-dependent check happens here."""
+  task = load_task(config)
+  kind = config.model.kind
+  if (kind == "vit") != (task.modality == "image"):
+    raise ValueError(
+      f"model.kind={kind!r} does not fit benchmark {task.benchmark!r} ({task.modality}); "
+      f"accepted: {'vit' if task.modality == 'image' else 'minilm, bert'}"
+    )
+  pretrained = None
+  if kind == "minilm":
+    data_dir = config.data.options.get("data_dir", "") or None
+    backbone_config, pretrained, _ = models.bert.load_minilm(data_dir)
+  elif kind == "bert":
+    backbone_config = models.bert.BertConfig(**config.model.options.to_dict())
+  else:
+    backbone_config = dict(config.model.options.to_dict())
+  return Setup(
+    config=config,
+    task=task,
+    mesh=mesh_lib.make_mesh(config.num_devices or None),
+    backbone_config=backbone_config,
+    pretrained=pretrained,
+  )
+
+
+def build_model(setup: Setup, adapter: adapters_lib.AdapterConfig) -> nn.Module:
+  """The classifier with `adapter` inserted: `apply(v, *inputs, train=)` -> logits [B, C]."""
+  c = setup.config.model
+  if setup.task.modality == "text":
+    return models.text_classifier.TextClassifier(
+      setup.backbone_config,
+      setup.task.num_classes,
+      adapter=adapter,
+      pooling="mean",
+      dropout_rate=c.dropout,
+    )
+  options = dict(setup.backbone_config)
+  return models.vit.vit_classifier(
+    setup.task.num_classes, adapter=adapter, dropout_rate=c.dropout, **options
+  )
+
+
+def _dummy_inputs(setup: Setup) -> tuple[jax.Array, ...]:
+  first = setup.task.train[setup.task.domains[0]]
+  return tuple(jnp.zeros((1, *a.shape[1:]), a.dtype) for a in first.inputs)
+
+
+def init_params(setup: Setup, model: nn.Module, key: jax.Array, backbone: PyTree | None) -> PyTree:
+  """Fresh params of `model` (adapters, head) with the backbone's leaves from `backbone`.
+
+  `backbone` holds the backbone's parameters without adapters (e.g. `setup.pretrained`);
+  None keeps the random initialisation.
+  """
+  params = model.init(key, *_dummy_inputs(setup))["params"]
+  params = jax.tree.map(jnp.asarray, params)
+  if backbone is None:
+    return params
+  bk = setup.backbone_key
+  own, adapter_leaves = adapters_lib.split_params(params[bk])
+  given = dict(backbone)
+  if "pooler" in given and "pooler" not in own:
+    given.pop("pooler")
+  if jax.tree.map(jnp.shape, own) != jax.tree.map(jnp.shape, given):
+    raise ValueError(f"pretrained {bk} params do not match the model's {bk}")
+  return {**params, bk: adapters_lib.merge_params(given, adapter_leaves)}
+
+
+def backbone_of(setup: Setup, params: PyTree) -> PyTree:
+  """The backbone's own parameters (adapters removed) of a full params tree."""
+  return adapters_lib.split_params(params[setup.backbone_key])[0]
+
+
+def split_trainable(params: PyTree, train: str) -> tuple[PyTree, PyTree]:
+  """(frozen, trainable) trees for `train` in 'adapters', 'head', 'all'; merge_params joins."""
+  if train == "all":
+    return {}, dict(params)
+  if train == "head":
+    frozen = {k: v for k, v in params.items() if k != adapters_lib.HEAD_KEY}
+    return frozen, {adapters_lib.HEAD_KEY: params[adapters_lib.HEAD_KEY]}
+  return adapters_lib.split_params(params, include_head=True)
+
+
+def join(frozen: PyTree, trainable: PyTree) -> PyTree:
+  """Inverse of `split_trainable`."""
+  return adapters_lib.merge_params(frozen, trainable)
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+def make_optimizer(steps: int, lr: float, *, warmup_fraction: float, weight_decay: float):
+  """AdamW with linear warm-up over `warmup_fraction` of the steps, then linear decay to 0."""
+  warmup = round(warmup_fraction * steps)
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, lr, max(warmup, 1)),
+      optax.linear_schedule(lr, 0.0, max(steps - warmup, 1)),
+    ],
+    [warmup],
+  )
+  return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+def make_train_step(
+  setup: Setup,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  *,
+  batch_size: int,
+  consistency_weight: float = 0.0,
+  key: jax.Array,
+) -> Callable:
+  """`jitted(state, step, frozen, *inputs, labels)`: one AdamW step on a sampled batch.
+
+  loss = mean CE(pass 1) [+ w · mean symmetric_kl(pass 1, pass 2) with stop-gradient
+  targets, pass 2 a second forward with fresh dropout and routing draws — AdaMix's
+  consistency regulariser]. `state` = {'params': trainable tree, 'opt_state'}; `frozen`
+  is the rest of the parameters; the training arrays live on device and batches are drawn
+  in-jit from `fold_in(key, step)`, so resumed runs are bitwise identical.
+  """
+
+  def step(state, step, frozen, *arrays):
+    *inputs, labels = arrays
+    k = jax.random.fold_in(key, step)
+    idx_key, d1, r1, d2, r2 = jax.random.split(k, 5)
+    idx = jax.random.randint(idx_key, (batch_size,), 0, labels.shape[0])
+    batch = [setup.constrain(a[idx]) for a in inputs]
+    y = labels[idx]
+
+    def forward(params, dropout_key, routing_key):
+      return model.apply(
+        {"params": params},
+        *batch,
+        train=True,
+        rngs={"dropout": dropout_key, "routing": routing_key},
+      )
+
+    def loss_fn(trainable):
+      params = join(frozen, trainable)
+      logits = forward(params, d1, r1)
+      ce = jnp.mean(core.losses.cross_entropy(logits, y))
+      if not consistency_weight:
+        return ce, {"ce": ce}
+      logits2 = forward(params, d2, r2)
+      reg = jnp.mean(core.losses.symmetric_kl(logits, logits2, stop_gradient_targets=True))
+      return ce + consistency_weight * reg, {"ce": ce, "consistency": reg}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state}, {"loss": loss, **aux}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+class Trained(NamedTuple):
+  """A trained model: its full params and the measured cost of one training step (s)."""
+
+  params: PyTree
+  step_time_s: float
+
+
+def train(
+  setup: Setup,
+  workdir: str,
+  writer: metrics_lib.MetricWriter | None,
+  *,
+  stage: str,
+  model: nn.Module,
+  params: PyTree,
+  train_mode: str,
+  examples: Examples,
+  steps: int,
+  lr: float,
+  batch_size: int,
+  consistency_weight: float = 0.0,
+  stage_fields: Mapping[str, Sequence[str]] | None = None,
+) -> Trained:
+  """Trains the `train_mode` part of `params` on `examples` as stage `stage` (resumable).
+
+  Returns the full params and the seconds per step, timed on `TIMED_STEPS` extra steps of
+  the compiled step on a copy of the final state (the copy is discarded).
+  """
+  cfg = setup.config.train
+  tx = make_optimizer(steps, lr, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay)
+  frozen, trainable = split_trainable(params, train_mode)
+  # A copy: the step donates its state, and callers share backbone leaves between models.
+  trainable = jax.tree.map(jnp.copy, trainable)
+  rep = mesh_lib.replicated(setup.mesh)
+  state = mesh_lib.replicate({"params": trainable, "opt_state": tx.init(trainable)}, setup.mesh)
+  arrays = jax.device_put((frozen, *examples.inputs, examples.labels), rep)
+  step_fn = make_train_step(
+    setup,
+    model,
+    tx,
+    batch_size=batch_size,
+    consistency_weight=consistency_weight,
+    key=setup.key(stage),
+  )
+  bound = stages.bind(step_fn, *arrays)
+  state = stages.run_stage(
+    setup.config,
+    workdir,
+    stage,
+    bound,
+    state,
+    steps,
+    writer=writer,
+    stage_fields=stage_fields or {},
+  )
+  probe = jax.tree.map(jnp.copy, state)
+  probe, _ = bound(probe, jnp.int32(0))  # compiled already unless the stage was restored
+  jax.block_until_ready(probe)
+  start = time.perf_counter()
+  for i in range(TIMED_STEPS):
+    probe, _ = bound(probe, jnp.int32(i))
+  jax.block_until_ready(probe)
+  step_time = (time.perf_counter() - start) / TIMED_STEPS
+  return Trained(join(frozen, state["params"]), step_time)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_batch(model: nn.Module, method: str, params: PyTree, key: jax.Array, *inputs):
+  # `model` is static (Linen modules hash by their fields): one compile per architecture.
+  return model.apply(
+    {"params": params},
+    *inputs,
+    train=False,
+    method=method,
+    rngs={"routing": key},
+  )
+
+
+def _batched(model, method, params, examples: Examples, batch_size: int, key) -> np.ndarray:
+  n = len(examples)
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = [a[start : start + batch_size] for a in examples.inputs]
+    pad = batch_size - len(chunk[0])
+    if pad:  # fixed shapes: one compile
+      chunk = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in chunk]
+    out.append(np.asarray(_apply_batch(model, method, params, key, *chunk)))
+  return np.concatenate(out)[:n]
+
+
+def predict_logits(
+  model: nn.Module,
+  params: PyTree,
+  examples: Examples,
+  *,
+  batch_size: int,
+  routing_key: jax.Array | None = None,
+) -> np.ndarray:
+  """Eval-mode logits [N, C]. Routed mixtures in 'random' inference mode draw from
+  `routing_key`; the same key is used for every batch, i.e. one fixed random sub-model."""
+  key = jax.random.key(0) if routing_key is None else routing_key
+  return _batched(model, "__call__", params, examples, batch_size, key)
+
+
+def embed(setup: Setup, model: nn.Module, params: PyTree, examples: Examples) -> np.ndarray:
+  """Pooled features [N, D] of `model` (sentence embeddings for the text encoder)."""
+  bs = setup.config.eval_batch_size
+  return _batched(model, "features", params, examples, bs, jax.random.key(0))
+
+
+def evaluate(
+  setup: Setup,
+  model: nn.Module,
+  params: PyTree,
+  domains: Sequence[str],
+  *,
+  split: str = "test",
+  routing_key: jax.Array | None = None,
+) -> dict[str, dict[str, float]]:
+  """{domain: {'accuracy'}, 'mean': {'accuracy'}} on `split` of `domains` (mean over domains)."""
+  out = {}
+  for d in domains:
+    ex = getattr(setup.task, split)[d]
+    logits = predict_logits(
+      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
+    )
+    out[d] = {"accuracy": float(np.mean(np.argmax(logits, -1) == ex.labels))}
+  out["mean"] = {"accuracy": float(np.mean([out[d]["accuracy"] for d in domains]))}
+  return out
+
+
+def param_counts(params: PyTree, *, train_mode: str, inference_params: PyTree) -> dict[str, int]:
+  """{'total', 'trainable' (without the head), 'head', 'inference'} scalar counts.
+
+  `inference_params` is what a deployed model holds (e.g. LoRA folded, mixtures merged).
+  """
+  frozen, trainable = split_trainable(params, train_mode)
+  del frozen
+  head = adapters_lib.count_params(params[adapters_lib.HEAD_KEY])
+  return {
+    "total": adapters_lib.count_params(params),
+    "trainable": adapters_lib.count_params(trainable) - head,
+    "head": head,
+    "inference": adapters_lib.count_params(inference_params),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Pretraining (ViT) and the backbone
+# ----------------------------------------------------------------------------
+
+PRETRAIN_FIELDS = (
+  "data.benchmark",
+  "data.options",
+  "data.benchmark_seed",
+  "model",
+  "pretrain",
+  "num_devices",
+)
+
+
+def pretrain_domains(setup: Setup) -> tuple[str, ...]:
+  """Domains the ViT is pre-trained on: `pretrain.domains`, or every non-default-target."""
+  given = tuple(setup.config.pretrain.domains)
+  domains = given or tuple(d for d in setup.task.domains if d not in setup.task.default_targets)
+  bad = [d for d in domains if d not in setup.task.domains]
+  if bad:
+    raise ValueError(
+      f"pretrain.domains has unknown {bad}; accepted: {', '.join(setup.task.domains)}"
+    )
+  return domains
+
+
+def pretrained_backbone(setup: Setup, workdir: str, writer) -> PyTree:
+  """The backbone's parameters: MiniLM's, random (`bert`), or the ViT trained by `pretrain`.
+
+  The `pretrain` stage trains the whole ViT classifier (no adapters) with CE on the
+  training splits of `pretrain_domains`; it depends only on PRETRAIN_FIELDS, so the runs of
+  a sweep share it through the stage cache.
+  """
+  if setup.pretrained is not None:
+    return setup.pretrained
+  model = build_model(setup, adapters_lib.AdapterConfig())
+  params = init_params(setup, model, setup.key("backbone_init"), None)
+  if setup.config.model.kind == "bert":
+    return backbone_of(setup, params)
+  cfg = setup.config.pretrain
+  trained = train(
+    setup,
+    workdir,
+    writer,
+    stage="pretrain",
+    model=model,
+    params=params,
+    train_mode="all",
+    examples=setup.task.pooled("train", pretrain_domains(setup)),
+    steps=cfg.steps,
+    lr=cfg.lr,
+    batch_size=cfg.batch_size,
+    stage_fields={"pretrain": PRETRAIN_FIELDS},
+  )
+  return backbone_of(setup, trained.params)
+
+
+# ----------------------------------------------------------------------------
+# The `finetune` method
+# ----------------------------------------------------------------------------
+
+
+def protocol_domains(setup: Setup) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(training domains, evaluation domains) of `data.protocol`."""
+  cfg, task = setup.config.data, setup.task
+  if cfg.protocol == "lodo":
+    targets = tuple(cfg.target_domains) or task.default_targets
+    sources = tuple(d for d in task.domains if d not in targets)
+    _check_domains(task, "data.target_domains", targets)
+    if not sources:
+      raise ValueError("data.target_domains holds every domain; leave at least one to train on")
+    return sources, targets
+  domains = tuple(cfg.domains) or task.domains
+  _check_domains(task, "data.domains", domains)
+  return domains, domains
+
+
+def _check_domains(task: Task, name: str, domains: Sequence[str]) -> None:
+  bad = [d for d in domains if d not in task.domains]
+  if bad or not domains:
+    raise ValueError(f"{name}={tuple(domains)!r} is invalid; accepted: {', '.join(task.domains)}")
+
+
+def variant_lr(config, train_mode: str) -> float:
+  """`train.lr_full` for full fine-tuning, `train.lr` otherwise."""
+  return config.train.lr_full if train_mode == "all" else config.train.lr
+
+
+def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
+  """Runs (or resumes) every variant and returns the results dict of DESIGN.md."""
+  validate_config(config)
+  if setup is None:
+    setup = make_setup(config)
+  sources, targets = protocol_domains(setup)
+  train_set = setup.task.pooled("train", sources)
+  logging.info(
+    "finetune: %d training examples from %s; eval on %s", len(train_set), sources, targets
+  )
+  writer = metrics_lib.MetricWriter(workdir)
+  backbone = pretrained_backbone(setup, workdir, writer)
+  metrics, counts, step_time = {}, {}, {}
+  for variant in config.variants:
+    kind, train_mode = VARIANTS[variant]
+    adapter = adapter_config(config, kind)
+    model = build_model(setup, adapter)
+    params = init_params(setup, model, setup.key("init"), backbone)
+    trained = train(
+      setup,
+      workdir,
+      writer,
+      stage=variant,
+      model=model,
+      params=params,
+      train_mode=train_mode,
+      examples=train_set,
+      steps=config.train.steps,
+      lr=variant_lr(config, train_mode),
+      batch_size=config.train.batch_size,
+    )
+    metrics[variant] = evaluate(setup, model, trained.params, targets)
+    inference = (
+      adapters_lib.merge_lora(trained.params, adapter) if kind == "lora" else trained.params
+    )
+    counts[variant] = param_counts(
+      trained.params, train_mode=train_mode, inference_params=inference
+    )
+    step_time[variant] = trained.step_time_s
+  writer.close()
+  return {
+    "method": "finetune",
+    "benchmark": config.data.benchmark,
+    "seed": config.seed,
+    "protocol": config.data.protocol,
+    "source_domains": list(sources),
+    "target_domains": list(targets),
+    "num_examples": {"train": len(train_set)},
+    "params": counts,
+    "step_time_s": step_time,
+    "metrics": metrics,
+  }
