@@ -505,15 +505,54 @@ def plot_key(table: Table, key: str, path: str | os.PathLike, *, scale: float = 
   return True
 
 
+def cost_table(records: Sequence[Record]) -> str:
+  """Markdown table of per-variant costs, for runs that report `params` and `step_time_s`.
+
+  Columns: trainable and inference parameters (the first run's; they do not depend on the
+  seed) and the seconds per training step (mean over runs). Empty when no run reports them.
+  """
+  done = [r.results for r in records if r.results and isinstance(r.results.get("params"), dict)]
+  if not done:
+    return ""
+  variants: list[str] = []
+  for res in done:
+    variants += [v for v in res["params"] if v not in variants]
+  lines = [
+    "| variant | trainable params | inference params | s / step |",
+    "|---|---:|---:|---:|",
+  ]
+  for v in variants:
+    counts = next(res["params"][v] for res in done if v in res["params"])
+    times = [res.get("step_time_s", {}).get(v) for res in done]
+    times = [t for t in times if isinstance(t, int | float)]
+    step = f"{np.mean(times):.3f}" if times else MISSING
+    lines.append(
+      f"| {v} | {counts.get('trainable', MISSING):,} | {counts.get('inference', MISSING):,} "
+      f"| {step} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def write_outputs(
-  table: Table, out_dir: str | os.PathLike, *, scale: float = 100.0, digits: int = 1
+  table: Table,
+  out_dir: str | os.PathLike,
+  *,
+  scale: float = 100.0,
+  digits: int = 1,
+  costs: str = "",
 ) -> list[pathlib.Path]:
-  """Writes results.md, results.csv, results.tex and plot_<key>.png files; returns their paths."""
+  """Writes results.md (+ `costs`), results.csv, results.tex and plot_<key>.png files.
+
+  Returns the written paths.
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written = []
+  markdown = to_markdown(table, scale=scale, digits=digits)
+  if costs:
+    markdown += "\n" + costs
   for name, text in (
-    ("results.md", to_markdown(table, scale=scale, digits=digits)),
+    ("results.md", markdown),
     ("results.csv", to_csv(table)),
     ("results.tex", to_latex(table, scale=scale, digits=digits)),
   ):
@@ -566,11 +605,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       selection=args.selection,
       higher_is_better=not args.lower_is_better,
     )
-    written = write_outputs(table, args.out or args.sweep_dir, scale=args.scale, digits=args.digits)
+    costs = cost_table(records)
+    written = write_outputs(
+      table, args.out or args.sweep_dir, scale=args.scale, digits=args.digits, costs=costs
+    )
   except ValueError as e:
     print(f"launch.collect: error: {e}", file=sys.stderr)
     return 2
   print(to_markdown(table, scale=args.scale, digits=args.digits))
+  if costs:
+    print(costs)
   for note in table.notes:
     if "no selection was made" in note:
       print(f"launch.collect: warning: {note}", file=sys.stderr)

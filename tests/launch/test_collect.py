@@ -245,3 +245,21 @@ def test_cli_error_is_one_line(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("launch.collect: error: metric='ece'") and err.count("\n") == 1
   assert not any(tmp_path.iterdir())
+
+
+def test_cost_table_lists_params_and_mean_step_time():
+  def run(seed, step):
+    results = {
+      "params": {
+        "adapter": {"trainable": 1200, "inference": 5000},
+        "full": {"trainable": 9, "inference": 9},
+      },
+      "step_time_s": {"adapter": step, "full": 2 * step},
+    }
+    return collect.Record(f"r{seed}", {"seed": seed}, {}, results)
+
+  text = collect.cost_table([run(0, 0.1), run(1, 0.3), collect.Record("x", {}, {}, None)])
+  lines = text.strip().splitlines()
+  assert lines[2] == "| adapter | 1,200 | 5,000 | 0.200 |"
+  assert lines[3] == "| full | 9 | 9 | 0.400 |"
+  assert collect.cost_table([collect.Record("x", {}, {}, {"metrics": {}})]) == ""
