@@ -1,0 +1,126 @@
+r"""One training step of each adapter variant (finetune + AdaMix) on the real harness.
+
+Builds the workload with the pipeline itself: `configs/adamix.py:<preset>` (default
+`vader`: MiniLM, batch 32 × 48 tokens; `digits` for the ViT; `vader,tiny` needs no
+downloads), `finetune.make_setup`, and for every variant the model, the trainable/frozen
+split and `finetune.make_train_step` exactly as `finetune.train` does. Each row: variant,
+median / min ms of `--repeats` steps after a warm-up (the step donates its state; the
+returned state is fed back), AOT compile time, XLA temp memory, trainable parameters,
+and the ratio to the `adapter` step. AdaMix variants with consistency run two forward
+passes per step, which is most of their extra cost.
+
+  python benchmarks/adapter_step.py --repeats=10                 # ~3 min on 2 CPU cores
+  python benchmarks/adapter_step.py --preset=vader,tiny --repeats=3   # smoke, no downloads
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+import jax
+import jax.numpy as jnp
+
+from moe_adapt.methods import adamix
+from moe_adapt.methods import finetune as ft
+from moe_adapt.models import adapters as adapters_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(preset: str):
+  """`configs/adamix.py:<preset>` (config files are loaded by path, as the CLI does)."""
+  spec = importlib.util.spec_from_file_location("adamix_config", REPO / "configs" / "adamix.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", default="vader", help="argument of configs/adamix.py")
+  p.add_argument("--variants", default=",".join(adamix.VARIANTS), help="comma-separated")
+  p.add_argument("--repeats", type=int, default=10)
+  return p
+
+
+def time_variant(setup: ft.Setup, name: str, repeats: int, backbone) -> dict:
+  """Compiles and times one variant's training step."""
+  config = setup.config
+  v = adamix.VARIANTS[name]
+  adapter = adamix.variant_adapter(config, name)
+  model = ft.build_model(setup, adapter)
+  params = ft.init_params(setup, model, setup.key("init"), backbone)
+  frozen, trainable = ft.split_trainable(params, v.train_mode)
+  trainable = jax.tree.map(jnp.copy, trainable)
+  steps = config.train.steps
+  tx = ft.make_optimizer(
+    steps, config.train.lr, warmup_fraction=0.5, weight_decay=config.train.weight_decay
+  )
+  examples = setup.task.pooled("train", setup.task.domains)
+  state = {"params": trainable, "opt_state": tx.init(trainable)}
+  step = ft.make_train_step(
+    setup,
+    model,
+    tx,
+    batch_size=config.train.batch_size,
+    consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
+    key=setup.key(name),
+  )
+  args = (frozen, *(jnp.asarray(a) for a in examples.inputs), jnp.asarray(examples.labels))
+  compiled, compile_info = common.lower_and_compile(step, state, jnp.int32(0), *args)
+  state, _ = compiled(state, jnp.int32(0), *args)
+  jax.block_until_ready(state)
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, jnp.int32(i + 1), *args)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  common.log(f"{name}: {1e3 * statistics.median(times):.1f} ms")
+  return {
+    "variant": name,
+    "median_ms": round(1e3 * statistics.median(times), 2),
+    "min_ms": round(1e3 * min(times), 2),
+    **compile_info,
+    "memory": common.memory_analysis(compiled),
+    "trainable_params": adapters_lib.count_params(trainable),
+    "consistency_passes": 2 if v.consistency else 1,
+  }
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats={args.repeats} is invalid; accepted: an integer >= 1")
+  names = [n.strip() for n in args.variants.split(",") if n.strip()]
+  unknown = [n for n in names if n not in adamix.VARIANTS]
+  if unknown:
+    raise SystemExit(f"--variants has unknown {unknown}; accepted: {', '.join(adamix.VARIANTS)}")
+  config = load_config(args.preset)
+  setup = ft.make_setup(config)
+  # MiniLM's weights for text; a random ViT otherwise (step times do not depend on them).
+  backbone = setup.pretrained
+  rows = [time_variant(setup, n, args.repeats, backbone) for n in names]
+  base = next((r["median_ms"] for r in rows if r["variant"] == "adapter"), None)
+  for r in rows:
+    r["vs_adapter"] = round(r["median_ms"] / base, 2) if base else None
+  common.emit(
+    {
+      "benchmark": "adapter_step",
+      "preset": args.preset,
+      "batch_size": config.train.batch_size,
+      "environment": common.environment(),
+      "rows": rows,
+    }
+  )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
