@@ -70,9 +70,13 @@ def time_variant(setup: ft.Setup, name: str, repeats: int, backbone) -> dict:
     tx,
     batch_size=config.train.batch_size,
     consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
-    key=setup.key(name),
   )
-  args = (frozen, *(jnp.asarray(a) for a in examples.inputs), jnp.asarray(examples.labels))
+  args = (
+    setup.key(name),
+    frozen,
+    *(jnp.asarray(a) for a in examples.inputs),
+    jnp.asarray(examples.labels),
+  )
   compiled, compile_info = common.lower_and_compile(step, state, jnp.int32(0), *args)
   state, _ = compiled(state, jnp.int32(0), *args)
   jax.block_until_ready(state)

@@ -13,6 +13,7 @@ from typing import Any
 # and `run(config, workdir, *, setup=None) -> dict` (the results of DESIGN.md).
 _METHODS = {
   "adamix": "moe_adapt.methods.adamix",
+  "adapter_soup": "moe_adapt.methods.adapter_soup",
   "co_tuning": "moe_adapt.methods.co_tuning",
   "finetune": "moe_adapt.methods.finetune",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",

@@ -211,6 +211,7 @@ def validate_config(config) -> None:
 def adapter_config(config, kind: str, **overrides: Any) -> adapters_lib.AdapterConfig:
   """`AdapterConfig(kind, **config.adapter, **overrides)`."""
   fields = dict(config.adapter.to_dict())
+  fields.pop("kind", None)  # a method may keep its adapter kind there; `kind` wins
   fields.update(overrides)
   return adapters_lib.AdapterConfig(kind=kind, **fields)
 
@@ -358,18 +359,19 @@ def make_train_step(
   *,
   batch_size: int,
   consistency_weight: float = 0.0,
-  key: jax.Array,
 ) -> Callable:
-  """`jitted(state, step, frozen, *inputs, labels)`: one AdamW step on a sampled batch.
+  """`jitted(state, step, key, frozen, *inputs, labels)`: one AdamW step on a sampled batch.
 
   loss = mean CE(pass 1) [+ w · mean symmetric_kl(pass 1, pass 2) with stop-gradient
   targets, pass 2 a second forward with fresh dropout and routing draws — AdaMix's
   consistency regulariser]. `state` = {'params': trainable tree, 'opt_state'}; `frozen`
   is the rest of the parameters; the training arrays live on device and batches are drawn
-  in-jit from `fold_in(key, step)`, so resumed runs are bitwise identical.
+  in-jit from `fold_in(key, step)`, so resumed runs are bitwise identical. The key is an
+  argument, not a constant, so stages differing only in it compile to the same program
+  (a persistent compilation cache then serves them all).
   """
 
-  def step(state, step, frozen, *arrays):
+  def step(state, step, key, frozen, *arrays):
     *inputs, labels = arrays
     k = jax.random.fold_in(key, step)
     idx_key, d1, r1, d2, r2 = jax.random.split(k, 5)
@@ -445,9 +447,8 @@ def train(
     tx,
     batch_size=batch_size,
     consistency_weight=consistency_weight,
-    key=setup.key(stage),
   )
-  bound = stages.bind(step_fn, *arrays)
+  bound = stages.bind(step_fn, setup.key(stage), *arrays)
   state = stages.run_stage(
     setup.config,
     workdir,

@@ -1,0 +1,109 @@
+r"""AdapterSoup and the signed-weight-direction study: one adapter per domain, mixed by averaging.
+
+One Pfeiffer adapter (+ head) per domain, all from the same initialisation (stages
+`adapter_<domain>`), then in the same run: novel-domain soups (similarity, clustering,
+all, the oracle best single adapter, the zero-shot backbone head), the in-domain study of
+every mixture holding the own adapter (accuracy vs fraction of sign difference), greedy
+mixing, and pruning / TIES before averaging. See `moe_adapt/methods/adapter_soup.py`.
+
+Text presets fine-tune MiniLM (fetch the corpus and the weights first):
+
+  moe-adapt-data fetch vader_sentiment && moe-adapt-data fetch minilm
+  moe-adapt --config=configs/adapter_soup.py:vader --workdir=runs/adapter_soup/vader/s0
+
+  Three seeds, then the tables:
+
+  python -m launch.sweep launch --config=configs/adapter_soup.py:vader \
+      --sweep_dir=runs/adapter_soup/vader --seeds=0,1,2 --workers=1
+  python -m launch.collect --sweep_dir=runs/adapter_soup/vader
+
+  (`tweets` likewise with `moe-adapt-data fetch tweets_topics`.) Every domain is a novel
+  target in turn (MiniLM saw none of them) and a study domain.
+
+Image presets (`digits`, `fmnist`) pre-train a small ViT on every domain but rot75 (stage
+`pretrain`, shared through `stage_cache`), so rot75 is the novel target:
+
+  moe-adapt --config=configs/adapter_soup.py:digits --workdir=runs/adapter_soup/digits/s0
+
+Runtime on a 2-core CPU shared with other jobs. digits: measured 6 minutes (pre-training
+1,500 steps ≈ 2.5 min; six adapter stages of 400 steps ≈ 30 s each, half of it compiling
+the step; the zero-shot head and 279 cached evaluations ≈ 35 s). Text presets, ESTIMATED
+from the `finetune` runs (≈ 2 min per 200-step MiniLM stage, compilation included) and
+the cheap 500-example evaluations: vader ≈ 20 minutes (4 adapter + 4 zero-shot-head
+stages, ~110 evaluations), tweets ≈ 30 minutes (6 + 6 stages, ~330 evaluations). The
+study is exhaustive up to K = 7 domains (`study.max_mixtures` = 64), sampled beyond.
+
+The argument is `<preset>[,tiny]`, preset in vader, tweets, digits, fmnist; `tiny`
+shrinks everything for tests (a random 2-layer BERT for text presets).
+"""
+
+import ml_collections
+
+from moe_adapt import config_presets
+
+PRESETS = ("vader", "tweets", "digits", "fmnist")
+# Novel targets: every domain for the text presets (the pretrained encoder saw none of
+# them); () = the benchmark's default (rot75, held out of the ViT's pre-training).
+TARGETS = {
+  "vader": ("tweets", "movies", "amazon", "nyt"),
+  "tweets": ("driverless", "airline", "coachella", "deflategate", "apple", "claritin"),
+  "digits": (),
+  "fmnist": (),
+}
+# AdapterSoup keeps up to 5 of 21 adapters; with 3-5 candidates here, about half.
+TOP_K = {"vader": 2, "tweets": 3, "digits": 3, "fmnist": 3}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config for `<preset>[,tiny]`."""
+  preset, flags = config_presets.parse_config_arg(arg, presets=PRESETS)
+  tiny = "tiny" in flags
+  c = config_presets.adapter_harness(preset, tiny=tiny)
+  c.method = "adapter_soup"
+  # Adapter kind of every domain adapter: pfeiffer, houlsby or lora (the sign paper's
+  # main analyses use Pfeiffer).
+  c.adapter.kind = "pfeiffer"
+
+  c.data.domains = ()  # domains with an adapter; () = all
+  c.data.target_domains = TARGETS[preset]  # novel targets; () = the benchmark's default
+
+  # Novel-domain selection (AdapterSoup: 100 samples, up to 5 adapters, cosine > 0.15,
+  # clusters holding >= 10% of the novel domain's samples).
+  c.selection = ml_collections.ConfigDict()
+  c.selection.num_samples = 100  # training examples per domain, embedded without adapters
+  c.selection.top_k = TOP_K[preset]
+  # Minimum mean cosine similarity: AdapterSoup's 0.15 for sentence embeddings; the ViT's
+  # layer-normed CLS features are centred (cosines of domains ≈ ±0.03), so 0 there.
+  c.selection.threshold = 0.15 if preset in ("vader", "tweets") else 0.0
+  c.selection.cluster_min_share = 0.1
+  c.selection.covariance = "diag"  # GaussianMixture covariance_type
+  c.selection.pca_dim = 16  # PCA of the embeddings before the mixture; 0 = none
+
+  # In-domain study (Nguyen & Le, ACL 2024).
+  c.study = ml_collections.ConfigDict()
+  c.study.domains = ()  # () = every adapter domain
+  c.study.max_mixtures = 64  # per domain; exhaustive when 2^(K-1) fits, else sampled
+  c.study.fsd_include_head = False  # FSD on adapter weights only
+  c.study.greedy_rank = "target"  # 'target': FSD to the own adapter; 'row_mean': Alg. 1
+
+  # Pruning before averaging (adapter weights; heads stay dense).
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.sparsities = (0.5, 0.8, 0.9)
+  c.pruning.fsd_layer_fraction = 0.5  # share of layers (highest FSD) pruned by prune_fsd
+  c.pruning.ties_scale = 1.0  # TIES λ
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_examples = 500  # test examples per domain (seeded subset); 0 = all
+
+  if tiny:
+    c.selection.num_samples = 16
+    c.selection.pca_dim = 4
+    c.study.max_mixtures = 8
+    c.eval.max_examples = 64
+  return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+  """One run per seed (the sweep runner adds seeds): every part runs inside one run."""
+  config_presets.parse_config_arg(arg, presets=PRESETS)
+  return [{}]
