@@ -543,20 +543,9 @@ class EvalCache:
 
 
 def eval_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Examples]:
-  """Test examples of each domain: a subset of `eval.max_examples` (0 = all).
-
-  Seeded by `data.benchmark_seed` and the domain, not by the run's seed, so that every
-  seed of a sweep is evaluated on the same examples.
-  """
-  cap = setup.config.eval.max_examples
-  out = {}
-  for d in domains:
-    ex = setup.task.test[d]
-    if cap and len(ex) > cap:
-      rng = np.random.default_rng([setup.config.data.benchmark_seed, zlib.crc32(d.encode())])
-      ex = ex.take(np.sort(rng.choice(len(ex), cap, replace=False)))
-    out[d] = ex
-  return out
+  """Test examples of each domain (already cut to `eval.max_examples` by the harness, with
+  a subset fixed by `data.benchmark_seed`: every seed of a sweep sees the same examples)."""
+  return {d: setup.task.test[d] for d in domains}
 
 
 def accuracy(setup: ft.Setup, model, params: PyTree, examples: ft.Examples) -> float:
