@@ -42,6 +42,8 @@ the sampling rates.
 
 import ml_collections
 
+from moe_adapt import config_presets
+
 _PRESETS = ("fmnist", "cub")
 
 # Fashion-MNIST class indices (moe_adapt.data.fashion.CLASS_NAMES).
@@ -51,20 +53,10 @@ _FMNIST_TARGET = (3, 4, 6, 9)  # Dress, Coat, Shirt, Ankle boot
 SAMPLING_RATES = (0.15, 0.3, 0.5, 1.0)
 
 
-def _parse_arg(arg: str | None) -> tuple[str, bool]:
-  tokens = [t.strip() for t in (arg or "fmnist").split(",") if t.strip()]
-  preset, flags = tokens[0], set(tokens[1:])
-  if preset not in _PRESETS:
-    raise ValueError(f"config argument preset={preset!r} is unknown; accepted: fmnist, cub")
-  unknown = flags - {"tiny"}
-  if unknown:
-    raise ValueError(f"config argument flags {sorted(unknown)} are unknown; accepted: tiny")
-  return preset, "tiny" in flags
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for `<preset>[,tiny]` (preset: fmnist or cub)."""
-  preset, tiny = _parse_arg(arg)
+  preset, flags = config_presets.parse_config_arg(arg, presets=_PRESETS)
+  tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.method = "co_tuning"
   c.seed = 0  # target subsample, new head initialisation, batch order

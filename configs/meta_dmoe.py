@@ -25,25 +25,15 @@ The ablations of the paper are declared in `get_sweep`.
 
 import ml_collections
 
+from moe_adapt import config_presets
+
 _BENCHMARKS = ("digits_rot", "fmnist_rot", "fmnist_shift", "tfds")
-
-
-def _parse_arg(arg: str | None) -> tuple[str, bool]:
-  tokens = [t.strip() for t in (arg or "digits_rot").split(",") if t.strip()]
-  benchmark, flags = tokens[0], set(tokens[1:])
-  if benchmark not in _BENCHMARKS:
-    raise ValueError(
-      f"config argument benchmark={benchmark!r} is unknown; accepted: {', '.join(_BENCHMARKS)}"
-    )
-  unknown = flags - {"tiny"}
-  if unknown:
-    raise ValueError(f"config argument flags {sorted(unknown)} are unknown; accepted: tiny")
-  return benchmark, "tiny" in flags
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for `<benchmark>[,tiny]`."""
-  benchmark, tiny = _parse_arg(arg)
+  benchmark, flags = config_presets.parse_config_arg(arg, presets=_BENCHMARKS)
+  tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.method = "meta_dmoe"
   c.seed = 0

@@ -27,23 +27,15 @@ and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_teache
 
 import ml_collections
 
+from moe_adapt import config_presets
+
 _PRESETS = ("fmnist",)
-
-
-def _parse_arg(arg: str | None) -> tuple[str, bool]:
-  tokens = [t.strip() for t in (arg or "fmnist").split(",") if t.strip()]
-  preset, flags = tokens[0], set(tokens[1:])
-  if preset not in _PRESETS:
-    raise ValueError(f"config argument preset={preset!r} is unknown; accepted: fmnist")
-  unknown = flags - {"tiny"}
-  if unknown:
-    raise ValueError(f"config argument flags {sorted(unknown)} are unknown; accepted: tiny")
-  return preset, "tiny" in flags
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for `<preset>[,tiny]` (preset: fmnist)."""
-  _, tiny = _parse_arg(arg)
+  _, flags = config_presets.parse_config_arg(arg, presets=_PRESETS)
+  tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.method = "muka"
   c.seed = 0  # student initialisation, batch order, MC-dropout masks
