@@ -24,15 +24,22 @@ def integer(config: Any, name: str, minimum: int) -> None:
 
 
 def number(
-  config: Any, name: str, *, low: float, high: float = np.inf, low_open: bool = True
+  config: Any,
+  name: str,
+  *,
+  low: float,
+  high: float = np.inf,
+  low_open: bool = True,
+  high_open: bool = True,
 ) -> None:
-  """The field `name` is a finite number in (low, high) — or [low, high) if not low_open."""
+  """The field `name` is a finite number in (low, high); `*_open=False` closes an end."""
   value = field(config, name)
   ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-  ok = ok and (value > low if low_open else value >= low) and value < high
+  ok = ok and (value > low if low_open else value >= low)
+  ok = ok and (value < high if high_open else value <= high)
   if not ok:
-    lo = "(" if low_open else "["
-    interval = f"{lo}{low:g}, {high:g})" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    interval = f"{lo}{low:g}, {high:g}{hi}" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
     raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
 
 

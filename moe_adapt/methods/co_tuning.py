@@ -37,6 +37,7 @@ prediction uses H only. Stages and steps (each training stage checkpointed under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +52,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
+from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import stages
@@ -66,13 +68,6 @@ CHECKPOINT_SUFFIXES = (".npz", ".safetensors")
 # ----------------------------------------------------------------------------
 # Config validation
 # ----------------------------------------------------------------------------
-
-
-def _field(config, name: str):
-  node = config
-  for part in name.split("."):
-    node = node[part]
-  return node
 
 
 def _check_class_list(name: str, value) -> None:
@@ -107,20 +102,9 @@ def _check_variants(variants) -> None:
 def validate_config(config) -> None:
   """Checks every field this method reads; raises ValueError naming the field."""
 
-  def integer(name: str, minimum: int) -> None:
-    value = _field(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {minimum}")
-
-  def number(name: str, *, low: float, high: float = np.inf, low_open: bool, high_open=False):
-    value = _field(config, name)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-      lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-      interval = f"{lo}{low:g}, {high:g}{hi}" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
-      raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
+  integer = functools.partial(_checks.integer, config)
+  # Intervals here are closed above unless a call says otherwise.
+  number = functools.partial(_checks.number, config, high_open=False)
 
   for name in ("seed", "source.seed", "data.benchmark_seed", "num_devices"):
     integer(name, 0)
@@ -158,8 +142,8 @@ def validate_config(config) -> None:
   _check_class_list("data.source_classes", config.data.source_classes)
   _check_class_list("data.target_classes", config.data.target_classes)
   for name in ("data.source_domain", "data.target_domain", "model.source_checkpoint"):
-    if not isinstance(_field(config, name), str):
-      raise ValueError(f"{name}={_field(config, name)!r} is invalid; accepted: a string")
+    if not isinstance(_checks.field(config, name), str):
+      raise ValueError(f"{name}={_checks.field(config, name)!r} is invalid; accepted: a string")
 
   checkpoint = config.model.source_checkpoint
   if not checkpoint and not config.data.source_domain:

@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
+from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import stages
@@ -73,13 +74,6 @@ MARGIN_EPSILON = 1e-6
 # ----------------------------------------------------------------------------
 
 
-def _field(config, name: str):
-  node = config
-  for part in name.split("."):
-    node = node[part]
-  return node
-
-
 def _check_variants(variants) -> None:
   if isinstance(variants, str) or not isinstance(variants, Sequence) or not variants:
     raise ValueError(
@@ -95,19 +89,8 @@ def _check_variants(variants) -> None:
 def validate_config(config) -> None:
   """Checks every field this method reads; raises ValueError naming the field."""
 
-  def integer(name: str, minimum: int) -> None:
-    value = _field(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {minimum}")
-
-  def number(name: str, *, low: float, high: float = np.inf, low_open: bool = True):
-    value = _field(config, name)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value < high
-    if not ok:
-      lo = "(" if low_open else "["
-      interval = f"{lo}{low:g}, {high:g})" if np.isfinite(high) else f"{lo}{low:g}, ∞)"
-      raise ValueError(f"{name}={value!r} is invalid; accepted: a number in {interval}")
+  integer = functools.partial(_checks.integer, config)
+  number = functools.partial(_checks.number, config)
 
   for name in ("seed", "teachers.seed", "data.benchmark_seed", "num_devices"):
     integer(name, 0)
