@@ -263,13 +263,20 @@ def make_setup(config) -> Setup:
     backbone_config = models.bert.BertConfig(**config.model.options.to_dict())
   else:
     backbone_config = dict(config.model.options.to_dict())
-  return Setup(
+  setup = Setup(
     config=config,
     task=task,
     mesh=mesh_lib.make_mesh(config.num_devices or None),
     backbone_config=backbone_config,
     pretrained=pretrained,
   )
+  # Domain fields are checked here, before the CLI writes anything into the workdir, so a
+  # corrected command can reuse it.
+  if "protocol" in config.data:
+    protocol_domains(setup)
+  if kind == "vit":
+    pretrain_domains(setup)
+  return setup
 
 
 def build_model(setup: Setup, adapter: adapters_lib.AdapterConfig) -> nn.Module:
@@ -427,11 +434,13 @@ def train(
   batch_size: int,
   consistency_weight: float = 0.0,
   stage_fields: Mapping[str, Sequence[str]] | None = None,
+  time_steps: bool = True,
 ) -> Trained:
   """Trains the `train_mode` part of `params` on `examples` as stage `stage` (resumable).
 
   Returns the full params and the seconds per step, timed on `TIMED_STEPS` extra steps of
-  the compiled step on a copy of the final state (the copy is discarded).
+  the compiled step on a copy of the final state (the copy is discarded); with
+  `time_steps=False` nothing is timed (NaN) and a restored stage compiles nothing.
   """
   cfg = setup.config.train
   tx = make_optimizer(steps, lr, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay)
@@ -459,6 +468,8 @@ def train(
     writer=writer,
     stage_fields=stage_fields or {},
   )
+  if not time_steps:
+    return Trained(join(frozen, state["params"]), float("nan"))
   probe = jax.tree.map(jnp.copy, state)
   probe, _ = bound(probe, jnp.int32(0))  # compiled already unless the stage was restored
   jax.block_until_ready(probe)
@@ -609,6 +620,7 @@ def pretrained_backbone(setup: Setup, workdir: str, writer) -> PyTree:
     lr=cfg.lr,
     batch_size=cfg.batch_size,
     stage_fields={"pretrain": PRETRAIN_FIELDS},
+    time_steps=False,
   )
   return backbone_of(setup, trained.params)
 
