@@ -32,7 +32,7 @@ _BENCHMARKS = ("digits_rot", "fmnist_rot", "fmnist_shift", "tfds")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for `<benchmark>[,tiny]`."""
-  benchmark, flags = config_presets.parse_config_arg(arg, presets=_BENCHMARKS)
+  benchmark, flags = config_presets.parse_config_arg(arg, presets=_BENCHMARKS, what="benchmark")
   tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.method = "meta_dmoe"

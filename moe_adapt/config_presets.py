@@ -12,9 +12,19 @@ import ml_collections
 
 
 def parse_config_arg(
-  arg: str | None, *, presets: Sequence[str], flags: Sequence[str] = ("tiny",)
+  arg: str | None,
+  *,
+  presets: Sequence[str],
+  flags: Sequence[str] = ("tiny",),
+  what: str = "preset",
 ) -> tuple[str, frozenset[str]]:
   """`'<preset>[,flag...]'` -> (preset, flags); the first preset is the default.
+
+  Args:
+    arg: the text after ':' in `--config=FILE:arg` (None = the default preset).
+    presets: accepted presets.
+    flags: accepted flags.
+    what: what a preset names, for errors (e.g. 'benchmark').
 
   Raises:
     ValueError: naming the unknown preset or flag and the accepted ones.
@@ -23,7 +33,7 @@ def parse_config_arg(
   preset, given = tokens[0], frozenset(tokens[1:])
   if preset not in presets:
     raise ValueError(
-      f"config argument preset={preset!r} is unknown; accepted: {', '.join(presets)}"
+      f"config argument {what}={preset!r} is unknown; accepted: {', '.join(presets)}"
     )
   unknown = given - set(flags)
   if unknown:
