@@ -15,7 +15,6 @@ while the in-process tests run; the two runs that follow it read its compiled pr
 back from a persistent compilation cache (shared with tests/methods/test_finetune.py).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import pytest
 from moe_adapt import main as main_lib
 from moe_adapt.methods import adamix
 from moe_adapt.methods import finetune as ft
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 600
@@ -74,26 +74,12 @@ main.entry_point()
 """
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location("_adamix_config", REPO / "configs/adamix.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("adamix")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The `digits,tiny` config with dotted-key overrides, e.g. `**{"adamix.share": "x"}`."""
-  config = CONFIGS.get_config("digits,tiny")
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config("digits,tiny"), **overrides)
 
 
 # ----------------------------------------------------------------------------- CLI runs

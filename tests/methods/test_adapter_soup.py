@@ -12,7 +12,6 @@ The CLI subprocess compiles with XLA's cheap CPU settings (`--xla_backend_optimi
 level=0`): each training stage compiles its own step, and that cuts the compile time ~5×.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import pytest
 
 from moe_adapt import main as main_lib
 from moe_adapt.methods import adapter_soup as soup
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DOMAINS = ("rot0", "rot45", "rot75")
@@ -36,28 +36,12 @@ OVERRIDES = {
 }
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location(
-    "_adapter_soup_config", REPO / "configs" / "adapter_soup.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("adapter_soup")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The tiny digits config with dotted-key overrides."""
-  config = CONFIGS.get_config("digits,tiny")
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config("digits,tiny"), **overrides)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -21,7 +21,6 @@ test_adamix.py, whose `pretrain` stage compiles the same programs).
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import pytest
 from moe_adapt import main as main_lib
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 600
@@ -68,26 +68,12 @@ FLAGS = [
 ]
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location("_finetune_config", REPO / "configs/finetune.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("finetune")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The `digits,tiny` config with dotted-key overrides, e.g. `**{"data.protocol": "x"}`."""
-  config = CONFIGS.get_config("digits,tiny")
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config("digits,tiny"), **overrides)
 
 
 # ----------------------------------------------------------------------------- CLI runs

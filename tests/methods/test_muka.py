@@ -9,7 +9,6 @@
 - Bad inputs, each one ValueError naming the field.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,31 +21,18 @@ import numpy as np
 import pytest
 
 from moe_adapt.methods import muka
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAINED = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc", "oracle")
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location("_muka_config", REPO / "configs" / "muka.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("muka")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The tiny config with dotted-key overrides, e.g. `**{"teachers.num_teachers": 4}`."""
-  config = CONFIGS.get_config("fmnist,tiny")
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config("fmnist,tiny"), **overrides)
 
 
 # ----------------------------------------------------------------------------- the CLI

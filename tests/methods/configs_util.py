@@ -1,0 +1,30 @@
+"""Loading `configs/<name>.py` in tests (config files are loaded by path, as the CLI does)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import types
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def config_module(name: str) -> types.ModuleType:
+  """The module of `configs/<name>.py`."""
+  spec = importlib.util.spec_from_file_location(f"_{name}_config", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def with_overrides(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """`config` with dotted-key overrides applied in place, e.g. `**{"adamix.share": "x"}`."""
+  for name, value in overrides.items():
+    *groups, field = name.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[field] = value
+  return config
