@@ -220,29 +220,35 @@ def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = [n for n in runs[0]["routing_spread"]]
-  fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.6))
+  names = list(runs[0]["routing_spread"])
+  fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.6 * len(names)), 3.8))
   for i, name in enumerate(names):
     points = [100 * a for r in runs for a in r["routing_spread"][name]]
     merged = [100 * r["metrics"][name]["mean"]["accuracy"] for r in runs]
     if len(points) > 1:
       ax.violinplot([points], positions=[i], showextrema=False)
     jitter = np.random.default_rng(i).uniform(-0.08, 0.08, len(points))
+    first = i == 0
     ax.scatter(
       i + jitter,
       points,
       s=10,
       color="tab:blue",
       alpha=0.7,
-      label="single routing choice" if i == 0 else None,
+      label="single random routing choice" if first else None,
     )
     ax.scatter(
-      [i] * len(merged), merged, s=40, color="tab:red", zorder=3, label="merged" if i == 0 else None
+      [i] * len(merged), merged, s=40, color="tab:red", zorder=3, label="merged" if first else None
     )
+  single = [
+    100 * r["metrics"]["adapter"]["mean"]["accuracy"] for r in runs if "adapter" in r["metrics"]
+  ]
+  if single:
+    ax.axhline(np.mean(single), color="gray", ls="--", lw=1, label="single adapter (mean)")
   ax.set_xticks(range(len(names)), names, rotation=15)
   ax.set_ylabel("accuracy (%)")
-  ax.set_title(f"AdaMix on {runs[0]['benchmark']}: random routing vs merged")
-  ax.legend(loc="best", fontsize=8)
+  ax.set_title(f"{runs[0]['benchmark']}, {len(runs)} run(s): routing choices vs merged", fontsize=9)
+  ax.legend(loc="best", fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=120)
