@@ -12,7 +12,6 @@
   fine-tuning step, the relationship diagnostic and the checkpoint format.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,34 +28,19 @@ import pytest
 from moe_adapt import data
 from moe_adapt.methods import co_tuning
 from moe_adapt.train import mesh as mesh_lib
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = ("fine_tune", "l2_sp", "co_tuning_direct", "co_tuning_reverse")
 RUN_TIMEOUT_S = 600
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location(
-    "_co_tuning_config", REPO / "configs" / "co_tuning.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("co_tuning")
 
 
 def tiny_config(arg: str = "fmnist,tiny", **overrides) -> ml_collections.ConfigDict:
   """The config of `arg` with dotted-key overrides, e.g. `**{"data.sampling_rate": 0.5}`."""
-  config = CONFIGS.get_config(arg)
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config(arg), **overrides)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -12,7 +12,6 @@ that parameters after a step differ exactly by lr × (gradient difference) (Adam
 a float-rounding-level gradient into a full-size update wherever a gradient is ~0).
 """
 
-import importlib.util
 import pathlib
 
 import jax
@@ -26,34 +25,19 @@ from hypothesis import strategies as st
 
 from moe_adapt.methods import meta_dmoe
 from moe_adapt.train import mesh as mesh_lib
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 2  # steps of each builder compared across meshes
 RTOL, ATOL = 1e-4, 1e-6
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location(
-    "_meta_dmoe_config", REPO / "configs" / "meta_dmoe.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONFIGS = _config_module()
+CONFIGS = configs_util.config_module("meta_dmoe")
 
 
 def tiny_config(arg: str = "digits_rot,tiny", **overrides) -> ml_collections.ConfigDict:
   """The config of `arg` with dotted-key overrides, e.g. `**{"meta.distill": "x"}`."""
-  config = CONFIGS.get_config(arg)
-  for name, value in overrides.items():
-    *groups, field = name.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    node[field] = value
-  return config
+  return configs_util.with_overrides(CONFIGS.get_config(arg), **overrides)
 
 
 # ----------------------------------------------------------------------------- validation
