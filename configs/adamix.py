@@ -9,7 +9,7 @@ In-domain on VADER with MiniLM (fetch the data and weights first):
   domain's test split (the same 300 examples each for every seed); seven variants of 150
   steps of batch 32 (adapter, adamix, adamix_no_consistency, adamix_no_sharing, lora,
   adamix_lora, full).
-  Runtime: about 15 minutes on a 2-core CPU. Three seeds:
+  Runtime: 20–23 minutes per seed on a 2-core CPU (measured, shared machine). Three seeds:
 
   python -m launch.sweep launch --config=configs/adamix.py:vader --no_sweep \
       --sweep_dir=runs/adamix/vader --seeds=0,1,2 --workers=1
