@@ -6,8 +6,8 @@ Leave-one-domain-out on VADER with MiniLM (fetch the data and weights first):
   moe-adapt --config=configs/finetune.py:vader --workdir=runs/finetune/vader
 
   trains on three VADER domains and tests on the held-out one (`data.target_domains`,
-  default amazon); five variants of 200 steps of batch 32. Runtime: about 12 minutes on a
-  2-core CPU. Every target and three seeds:
+  default amazon); five variants of 150 steps of batch 32. Runtime: 18 minutes on a 2-core
+  CPU shared with other jobs (measured). Every target and three seeds:
 
   python -m launch.sweep launch --config=configs/finetune.py:vader \
       --sweep_dir=runs/finetune/vader --seeds=0,1,2 --workers=1
