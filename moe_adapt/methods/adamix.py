@@ -29,6 +29,7 @@ seconds per training step of each variant.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -143,8 +144,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   backbone = ft.pretrained_backbone(setup, workdir, writer)
   # Evaluations are cached per variant: a resumed run neither retrains nor re-evaluates.
-  cache_path = os.path.join(workdir, EVAL_CACHE)
-  cache = workdir_lib.read_json(cache_path) if os.path.exists(cache_path) else {}
+  cache_path = workdir_lib.as_path(workdir) / EVAL_CACHE
+  cache = workdir_lib.read_json(cache_path) if cache_path.is_file() else {}
   metrics, spread = {}, {}
   for name in config.variants:
     v = VARIANTS[name]
@@ -181,7 +182,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
       else:
         entry["eval"] = {"merged": ft.evaluate(setup, model, trained.params, targets)}
       cache[name] = entry
-      workdir_lib.write_json_atomic(cache_path, cache)
+      if jax.process_index() == 0:
+        workdir_lib.write_json_atomic(cache_path, cache)
     entry = cache[name]
     metrics[name] = entry["eval"]["merged"]
     if "random" in entry["eval"]:
@@ -202,18 +204,19 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "routing_spread": spread,
     "metrics": metrics,
   }
-  if spread:
-    plot_routing_spread([results], os.path.join(workdir, SPREAD_PLOT))
+  if spread and jax.process_index() == 0:
+    plot_routing_spread([results], workdir_lib.as_path(workdir) / SPREAD_PLOT)
   return results
 
 
-def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str) -> None:
+def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
   """Violin + strip plot of single random-routing choices, merged models as red dots.
 
   Args:
     runs: results dicts of `run` (e.g. several seeds); each contributes its choices and
       its merged accuracy per mixture variant.
-    path: where the PNG goes (folders created).
+    path: where the PNG goes (folders created), local or remote (`gs://...`); the file
+      is replaced in one step.
   """
   import matplotlib
 
@@ -250,6 +253,9 @@ def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str) -> None:
   ax.set_title(f"{runs[0]['benchmark']}, {len(runs)} run(s): routing choices vs merged", fontsize=9)
   ax.legend(loc="best", fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  path = workdir_lib.as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_bytes_atomic(path, buffer.getvalue())

@@ -6,11 +6,15 @@ step (`<step>/state/` the pytree, `<step>/meta/` a small JSON record
 `{"step", "finished"}`).
 
 Safety properties:
-- a save is atomic (orbax writes into `<step>.orbax-checkpoint-tmp-*` and
-  renames it when complete) and `save` returns only after the rename, so a kill
-  afterwards never loses that checkpoint;
-- temporary folders left by a kill during a save are removed on construction
-  and are never restored;
+
+- a save is atomic and `save` returns only once it is complete, so a kill
+  afterwards never loses that checkpoint. Locally orbax writes into
+  `<step>.orbax-checkpoint-tmp-*` and renames it when complete; on an object
+  store (`gs://`), which has no atomic folder rename, it writes `<step>/` in
+  place and marks it complete by writing `<step>/commit_success.txt` last;
+- unfinished saves left by a kill (temporary folders; on an object store, step
+  folders without `commit_success.txt`) are removed on construction and are
+  never restored;
 - `restore` returns the newest checkpoint that actually reads back. Newer ones
   that fail (a file truncated or removed) are reported with a warning and moved
   aside to `damaged-<step>-<time>/` (never deleted), so that training can save
@@ -22,20 +26,23 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import pathlib
-import shutil
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
 _STATE, _META = "state", "meta"
 # orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete.
 _TMP_MARKER = ".orbax-checkpoint-tmp-"
+# On object stores orbax writes `<step>/` in place and this file last (orbax's COMMIT_SUCCESS_FILE).
+COMMIT_FILE = "commit_success.txt"
 DAMAGED_PREFIX = "damaged-"
 
 
@@ -153,13 +160,14 @@ class Checkpointer:
     """Opens (creating if needed) the checkpoint folder of a stage.
 
     Args:
-      directory: the stage's checkpoint folder, e.g. `<workdir>/checkpoints/<stage>`.
+      directory: the stage's checkpoint folder, e.g. `<workdir>/checkpoints/<stage>`;
+        local or remote (`gs://...`).
       max_to_keep: how many of the newest checkpoints to keep (>= 1). Keeping 2
         leaves a fallback when the newest one turns out damaged.
     """
     if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep!r} is invalid; accepted: an int >= 1")
-    self._directory = pathlib.Path(directory).expanduser().absolute()
+    self._directory = workdir_lib.as_path(directory)
     if self._directory.exists() and not self._directory.is_dir():
       raise ValueError(
         f"checkpoint directory={str(self._directory)!r} exists and is not a directory"
@@ -172,19 +180,25 @@ class Checkpointer:
     )
 
   def _remove_unfinished_saves(self) -> None:
-    """Deletes the temporary folders of saves cut short by a kill: incomplete by construction.
+    """Deletes the folders of saves cut short by a kill: incomplete by construction.
 
-    Done here, synchronously, rather than by orbax's `cleanup_tmp_directories`,
-    which runs in a background thread.
+    Locally these are orbax's temporary folders; on an object store, step folders
+    without the commit file (orbax ignores them, but a new save of that step would
+    write among their leftovers). Done here, synchronously, rather than by orbax's
+    `cleanup_tmp_directories`, which runs in a background thread.
     """
     if _is_primary() and self._directory.is_dir():
+      remote = not workdir_lib.is_local(self._directory)
       for path in self._directory.iterdir():
-        if _TMP_MARKER in path.name and path.is_dir():
-          shutil.rmtree(path)
+        unfinished = _TMP_MARKER in path.name or (
+          remote and path.name.isdigit() and not (path / COMMIT_FILE).exists()
+        )
+        if unfinished and path.is_dir():
+          path.rmtree()
     _sync("moe_adapt.checkpoint.remove_unfinished_saves")
 
   @property
-  def directory(self) -> pathlib.Path:
+  def directory(self) -> epath.Path:
     """The stage's checkpoint folder."""
     return self._directory
 
@@ -244,7 +258,7 @@ class Checkpointer:
 
     Args:
       abstract_tree: a pytree with the structure of the saved one whose leaves are
-        arrays or `jax.ShapeDtypeStruct`s. Restored arrays take their dtypes and
+        arrays or `jax.ShapeDtypeStruct` objects. Restored arrays take their dtypes and
         their shardings (when given; else the first local device).
 
     Returns:
@@ -281,7 +295,7 @@ class Checkpointer:
       "If the model or optimizer changed, use another --workdir or --overwrite."
     )
 
-  def _move_aside(self, step: int) -> pathlib.Path:
+  def _move_aside(self, step: int) -> epath.Path:
     """Renames a damaged step folder so that orbax no longer sees it; returns the new path."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = self._directory / f"{DAMAGED_PREFIX}{step}-{stamp}"
@@ -290,7 +304,7 @@ class Checkpointer:
       while target.exists():
         target = self._directory / f"{DAMAGED_PREFIX}{step}-{stamp}-{n}"
         n += 1
-      os.rename(self._directory / str(step), target)
+      (self._directory / str(step)).rename(target)
     _sync(f"moe_adapt.checkpoint.move_aside.{step}")
     self._manager.reload()
     return target

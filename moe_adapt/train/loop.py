@@ -122,7 +122,8 @@ def train_loop(
     checkpoint_every: save every this many steps (>= 1).
     log_every: fetch the metrics and write them every this many steps (>= 1),
       and after the last step.
-    writer: where metric lines go (None: not written).
+    writer: where metric lines go (None: not written); flushed before every save and
+      before a `TrainingDivergedError`.
     progress: show a tqdm bar (process 0 only).
 
   Returns:
@@ -157,13 +158,22 @@ def train_loop(
         f"num_steps={num_steps}; accepted: num_steps >= {start} (or another --workdir)"
       )
 
+  def flush_metrics() -> None:
+    # A remote writer buffers lines. Flushed before each save, so that the lines a
+    # checkpoint covers are visible (a resumed run does not log them again), and
+    # before a divergence error, so that the lines leading up to it are kept.
+    if writer is not None:
+      writer.flush()
+
   def check_finite(state=None, step=None) -> None:
     bad = int(first_bad)  # A host sync: done at boundaries only.
     if bad >= 0:
+      flush_metrics()
       raise TrainingDivergedError(stage, bad, last_saved, checkpointer.directory)
     # Before a save: a finite loss does not prove finite parameters (an update
     # can overflow), and a non-finite state must never become a checkpoint.
     if state is not None and not bool(_state_is_finite(state)):
+      flush_metrics()
       raise TrainingDivergedError(stage, step, last_saved, checkpointer.directory)
 
   first_bad = jnp.asarray(-1, jnp.int32)
@@ -195,9 +205,11 @@ def train_loop(
         check_finite()
       if done % checkpoint_every == 0 and done < num_steps:
         check_finite(state, step)
+        flush_metrics()
         checkpointer.save(done, state)
         last_saved = done
     check_finite(state, num_steps - 1)
+    flush_metrics()
     checkpointer.save(num_steps, state, finished=True)
   finally:
     bar.close()

@@ -3,7 +3,7 @@
 The mesh is 1-D (axis `data` by default) with `Auto` axis types: JAX 0.10's
 `jax.make_mesh` defaults to `Explicit` axes (sharding in types), under which
 plain jitted code that mixes sharded and unsharded arrays fails; with `Auto`
-axes, `NamedSharding`s on the inputs are enough and XLA propagates the rest.
+axes, `NamedSharding` objects on the inputs are enough and XLA propagates the rest.
 """
 
 from __future__ import annotations

@@ -6,6 +6,13 @@ A workdir holds `config.json` (the resolved config), `metrics.jsonl`,
 empty one is initialised, one holding the same config is resumed, and one
 holding another config is refused unless `overwrite=True`, which moves the old
 contents aside (into `previous-<UTC time>/`) rather than deleting them.
+
+Paths are local or remote (`gs://bucket/dir`, or any other scheme `etils.epath`
+knows): every file operation goes through `epath.Path`. Atomic writes differ by
+kind: a local file is written to a temporary file, fsynced and renamed over the
+destination (`os.replace`); a remote object is written directly, because an
+object store replaces an object in one step (a reader sees the old or the new
+object, never a part), and a rename there would be a copy and a delete.
 """
 
 from __future__ import annotations
@@ -18,9 +25,14 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
+
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 PREVIOUS_PREFIX = "previous-"
+# Written into previous-<time>/ on object stores, which have no empty folders: it makes
+# the folder exist before the old entries are renamed into it.
+MOVED_NOTE = "MOVED_ASIDE.txt"
 # Files and directories that only a run writes: a workdir holding any of them but
 # no config.json cannot be told apart from a run of an unknown config.
 _RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", RESULTS_FILE)
@@ -43,46 +55,85 @@ def _json_default(obj: Any) -> Any:
   raise TypeError(f"object of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
 
 
+def is_local(path: str | os.PathLike) -> bool:
+  """Whether `path` is on a local filesystem, i.e. has no URL scheme such as `gs://`."""
+  return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an `epath.Path`: a local one with `~` expanded and made absolute.
+
+  A remote path (`gs://bucket/dir`) is kept as it is. Never use `pathlib.Path` on
+  such a string: it would collapse `gs://b` into the local relative path `gs:/b`.
+  """
+  path = epath.Path(path)
+  return path.expanduser().absolute() if is_local(path) else path
+
+
+def native_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
+  """`as_path(path)`, as a `pathlib.Path` when local (with pathlib's whole API, e.g. rglob)."""
+  path = as_path(path)
+  return pathlib.Path(path) if is_local(path) else path
+
+
 def to_json_compatible(obj: Any) -> Any:
   """`obj` after a JSON round trip (tuples become lists, NumPy scalars numbers)."""
   return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as JSON (sorted keys, indent 2) so that readers see old or new, never half.
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see the old or the new content, never a part.
 
-  The text goes to a temporary file in the same directory, is flushed and
-  fsynced, and then renamed over `path` (`os.replace` is atomic on POSIX).
+  Local: into a temporary file in the same directory, flushed and fsynced, then
+  renamed over `path` (`os.replace` is atomic on POSIX). Remote (e.g. `gs://`): the
+  object is written directly, since an object write is atomic.
 
   Args:
-    path: the destination file; its directory must exist.
+    path: the destination file; its directory must exist (locally).
+    data: the new content.
+
+  Raises:
+    OSError: if the file cannot be written.
+  """
+  path = as_path(path)
+  if not is_local(path):
+    path.write_bytes(data)
+    return
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  # os.open with mode 0o666 lets the umask decide permissions, as for a plain open().
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    raise
+  _fsync_dir(os.fspath(path.parent))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes `obj` as JSON (sorted keys, indent 2) with `write_bytes_atomic`.
+
+  Args:
+    path: the destination file (local or remote); its directory must exist.
     obj: anything `json` can write; NumPy/JAX scalars and arrays are converted.
 
   Raises:
     ValueError: if `obj` is not JSON-serialisable.
     OSError: if the file cannot be written.
   """
-  path = pathlib.Path(path)
   try:
     text = json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n"
   except TypeError as e:
     raise ValueError(f"cannot write {path}: {e}") from e
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  # os.open with mode 0o666 lets the umask decide permissions, as for a plain open().
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-  _fsync_dir(path.parent)
+  write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
+def _fsync_dir(directory: str) -> None:
   """Makes a rename inside `directory` durable (best effort; not all systems allow it)."""
   try:
     fd = os.open(directory, os.O_RDONLY)
@@ -98,7 +149,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
   """Parses the JSON file at `path`; `WorkdirError` naming the file if it is not valid JSON."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
@@ -107,7 +158,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def read_results(workdir: str | os.PathLike) -> dict | None:
   """The run's `results.json` as a dict, or None if the run has not finished."""
-  path = pathlib.Path(workdir) / RESULTS_FILE
+  path = as_path(workdir) / RESULTS_FILE
   if not path.is_file():
     return None
   return read_json(path)
@@ -165,7 +216,7 @@ def _utc_stamp() -> str:
   return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _move_contents_aside(path: pathlib.Path) -> pathlib.Path | None:
+def _move_contents_aside(path: epath.Path) -> epath.Path | None:
   """Moves every entry of `path` except older `previous-*` folders into `previous-<time>/`."""
   entries = [p for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX)]
   if not entries:
@@ -177,14 +228,18 @@ def _move_contents_aside(path: pathlib.Path) -> pathlib.Path | None:
     target = path / f"{PREVIOUS_PREFIX}{stamp}-{n}"
     n += 1
   target.mkdir()
+  if not is_local(path):
+    (target / MOVED_NOTE).write_text(f"Moved aside from {path} at {stamp} by --overwrite.\n")
   for entry in entries:
-    os.rename(entry, target / entry.name)  # Same filesystem: a rename, never a copy.
+    # Local: a rename on the same filesystem, never a copy. Remote: the object store's
+    # move (copies and deletes, entry by entry).
+    entry.rename(target / entry.name)
   return target
 
 
 def prepare_workdir(
   workdir: str | os.PathLike, config: Mapping, *, overwrite: bool = False
-) -> pathlib.Path:
+) -> pathlib.Path | epath.Path:
   """Creates, resumes or (with `overwrite`) restarts the workdir of a run.
 
   - New or empty directory: created, `config.json` written.
@@ -200,12 +255,12 @@ def prepare_workdir(
   `mesh.initialize_distributed`); the others wait for it.
 
   Args:
-    workdir: the directory of the run.
+    workdir: the directory of the run: local, or remote such as `gs://bucket/dir`.
     config: the resolved config as a plain nested dict (e.g. `config.to_dict()`).
     overwrite: move existing contents aside instead of refusing a different config.
 
   Returns:
-    The workdir as an absolute `pathlib.Path`.
+    The workdir: an absolute `pathlib.Path` when local, else an `epath.Path`.
 
   Raises:
     WorkdirError: (a ValueError) the directory cannot be created or written, its
@@ -219,7 +274,7 @@ def prepare_workdir(
     new = to_json_compatible(config)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config is not JSON-serialisable: {e}") from e
-  path = pathlib.Path(workdir).expanduser().absolute()
+  path = as_path(workdir)
   error = None
   if _is_primary():
     try:
@@ -232,10 +287,10 @@ def prepare_workdir(
     )
   if error is not None:
     raise error
-  return path
+  return native_path(path)
 
 
-def _prepare(path: pathlib.Path, workdir: Any, new: dict, *, overwrite: bool) -> None:
+def _prepare(path: epath.Path, workdir: Any, new: dict, *, overwrite: bool) -> None:
   """The file operations of `prepare_workdir` (process 0 only)."""
   where = f"workdir={os.fspath(workdir)!r}"
   try:
@@ -244,7 +299,7 @@ def _prepare(path: pathlib.Path, workdir: Any, new: dict, *, overwrite: bool) ->
     raise WorkdirError(f"{where} cannot be created: {path} exists and is not a directory") from e
   except OSError as e:
     raise WorkdirError(f"{where} cannot be created: {e.strerror or e}") from e
-  if not os.access(path, os.W_OK | os.X_OK):
+  if is_local(path) and not os.access(path, os.W_OK | os.X_OK):
     raise WorkdirError(f"{where} is not writable; choose another --workdir")
 
   config_path = path / CONFIG_FILE
