@@ -20,8 +20,22 @@ Three seeds and K = 2, 4 (`get_sweep`):
       --set stage_cache=runs/muka_fmnist/_stage_cache
   python -m launch.collect --sweep_dir=runs/muka_fmnist
 
-The argument is `<preset>[,tiny]`; `tiny` shrinks every stage to a few steps (for tests
-and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_teachers=4
+Text experiment (20 Newsgroups, all 20 labels; 300 train + 100 test documents per class
+as frozen all-MiniLM-L6-v2 sentence embeddings at 64 tokens, `moe_adapt.data.embedded`;
+teachers, students and oracle are MLP heads on them):
+
+  moe-adapt-data fetch newsgroups && moe-adapt-data fetch minilm
+  python -m launch.sweep launch --config=configs/muka.py:newsgroups \
+      --sweep_dir=runs/muka_newsgroups --seeds=0,1,2 --workers=1 \
+      --set stage_cache=runs/muka_newsgroups/_stage_cache
+  python -m launch.collect --sweep_dir=runs/muka_newsgroups
+
+Runtime: the embedding pass runs once (~15 min on 2 shared cores, then cached under
+`$MOE_ADAPT_CACHE`); each run then takes 1.5-2 minutes. `newsgroups,hetero`: K = 2
+heterogeneous teachers (a linear probe and a 512-wide MLP; `teachers.backbone_options`).
+
+The argument is `<preset>[,tiny][,hetero]`; `tiny` shrinks every stage to a few steps (for
+tests and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_teachers=4
 --config.muki.integration=hard --config.variants="('muki','oracle')"`.
 """
 
@@ -29,12 +43,19 @@ import ml_collections
 
 from moe_adapt import config_presets
 
-_PRESETS = ("fmnist",)
+_PRESETS = ("fmnist", "newsgroups")
+_FLAGS = ("tiny", "hetero")
+# `newsgroups,hetero`: heterogeneous teachers (K = 2), a linear probe and a wide MLP.
+_HETERO_TEACHERS = ({"hidden_dim": 0}, {"hidden_dim": 512})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config for `<preset>[,tiny]` (preset: fmnist)."""
-  _, flags = config_presets.parse_config_arg(arg, presets=_PRESETS)
+  """Returns the config for `<preset>[,tiny][,hetero]` (preset: fmnist, newsgroups)."""
+  preset, flags = config_presets.parse_config_arg(arg, presets=_PRESETS, flags=_FLAGS)
+  if "hetero" in flags and preset != "newsgroups":
+    raise ValueError(
+      f"config argument flag 'hetero' is invalid for preset={preset!r}; accepted: newsgroups,hetero"
+    )
   tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.method = "muka"
@@ -61,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teachers = ml_collections.ConfigDict()
   c.teachers.num_teachers = 2  # K contiguous chunks of ⌊10 / K⌋ classes, the last + remainder
   c.teachers.seed = 0  # teachers are fixed across runs, as released fine-tuned models
+  # Heterogeneous teachers: () = all like model.options; else one dict per teacher that
+  # updates model.options, e.g. ({'hidden_dim': 0}, {'hidden_dim': 512}) for `mlp`.
+  c.teachers.backbone_options = ()
   c.teachers.steps = 1000
   c.teachers.batch_size = 64
   c.teachers.lr = 2e-3
@@ -119,10 +143,62 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.log_every = 1
     c.eval_batch_size = 64
+  if preset == "newsgroups":
+    _newsgroups(c, tiny=tiny)
+  if "hetero" in flags:
+    c.teachers.backbone_options = _HETERO_TEACHERS
   return c
 
 
+def _newsgroups(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
+  """20 Newsgroups as frozen MiniLM sentence embeddings; MLP heads as teachers and student.
+
+  Fine-tuning MiniLM once per teacher and variant is out of a shared-CPU budget, so the
+  encoder is frozen: every document is embedded once (cached, `moe_adapt.data.embedded`)
+  and teachers, students and the oracle are Dense-GELU-dropout-Dense heads on the
+  embeddings, with MC dropout on the hidden features as in the image preset.
+  """
+  c.data.benchmark = "embedded"
+  c.data.options = ml_collections.ConfigDict(
+    {
+      "base": "newsgroups",
+      # '' = the base's default (data_dir also locates the MiniLM weights).
+      "base_options": {"grouping": "single", "data_dir": "", "tokenizer": "", "val_fraction": 0.1},
+      "encoder": "minilm",
+      # 64 WordPiece tokens (subject line and the post's start): the embedding pass over
+      # 8,100 documents takes ~12 min on 2 shared cores; 128 would double it.
+      "max_len": 64,
+      "batch_size": 64,
+      # Caps applied before encoding: 300 train + 100 test documents per class.
+      "train_per_class": 300,
+      "val_per_class": 5,  # unused by MUKA; kept tiny so it costs no encoding time
+      "test_per_class": 100,
+    }
+  )
+  c.data.domain = "all"  # grouping 'single': one domain with all 20 newsgroups
+  c.data.train_per_class = 0  # the wrapper caps already
+  c.data.test_per_class = 0
+  c.model.backbone = "mlp"
+  c.model.options = ml_collections.ConfigDict({"hidden_dim": 256, "num_layers": 1})
+  c.teachers.steps = 1000
+  c.teachers.lr = 1e-3
+  c.student.steps = 1500
+  c.student.lr = 1e-3
+  if tiny:  # a tiny random BERT on few documents; no MiniLM download needed
+    c.data.options.encoder = "tiny_random"
+    c.data.options.max_len = 16
+    c.data.options.base_options.val_fraction = 0.2
+    c.data.options.train_per_class = 4
+    c.data.options.val_per_class = 1
+    c.data.options.test_per_class = 2
+    c.data.options.batch_size = 32
+    c.model.options = ml_collections.ConfigDict({"hidden_dim": 8, "num_layers": 1})
+    c.teachers.steps = 3
+    c.student.steps = 3
+
+
 def get_sweep(arg: str | None = None) -> list[dict]:
-  """K = 2 and 4 teachers (seeds come from the sweep runner)."""
-  del arg
-  return [{"teachers.num_teachers": k} for k in (2, 4)]
+  """K = 2 and 4 teachers (K = 2 only with `hetero`); seeds come from the sweep runner."""
+  _, flags = config_presets.parse_config_arg(arg, presets=_PRESETS, flags=_FLAGS)
+  ks = (2,) if "hetero" in flags else (2, 4)
+  return [{"teachers.num_teachers": k} for k in ks]

@@ -47,6 +47,7 @@ _BUILTIN_MODULES = (
   "moe_adapt.data.fashion",
   "moe_adapt.data.tfds_builders",
   "moe_adapt.data.text",
+  "moe_adapt.data.embedded",
 )
 
 
@@ -54,7 +55,8 @@ class Split(NamedTuple):
   """One split of one domain.
 
   Attributes:
-    x: [N, H, W, C] float32 images with values in [0, 1].
+    x: [N, H, W, C] float32 images with values in [0, 1] (or [N, D] vectors, e.g. the
+      `embedded` benchmark's sentence embeddings).
     y: [N] int32 class labels in [0, num_classes).
   """
 
@@ -79,7 +81,7 @@ class Benchmark:
     domains: every domain's name, in a fixed order.
     num_classes: number of classes (shared by all domains).
     class_names: [num_classes] human-readable class names.
-    input_shape: (H, W, C) of one image.
+    input_shape: shape of one example: (H, W, C) of an image, (D,) of a vector.
     default_targets: held-out target domains used when a config names none.
     loader: `seed -> {domain: DomainSplits}`; call `load` instead, which validates.
     options: the resolved options the benchmark was built with (for provenance).
@@ -89,7 +91,7 @@ class Benchmark:
   domains: tuple[str, ...]
   num_classes: int
   class_names: tuple[str, ...]
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]
   default_targets: tuple[str, ...]
   loader: Callable[[int], Mapping[str, DomainSplits]] = dataclasses.field(repr=False, compare=False)
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)

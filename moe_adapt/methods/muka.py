@@ -8,8 +8,10 @@ K teachers each know a disjoint contiguous chunk of the sorted label list (chunk
 ⌊C / K⌋, the last teacher takes the remainder). A student over the union of the label sets
 (the chunks concatenated in teacher order = the global label order) is trained without
 labels on a transfer set, by distillation from an integrated target. Here on one domain of
-a benchmark (Fashion-MNIST, upright images) with the CNN. Stages and steps (each training
-stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped when finished):
+a benchmark: Fashion-MNIST's upright images with the CNN, or 20 Newsgroups as frozen MiniLM
+sentence embeddings (the `embedded` benchmark) with MLP heads (`mlp` backbone). Stages and
+steps (each training stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped
+when finished):
 
 1. `teacher_<k>`: teacher k trained by CE on the labeled training images of its classes
    (dropout on its features), frozen afterwards. Teachers depend only on the data, model
@@ -21,6 +23,7 @@ stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped when finish
    teachers' deterministic logits (the distillation targets come from dropout-off passes).
 3. One student stage per variant, all from the same initialisation, sharing one compiled
    step (targets, per-example weights, temperature and label grouping are arguments):
+
    - `muki`: soft integration (softmax(s / τ_s) weights) + margin re-weighting + MC scores;
    - `hard`: hard integration (the most confident teacher's distribution);
    - `no_margin`: `muki` without the margin weights;
@@ -29,6 +32,7 @@ stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped when finish
    - `uhc`: per teacher, the student's probabilities renormalised over that teacher's labels,
      KL to the teacher, summed over teachers, × T² (Vongkulbhisal et al., CVPR 2019);
    - `oracle`: CE with all labels of the transfer set (an upper bound, not annotation-free).
+
    Loss of the distillation variants: mean_i w_i · KL(q_i ‖ p_student(x_i)).
 4. Evaluation on the test split: accuracy over the union labels and on each teacher's
    label subset (argmax over all labels); `teacher_<k>`: teacher k's accuracy on the test
@@ -39,9 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import pathlib
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -58,6 +61,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import stages
+from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -128,6 +132,20 @@ def validate_config(config) -> None:
   if not isinstance(config.data.domain, str):
     raise ValueError(f"data.domain={config.data.domain!r} is invalid; accepted: a string")
   _check_variants(config.variants)
+  _check_teacher_options(config.teachers.get("backbone_options", ()))
+
+
+def _check_teacher_options(options) -> None:
+  """`teachers.backbone_options`: () or a sequence of dicts (one per teacher)."""
+  if (
+    isinstance(options, str)
+    or not isinstance(options, Sequence)
+    or not all(isinstance(o, Mapping) for o in options)
+  ):
+    raise ValueError(
+      f"teachers.backbone_options={options!r} is invalid; accepted: () or one dict of "
+      "backbone options per teacher, e.g. ({'hidden_dim': 128}, {'hidden_dim': 512})"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -176,12 +194,12 @@ def cap_per_class(split: data.Split, num_classes: int, cap: int, *, where: str) 
 class DropoutClassifier(nn.Module):
   """Backbone → dropout → linear head; params {'backbone', 'head'}.
 
-  The CNN backbone has no dropout of its own; this dropout, on the features before the
-  head, is where MC dropout samples (a transformer's hidden dropout plays this role in the
-  official code). The rng collection is 'dropout'.
+  The CNN and MLP backbones have no dropout of their own; this dropout, on the features
+  before the head, is where MC dropout samples (a transformer's hidden dropout plays this
+  role in the official code). The rng collection is 'dropout'.
 
   Attributes:
-    backbone: images [B, H, W, C] -> features [B, D].
+    backbone: inputs (images [B, H, W, C] or vectors [B, D_in]) -> features [B, D].
     num_classes: number of logits C.
     rate: dropout probability.
   """
@@ -195,11 +213,11 @@ class DropoutClassifier(nn.Module):
     self.head = nn.Dense(self.num_classes, dtype=jnp.float32)
 
   def __call__(self, x: jax.Array, *, train: bool = False, stochastic: bool = False):
-    """Images [B, H, W, C] -> logits [B, C]; `stochastic` turns dropout on."""
+    """Inputs [B, ...] -> logits [B, C]; `stochastic` turns dropout on."""
     return self.classify(self.features(x, train=train), stochastic=stochastic)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Images [B, H, W, C] -> features [B, D] (BatchNorm batch statistics when `train`)."""
+    """Inputs [B, ...] -> features [B, D] (BatchNorm batch statistics when `train`)."""
     return self.backbone(x, train=train)
 
   def classify(self, features: jax.Array, *, stochastic: bool = False) -> jax.Array:
@@ -222,11 +240,11 @@ class Setup:
   chunks: tuple[tuple[int, ...], ...]  # teacher k's global class indices
   train: data.Split  # the transfer set (labels used only by teachers and the oracle)
   test: data.Split
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]  # of one example: (H, W, C) or (D,)
   mesh: jax.sharding.Mesh
   teacher_models: tuple[DropoutClassifier, ...]
   student_model: DropoutClassifier
-  x_train: jax.Array  # [N, H, W, C] the transfer images, replicated
+  x_train: jax.Array  # [N, *input_shape] the transfer set's inputs, replicated
 
   @property
   def num_teachers(self) -> int:
@@ -278,8 +296,18 @@ def make_setup(config) -> Setup:
   test = cap_per_class(splits.test, c, cfg.test_per_class, where=f"domain {domain!r} (test)")
   mesh = mesh_lib.make_mesh(config.num_devices or None)
 
-  def classifier(num_classes: int) -> DropoutClassifier:
-    backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
+  # Heterogeneous teachers: teacher k's backbone options are model.options updated by
+  # teachers.backbone_options[k] (the student always uses model.options).
+  per_teacher = tuple(config.teachers.get("backbone_options", ()))
+  if per_teacher and len(per_teacher) != len(chunks):
+    raise ValueError(
+      f"teachers.backbone_options has {len(per_teacher)} entries for {len(chunks)} teachers; "
+      "accepted: () or one dict per teacher"
+    )
+
+  def classifier(num_classes: int, overrides: Mapping[str, Any] | None = None) -> DropoutClassifier:
+    options = {**config.model.options.to_dict(), **dict(overrides or {})}
+    backbone = models.get_backbone(config.model.backbone, **options)
     return DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=config.model.dropout)
 
   rep = mesh_lib.replicated(mesh)
@@ -292,7 +320,10 @@ def make_setup(config) -> Setup:
     test=test,
     input_shape=tuple(benchmark.input_shape),
     mesh=mesh,
-    teacher_models=tuple(classifier(len(chunk)) for chunk in chunks),
+    teacher_models=tuple(
+      classifier(len(chunk), per_teacher[k] if per_teacher else None)
+      for k, chunk in enumerate(chunks)
+    ),
     student_model=classifier(c),
     x_train=jax.device_put(train.x, rep),
   )
@@ -447,10 +478,10 @@ def teacher_scores(setup: Setup, teachers: Sequence[dict], workdir: str) -> dict
   Raises:
     ValueError: when the cached file does not match the transfer set and the teachers.
   """
-  path = pathlib.Path(workdir) / CONFIDENCE_FILE
+  path = workdir_lib.as_path(workdir) / CONFIDENCE_FILE
   n, k = len(setup.train.y), setup.num_teachers
   if path.is_file():
-    with np.load(path) as f:
+    with np.load(io.BytesIO(path.read_bytes())) as f:  # Local or remote (gs://).
       cached = {name: f[name] for name in f.files}
     expected = {"mc": (n, k), "single": (n, k)}
     expected.update({f"logits_{j}": (n, len(c)) for j, c in enumerate(setup.chunks)})
@@ -464,9 +495,9 @@ def teacher_scores(setup: Setup, teachers: Sequence[dict], workdir: str) -> dict
     return cached
   scores = compute_scores(setup, teachers)
   if jax.process_index() == 0:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **scores)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **scores)
+    workdir_lib.write_bytes_atomic(path, buffer.getvalue())
   return scores
 
 
@@ -652,7 +683,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   if setup is None:
     setup = make_setup(config)
   logging.info(
-    "muka: %d teachers on %s, %d transfer / %d test images of %s",
+    "muka: %d teachers on %s, %d transfer / %d test examples of %s",
     setup.num_teachers,
     setup.chunks,
     len(setup.train.y),

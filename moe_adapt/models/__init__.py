@@ -1,6 +1,6 @@
-"""Flax Linen modules: image backbones, the classifier wrapper, Meta-DMoE's aggregator,
-the BERT-style encoder and ViT (`bert`, `vit`), adapters (`adapters`) and AdaMix mixtures of
-adapters (`adamix`, which registers the adapter kinds 'adamix' and 'adamix_lora')."""
+"""Flax Linen modules: image backbones, an MLP for vectors, the classifier wrapper, Meta-DMoE's
+aggregator, the BERT-style encoder and ViT (`bert`, `vit`), adapters (`adapters`) and AdaMix
+mixtures of adapters (`adamix`, which registers the adapter kinds 'adamix' and 'adamix_lora')."""
 
 import dataclasses
 import functools
@@ -22,9 +22,11 @@ from moe_adapt.models.adapters import count_params
 from moe_adapt.models.aggregator import Aggregator, AggregatorClassifier
 from moe_adapt.models.classifier import Classifier
 from moe_adapt.models.cnn import ConvNet
+from moe_adapt.models.mlp import MLP
 from moe_adapt.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
 
 __all__ = [
+  "MLP",
   "Aggregator",
   "AggregatorClassifier",
   "BasicBlock",
@@ -49,9 +51,11 @@ __all__ = [
   "vit",
 ]
 
-# Backbone constructors by config name; each maps images [B, H, W, C] to features [B, D].
+# Backbone constructors by config name; each maps images [B, H, W, C] (`mlp`: vectors
+# [B, D_in]) to features [B, D].
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
   "convnet": ConvNet,
+  "mlp": MLP,
   "resnet18": ResNet18,
   "resnet34": ResNet34,
   "resnet50": ResNet50,
@@ -71,7 +75,7 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
   """The backbone registered as `name`, constructed with `kwargs`.
 
   Args:
-    name: one of BACKBONES ('convnet', 'resnet18', 'resnet34', 'resnet50', 'vit').
+    name: one of BACKBONES ('convnet', 'mlp', 'resnet18', 'resnet34', 'resnet50', 'vit').
     **kwargs: fields of that module, e.g. width=16 or num_filters=32, small_input=True.
 
   Raises:

@@ -5,7 +5,8 @@
   teacher subset, each teacher alone on its classes.
 - In process: the integrated targets of each variant (rows sum to 1, teacher k's mass only
   in its slot), the teacher scores cached once in the workdir, the grouped KL against NumPy,
-  the label chunks.
+  the label chunks; the student step gives the same losses and parameters on a 1-device and
+  an 8-device data-parallel mesh (tests/conftest.py fakes 8 CPU devices).
 - Bad inputs, each one ValueError naming the field.
 """
 
@@ -15,12 +16,15 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from moe_adapt.methods import muka
+from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -183,6 +187,63 @@ def test_uhc_targets_and_grouped_kl_against_numpy(setup4, scores4):
   )
 
 
+# ----------------------------------------------------------------------------- 1 vs 8 devices
+
+STUDENT_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def student_runs():
+  """Losses and final host state of STUDENT_STEPS student steps on a 1- and an 8-device mesh.
+
+  Same initial state and inputs on both meshes. Plain SGD: parameters then differ exactly by
+  lr × (gradient difference), whereas Adam would turn a rounding-level gradient difference
+  into a full-size update wherever a gradient is ~0. The targets are random distributions
+  over two label groups (UHC-style), with random per-example weights, a temperature and a
+  scale, so that every input of the shared step matters.
+  """
+  setups = {nd: muka.make_setup(tiny_config(num_devices=nd)) for nd in (1, 8)}
+  one = setups[1]
+  tx = optax.sgd(0.5)
+  initial = jax.device_get(
+    muka.init_model(one.student_model, one.key("student_init"), one.input_shape, tx)
+  )
+  n, c = len(one.train.y), one.num_classes
+  rng = np.random.default_rng(0)
+  groups = np.repeat(np.arange(2, dtype=np.int32), c // 2)
+  e = np.exp(rng.normal(size=(n, c)) * 2)
+  targets = np.concatenate([e[:, g == groups] / e[:, g == groups].sum(1, keepdims=True)
+                            for g in (0, 1)], axis=1).astype(np.float32)  # fmt: skip
+  weights = rng.uniform(0.2, 1.0, size=n).astype(np.float32)
+  coefs = {"temperature": np.float32(2.0), "scale": np.float32(4.0)}
+  runs = {}
+  for nd, setup in setups.items():
+    assert setup.mesh.size == nd
+    step_fn = muka.make_student_step(setup, tx)
+    rep = mesh_lib.replicated(setup.mesh)
+    arrays = jax.device_put((targets, weights, groups, coefs), rep)
+    state, losses = jax.device_put(initial, rep), []
+    for i in range(STUDENT_STEPS):
+      state, metrics = step_fn(state, jnp.asarray(i, jnp.int32), setup.x_train, *arrays)
+      losses.append(float(metrics["loss"]))
+    runs[nd] = np.asarray(losses), jax.device_get(state)
+  return initial, runs
+
+
+def test_student_step_is_the_same_on_1_and_8_devices(student_runs):
+  initial, runs = student_runs
+  (losses1, state1), (losses8, state8) = runs[1], runs[8]
+  assert np.all(np.isfinite(losses1)) and np.all(losses1 > 0)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  assert jax.tree.structure(state8) == jax.tree.structure(state1)
+  for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  # Every parameter and BatchNorm statistic moved (a no-op step would compare equal trivially).
+  for name in ("params", "batch_stats"):
+    before, after = jax.tree.leaves(initial[name]), jax.tree.leaves(state1[name])
+    assert before and all(np.any(a != b) for a, b in zip(before, after)), name
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -224,3 +285,57 @@ def test_config_argument_errors():
     CONFIGS.get_config("nope")
   with pytest.raises(ValueError, match=r"flags \['huge'\] are unknown; accepted: tiny"):
     CONFIGS.get_config("fmnist,huge")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_newsgroups_tiny_run_on_sentence_embeddings(tmp_path, monkeypatch):
+  """The `newsgroups,tiny` preset end to end (fake archive, tiny random encoder, MLP heads)."""
+  from moe_adapt import main as main_lib
+  from tests.data import test_embedded
+
+  data_dir = test_embedded.fake_newsgroups(tmp_path, monkeypatch)
+  config = CONFIGS.get_config("newsgroups,tiny")
+  config.data.options.base_options.data_dir = str(data_dir)
+  config.data.options.base_options.tokenizer = str(data_dir / "tokenizer.json")
+  results = main_lib.run(config, str(tmp_path / "run"))
+  assert results["benchmark"] == "embedded" and results["target_domains"] == ["all"]
+  # 4 train and 2 test documents for each of the 20 newsgroups; teachers on 10 each.
+  assert results["num_examples"] == {"transfer": 80, "test": 40}
+  assert results["teacher_classes"][0][0] == "alt.atheism"
+  assert len(results["teacher_classes"][1]) == 10
+  metrics = results["metrics"]
+  assert set(metrics) == {*TRAINED, "teacher_0", "teacher_1"}
+  for variant in TRAINED:
+    assert set(metrics[variant]) == {"union", "subset_0", "subset_1", "mean"}
+    acc = metrics[variant]["union"]["accuracy"]
+    assert 0.0 <= acc <= 1.0 and round(acc * 40) == pytest.approx(acc * 40, abs=1e-6)
+  assert (tmp_path / "run" / muka.CONFIDENCE_FILE).is_file()
+
+
+def test_newsgroups_presets_are_valid():
+  for arg in ("newsgroups", "newsgroups,tiny", "newsgroups,hetero"):
+    config = CONFIGS.get_config(arg)
+    muka.validate_config(config)
+    assert config.data.benchmark == "embedded" and config.model.backbone == "mlp"
+  assert CONFIGS.get_sweep("newsgroups") == CONFIGS.get_sweep("fmnist")
+  hetero = CONFIGS.get_config("newsgroups,hetero").teachers.backbone_options
+  assert [o["hidden_dim"] for o in hetero] == [0, 512]
+  assert CONFIGS.get_sweep("newsgroups,hetero") == [{"teachers.num_teachers": 2}]
+  with pytest.raises(ValueError, match=r"flag 'hetero' is invalid for preset='fmnist'"):
+    CONFIGS.get_config("fmnist,hetero")
+
+
+def test_heterogeneous_teachers_update_the_backbone_options():
+  config = tiny_config(**{"teachers.backbone_options": ({"feature_dim": 4}, {"width": 2})})
+  muka.validate_config(config)
+  setup = muka.make_setup(config)
+  first, second = (m.backbone for m in setup.teacher_models)
+  assert (first.width, first.feature_dim) == (4, 4)
+  assert (second.width, second.feature_dim) == (2, 8)
+  assert setup.student_model.backbone.feature_dim == 8
+  with pytest.raises(ValueError, match=r"teachers\.backbone_options has 1 entries for 2 teachers"):
+    muka.make_setup(tiny_config(**{"teachers.backbone_options": ({"width": 2},)}))
+  with pytest.raises(ValueError, match=r"teachers\.backbone_options=\('wide',\) is invalid"):
+    muka.validate_config(tiny_config(**{"teachers.backbone_options": ("wide",)}))

@@ -255,7 +255,7 @@ def test_get_backbone_builds_registered_modules():
 
 
 def test_get_backbone_errors():
-  with pytest.raises(ValueError, match="name='vgg' is unknown; accepted: convnet, resnet18"):
+  with pytest.raises(ValueError, match="name='vgg' is unknown; accepted: convnet, mlp, resnet18"):
     get_backbone("vgg")
   with pytest.raises(ValueError, match=r"unknown option.*widht.*accepted:.*width"):
     get_backbone("convnet", widht=8)
