@@ -6,18 +6,21 @@ the initial parameters (and, optionally, a non-adapted `context` pytree).
 
 Each SGD step θ' = θ − lr·∇θ L(θ, φ, batch) carries its own `jax.custom_vjp`. Its backward
 pass, for a cotangent v on θ', needs (I − lr·H_θθ) v for θ and −lr·H_φθ v for φ. Both come
-from ONE forward-over-reverse product: `jax.jvp` of `jax.grad(L, argnums=(θ, φ))` along θ in
+from ONE forward-over-reverse product: the JVP of `jax.grad(L, argnums=(θ, φ))` along θ in
 direction v (mixed partials are symmetric, so the φ part of that JVP is ∂²L/∂φ∂θ · v). On
 XLA:CPU this is about 3× faster than letting `jax.grad` differentiate through `jax.grad`
 (reverse-over-reverse) and gives the same exact second-order gradient to float32 rounding
 (`reference/performance_notes.md` §1; `benchmarks/meta_grad.py`: 2.8–3.7× on a small CNN,
-measured on a loaded shared CPU).
+measured on a loaded shared CPU). The step's forward pass linearises that gradient
+(`jax.linearize`: the primal gradient for the update, plus the residuals of its JVP), so the
+backward evaluates only the tangent half.
 `remat=True` additionally bounds peak memory independently of `steps` (see `inner_adapt`).
 
 Loss functions are called as `loss_fn(params, batch)` when `context` is None and as
 `loss_fn(params, batch, context)` otherwise, and must return a scalar.
 
 Which inputs get gradients through an inner step:
+
 - params θ: exact second-order (or, with `first_order=True`, the FOMAML identity).
 - context φ: only through the mixed term −lr·∂²L_in/∂φ∂θ. With `first_order=True` the inner
   gradient is a constant, so φ gets gradient only where the OUTER loss uses it directly; in
@@ -25,6 +28,7 @@ Which inputs get gradients through an inner step:
   which is why Meta-DMoE needs the second-order mode.
 - lr: exact (−⟨v, ∇θL⟩, which the backward pass gets for free), so a learned step size works.
 - batch: treated as constant data; its cotangent is zero (float0 for integer leaves).
+
 Forward-mode differentiation (`jax.jvp`) through a second-order inner step is not supported
 (a `custom_vjp` limitation); `jax.grad`, `jax.jit` and `jax.vmap` (e.g. over tasks) are.
 """
@@ -127,8 +131,18 @@ def _sgd_step(loss_fn, remat, lr, theta, context, batch):
 
 
 def _sgd_step_fwd(loss_fn, remat, lr, theta, context, batch):
-  # Residuals are only the inputs; the backward recomputes what it needs inside one JVP.
-  return _sgd_step(loss_fn, remat, lr, theta, context, batch), (lr, theta, context, batch)
+  if remat:
+    # Residuals are only the inputs; the backward recomputes what it needs inside one JVP.
+    return _sgd_step(loss_fn, remat, lr, theta, context, batch), (lr, theta, context, batch)
+  # Linearise ∇(θ,φ)L at θ once, here: `jax.linearize` computes the primal gradient (for the
+  # update) and keeps the residuals of its JVP (activations, ReLU masks, cotangents) in a
+  # `jax.tree_util.Partial`, a pytree of arrays, so the backward runs only the tangent half.
+  # Recomputing the primal inside a `jax.jvp` in the backward relied on XLA's CSE to merge it
+  # with this pass, which it did only in part (Meta-DMoE step, ConvNet student: 4 of 34
+  # convolutions were duplicates; 10-15 % of the step, `benchmarks/README.md`).
+  grad_fn = lambda t: jax.grad(loss_fn, argnums=(0, 1))(t, context, batch)
+  (grads, _), hvp_fn = jax.linearize(grad_fn, theta)
+  return _sgd_update(theta, grads, lr), (lr, grads, hvp_fn, context, batch)
 
 
 def _tie_to(tree: PyTree, v: PyTree) -> PyTree:
@@ -143,15 +157,19 @@ def _tie_to(tree: PyTree, v: PyTree) -> PyTree:
 
 
 def _sgd_step_bwd(loss_fn, remat, residuals, v):
-  lr, theta, context, batch = residuals
   if remat:
+    lr, theta, context, batch = residuals
     # Without this, XLA merges the JVP's primal recomputation of ∇θL(θ_k) with the forward
     # pass's identical computation and keeps step k's activations alive until here, so memory
     # grows with `steps`; tied to v, they are recomputed and freed within this step.
     theta = _tie_to(theta, v)
-  grad_fn = lambda t: jax.grad(loss_fn, argnums=(0, 1))(t, context, batch)
-  # One forward-over-reverse pass: primal (∇θL, ∇φL) and tangent (H_θθ v, H_φθ v).
-  (grad_theta, _), (hvp_theta, hvp_context) = jax.jvp(grad_fn, (theta,), (v,))
+    grad_fn = lambda t: jax.grad(loss_fn, argnums=(0, 1))(t, context, batch)
+    # One forward-over-reverse pass: primal (∇θL, ∇φL) and tangent (H_θθ v, H_φθ v).
+    (grad_theta, _), (hvp_theta, hvp_context) = jax.jvp(grad_fn, (theta,), (v,))
+  else:
+    # The tangent half of the forward pass's linearisation: (H_θθ v, H_φθ v).
+    lr, grad_theta, hvp_fn, context, batch = residuals
+    hvp_theta, hvp_context = hvp_fn(v)
   theta_bar = jax.tree.map(
     lambda vi, hi: vi - jnp.asarray(lr, vi.dtype) * hi.astype(vi.dtype), v, hvp_theta
   )
@@ -191,7 +209,17 @@ def inner_adapt(
   context: PyTree | None = None,
   remat: bool = False,
 ) -> PyTree:
-  """Takes `steps` SGD steps θ ← θ − lr·∇θ loss_fn(θ, batch[, context]).
+  r"""Takes `steps` SGD steps θ ← θ − lr·∇θ loss_fn(θ, batch[, context]).
+
+  .. math::
+    \theta_0 = \theta,\qquad
+    \theta_{j+1} = \theta_j - \alpha\, \nabla_\theta L(\theta_j, \text{batch}[, \phi]),
+    \quad j = 0, \dots, \text{steps} - 1
+
+  The inner update of MAML (Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast
+  Adaptation of Deep Networks", ICML 2017, §2.2 and Alg. 1), used by Meta-DMoE (Zhong et
+  al., NeurIPS 2022, Alg. 1) with L the feature-distillation loss on the unlabeled support
+  and φ the aggregator, for meta-training and for test-time adaptation (one step).
 
   The result is differentiable with respect to `params` (exact second order, through a
   forward-over-reverse Hessian-vector product in each step's backward), `context` (through
@@ -210,12 +238,13 @@ def inner_adapt(
     first_order: if True, stop the gradient through the inner gradient (FOMAML).
     context: optional pytree the loss depends on but that is not adapted (Meta-DMoE: the
       aggregator φ that produces the distillation target).
-    remat: trade compute for memory in the second-order backward. Each step's backward
-      keeps only the step's inputs (θ_k, context, batch) and recomputes ∇θL(θ_k) inside its
-      Hessian-vector product, but under `jax.jit` XLA merges that recomputation with the
-      forward pass's identical one (CSE), which keeps every step's inner activations alive
-      until its backward: peak memory grows with `steps` × activation size. `remat=True`
-      forces the recomputation, so peak memory stays at about one step's worth for any
+    remat: trade compute for memory in the second-order backward. By default each step's
+      forward pass linearises its inner gradient and keeps the linearisation's residuals
+      (the step's inner activations) until its backward: peak memory grows with `steps` ×
+      activation size. With `remat=True` a step keeps only its inputs (θ_k, context,
+      batch) and its backward recomputes ∇θL(θ_k) inside its Hessian-vector product,
+      forced apart from the forward pass's identical computation (which XLA's CSE would
+      otherwise merge back), so peak memory stays at about one step's worth for any
       `steps`, at the cost of one more inner forward/backward per step in principle (on
       XLA:CPU the measured time was within noise, sometimes lower). It matters when
       steps > 1 or activations are large (measured on XLA:CPU, `benchmarks/meta_grad.py`
@@ -257,20 +286,32 @@ def meta_value_and_grad(
   context: PyTree | None = None,
   remat: bool = False,
 ) -> tuple[jax.Array, PyTree]:
-  """Meta-objective value and its gradient.
+  r"""Meta-objective value and its gradient.
 
   value = outer_loss_fn(θ', query[, context]) with
-  θ' = inner_adapt(inner_loss_fn, params, support, lr=lr, steps=steps, ...).
+  θ' = inner_adapt(inner_loss_fn, params, support, lr=lr, steps=steps, ...):
+
+  .. math::
+    J(\theta, \phi) = L_{out}(\theta'(\theta, \phi), \text{query}[, \phi]),\qquad
+    \nabla_\theta J = (I - \alpha H^{(0)}_{\theta\theta}) \cdots
+      (I - \alpha H^{(n-1)}_{\theta\theta})\, \nabla_{\theta'} L_{out}
+
+  with n = `steps`, α = `lr` and H^(j) the inner loss's Hessian blocks at θ_j (for one
+  step: ∇φJ = −α H_φθ ∇θ' L_out + ∂L_out/∂φ); first order replaces every (I − αH) by I.
+  MAML's meta-objective (Finn, Abbeel & Levine, ICML 2017, §2.2, Alg. 1) and Meta-DMoE's
+  bi-level step (Zhong et al., NeurIPS 2022, Alg. 1: inner distillation on the support,
+  outer CE on the query, gradients into the student θ and the aggregator φ).
 
   Args:
     outer_loss_fn: `outer_loss_fn(params, query) -> scalar`, or with a third argument
       `context` when `context` is given.
     inner_loss_fn: `inner_loss_fn(params, support) -> scalar` (likewise with `context`).
     params: pytree of floating arrays; the initial (meta-learned) parameters.
-    support: inner-loop batch (pytree of arrays).
-    query: outer-loop batch (pytree of arrays).
-    lr, steps, first_order, context, remat: as in `inner_adapt`. `lr` is not differentiated
-      here (wrap `inner_adapt` in `jax.grad` yourself to learn it).
+    support: inner-loop batch (pytree of arrays, e.g. `{"x": [S, ...]}`).
+    query: outer-loop batch (pytree of arrays, e.g. `{"x": [Q, ...], "y": [Q]}`).
+    lr: the inner learning rate α, as in `inner_adapt`; not differentiated here (wrap
+      `inner_adapt` in `jax.grad` yourself to learn it).
+    steps, first_order, context, remat: as in `inner_adapt`.
 
   Returns:
     `(value, grads)` with `grads` like `params` when `context` is None, else
