@@ -26,9 +26,14 @@ Measured (each: AOT compile time, XLA temp memory, median / min of `--repeats` c
 - `--peer`: the PyTorch peer in a subprocess, alternating 3 times with our two second-order
   steps; medians of the per-round medians and the speed ratios torch / jax.
 
+`--sizes=config` keeps instead the sizes of the `--benchmark` preset itself (digits_rot 16×16,
+fmnist_rot, fmnist_shift: 5 experts, support 32 + query 32, ConvNet width 32 with feature_dim
+128, the preset's aggregator); any size flag given explicitly overrides either choice.
+
 Run (prints one JSON object on stdout, logs on stderr):
 
   python benchmarks/meta_step.py --repeats=20
+  python benchmarks/meta_step.py --benchmark=digits_rot --sizes=config --repeats=20
   python benchmarks/meta_step.py --repeats=20 --peer   # needs /work/torchvenv (README.md)
 
 The PyTorch venv (CPU build, pinned): python3 -m venv /work/torchvenv &&
@@ -68,27 +73,56 @@ TORCH_HINT = (
 # Kinds of meta-step: (name, meta.first_order, meta.remat).
 ORDERS = (("second_order", False, False), ("first_order", True, False), ("remat", False, True))
 VARIANTS = tuple(f"{f}/{o}" for f in ("cached_features", "experts_in_step") for o, _, _ in ORDERS)
+BENCHMARKS = ("digits_rot", "fmnist_rot", "fmnist_shift")
+# --sizes=peer: the PyTorch peer's sizes (flag -> value); --sizes=config takes the preset's.
+PEER_SIZES = {
+  "experts": 5,
+  "support": 64,
+  "query": 64,
+  "adapt_support": 64,
+  "width": 32,
+  "feature_dim": 0,
+  "inner_steps": 1,
+}
+# flag -> (config group, field) it overrides.
+SIZE_FIELDS = {
+  "experts": ("experts", "num_experts"),
+  "support": ("meta", "support_size"),
+  "query": ("meta", "query_size"),
+  "adapt_support": ("adapt", "support_size"),
+  "width": ("model.options", "width"),
+  "feature_dim": ("model.options", "feature_dim"),
+  "inner_steps": ("meta", "inner_steps"),
+}
 
 
 def load_config(args: argparse.Namespace):
-  """`configs/meta_dmoe.py:fmnist_rot` with the peer's sizes."""
+  """`configs/meta_dmoe.py:<benchmark>` with the peer's (or the preset's) sizes.
+
+  Also sets every size flag left unset on `args` to the value used, for the peer and the
+  output.
+  """
   path = REPO / "configs" / "meta_dmoe.py"
   spec = importlib.util.spec_from_file_location("meta_dmoe_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config(args.benchmark)
-  cfg.data.options.max_per_domain = args.max_per_domain
-  cfg.experts.num_experts = args.experts
+  if "max_per_domain" in cfg.data.options:  # digits_rot is small and has no such option
+    cfg.data.options.max_per_domain = args.max_per_domain
+  for flag, (group, field) in SIZE_FIELDS.items():
+    node = cfg
+    for name in group.split("."):
+      node = node[name]
+    value = getattr(args, flag)
+    if value is None:
+      value = PEER_SIZES[flag] if args.sizes == "peer" else node[field]
+    node[field] = value
+    setattr(args, flag, value)
   cfg.experts.stack_map = args.stack_map
-  cfg.meta.support_size = args.support
-  cfg.meta.query_size = args.query
-  cfg.meta.inner_steps = args.inner_steps
-  cfg.adapt.support_size = args.adapt_support
-  cfg.model.options.width = args.width
-  cfg.model.options.feature_dim = args.feature_dim
-  cfg.aggregator.kind = "transformer"
-  cfg.aggregator.depth = 1
-  cfg.aggregator.num_heads = 4
+  if args.sizes == "peer":
+    cfg.aggregator.kind = "transformer"
+    cfg.aggregator.depth = 1
+    cfg.aggregator.num_heads = 4
   cfg.num_devices = args.num_devices
   meta_dmoe.validate_config(cfg)
   return cfg
@@ -262,7 +296,7 @@ def check_torch(torch_python: str) -> str:
   return proc.stdout.strip()
 
 
-def run_peer(args: argparse.Namespace, num_classes: int) -> dict:
+def run_peer(args: argparse.Namespace, num_classes: int, image_size: int) -> dict:
   """One run of the PyTorch peer with our sizes; its JSON line."""
   cmd = [args.torch_python, args.peer_script]
   for flag, value in (
@@ -270,7 +304,7 @@ def run_peer(args: argparse.Namespace, num_classes: int) -> dict:
     ("support", args.support),
     ("query", args.query),
     ("width", args.width),
-    ("size", 28),
+    ("size", image_size),
     ("classes", num_classes),
     ("inner_steps", args.inner_steps),
     ("steps", args.repeats),
@@ -285,15 +319,24 @@ def run_peer(args: argparse.Namespace, num_classes: int) -> dict:
 
 def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--benchmark", default="fmnist_rot", help="config preset (28×28 images)")
+  parser.add_argument("--benchmark", default="fmnist_rot", choices=BENCHMARKS, help="preset")
+  parser.add_argument(
+    "--sizes",
+    default="peer",
+    choices=("peer", "config"),
+    help="unset size flags: the PyTorch peer's sizes, or the preset's own",
+  )
   parser.add_argument("--max_per_domain", type=int, default=300, help="images per domain")
-  parser.add_argument("--experts", type=int, default=5)
-  parser.add_argument("--support", type=int, default=64)
-  parser.add_argument("--query", type=int, default=64)
-  parser.add_argument("--adapt_support", type=int, default=64, help="test-time support size")
-  parser.add_argument("--width", type=int, default=32, help="ConvNet width")
-  parser.add_argument("--feature_dim", type=int, default=0, help="0 = pooled conv features")
-  parser.add_argument("--inner_steps", type=int, default=1)
+  size_help = "default: per --sizes"
+  parser.add_argument("--experts", type=int, default=None, help=size_help)
+  parser.add_argument("--support", type=int, default=None, help=size_help)
+  parser.add_argument("--query", type=int, default=None, help=size_help)
+  parser.add_argument("--adapt_support", type=int, default=None, help="test-time support size")
+  parser.add_argument("--width", type=int, default=None, help="ConvNet width")
+  parser.add_argument(
+    "--feature_dim", type=int, default=None, help="0 = pooled conv features; " + size_help
+  )
+  parser.add_argument("--inner_steps", type=int, default=None, help=size_help)
   parser.add_argument(
     "--stack_map", default="auto", choices=("auto", "unrolled", "map", "vmap"), help="experts"
   )
@@ -311,24 +354,20 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--torch_python", default=DEFAULT_TORCH_PYTHON)
   parser.add_argument("--peer_script", default=DEFAULT_PEER)
   args = parser.parse_args()
+  optional = ("experts", "support", "query", "adapt_support", "width", "inner_steps")
   common.check_positive(
     parser,
     args,
     (
       "max_per_domain",
-      "experts",
-      "support",
-      "query",
-      "adapt_support",
-      "width",
-      "inner_steps",
+      *(name for name in optional if getattr(args, name) is not None),
       "num_devices",
       "repeats",
       "rounds",
       "threads",
     ),
   )
-  if args.feature_dim < 0:
+  if args.feature_dim is not None and args.feature_dim < 0:
     parser.error(f"--feature_dim={args.feature_dim} is invalid; accepted: an integer >= 0")
   args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -402,7 +441,7 @@ def main() -> None:
 
   stacked = None
   if not args.skip_stacked:
-    stacked = bench_stacked_forward(setup, experts, setup.x[: args.support], args.repeats)
+    stacked = bench_stacked_forward(setup, experts, setup.x[: cfg.meta.support_size], args.repeats)
 
   peer = None
   if args.peer:
@@ -414,7 +453,7 @@ def main() -> None:
       for n in ours:
         ms = 1e3 * statistics.median(steps[n].time(args.repeats))
         rounds[f"jax_{n.split('/')[0]}_ms"].append(round(ms, 3))
-      out = run_peer(args, setup.benchmark.num_classes)
+      out = run_peer(args, setup.benchmark.num_classes, setup.benchmark.input_shape[0])
       rounds["torch_ms"].append(round(1e3 * out["median_s"], 3))
       common.log(f"peer round {r}: " + ", ".join(f"{k}={v[-1]}" for k, v in rounds.items()))
     medians = {k: round(statistics.median(v), 3) for k, v in rounds.items()}
@@ -437,7 +476,8 @@ def main() -> None:
     "environment": common.environment(),
     "config": {
       "benchmark": cfg.data.benchmark,
-      "max_per_domain": args.max_per_domain,
+      "sizes": args.sizes,
+      "max_per_domain": cfg.data.options.get("max_per_domain"),
       "source_images": len(setup.y),
       "experts": cfg.experts.num_experts,
       "stack_map": cfg.experts.stack_map,

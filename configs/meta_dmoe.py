@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.backbone = "convnet"  # see moe_adapt.models.BACKBONES
   # Keyword options of the backbone (for resnet18/50: num_filters, small_input, ...).
   c.model.options = ml_collections.ConfigDict({"width": 32, "feature_dim": 128})
+  # Computation dtype of the experts, student and aggregator: 'float32' or 'bfloat16'
+  # (parameters, optimiser state and losses stay float32; bfloat16 is for accelerators).
+  c.model.dtype = "float32"
 
   c.experts = ml_collections.ConfigDict()
   c.experts.num_experts = 5
@@ -126,6 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif benchmark == "tfds":
     c.model.backbone = "resnet50"
     c.model.options = ml_collections.ConfigDict({"num_filters": 64, "small_input": False})
+    c.model.dtype = "bfloat16"  # an accelerator preset: bf16 compute, float32 parameters
     c.experts.steps = c.student.steps = 20000
     c.aggregator.pretrain_steps = 5000
     c.meta.steps = 20000

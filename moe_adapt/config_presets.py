@@ -80,6 +80,9 @@ def adapter_harness(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.kind = kind
   c.model.dropout = 0.1  # on the pooled features (text) / inside the blocks (ViT)
+  # Computation dtype of the encoder and adapters: 'float32' or 'bfloat16' (parameters,
+  # optimiser state and losses stay float32; bfloat16 is for accelerators).
+  c.model.dtype = "float32"
   # Architecture: for 'bert' a BertConfig, for 'vit' the ViT's fields; MiniLM brings its own.
   c.model.options = ml_collections.ConfigDict()
   if not text:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+# `model.dtype`: the models' computation dtype. Parameters, optimiser state and losses stay
+# float32 either way (mixed precision); bfloat16 is for accelerators.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def field(config: Any, name: str) -> Any:
@@ -63,3 +68,11 @@ def names(config: Any, name: str, accepted: Sequence[str], *, allow_empty: bool 
       raise ValueError(f"{name} has unknown {v!r}; accepted: {', '.join(accepted)}")
   if len(set(value)) != len(value):
     raise ValueError(f"{name}={tuple(value)!r} lists an entry twice")
+
+
+def compute_dtype(config: Any, name: str = "model.dtype") -> Any:
+  """The validated computation dtype of field `name` (absent: float32) as a jnp dtype."""
+  value = field(config, name.rsplit(".", 1)[0]).get(name.rsplit(".", 1)[1], "float32")
+  if not isinstance(value, str) or value not in COMPUTE_DTYPES:
+    raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[value]

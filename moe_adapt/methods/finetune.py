@@ -10,11 +10,14 @@ with only the chosen parameters updated (`train`: 'adapters' = adapters + head, 
 backbone costs no weight gradients.
 
 The `finetune` method compares, in one run on the same data, the variants
+
 - `full`: every parameter (its own learning rate, `train.lr_full`);
 - `head`: the linear head on the frozen backbone (a linear probe);
 - `houlsby`, `pfeiffer`: bottleneck adapters (two per block / one per block) + head;
 - `lora`: LoRA on `adapter.lora_targets` + head;
+
 with `data.protocol`:
+
 - 'lodo' (leave-domain-out): train on the training splits of every domain but the
   targets, report accuracy on the targets' test splits;
 - 'pooled' (in-domain): train on the training splits of `data.domains` (all by default)
@@ -108,7 +111,9 @@ class Task:
     domains: every domain, in the benchmark's order.
     class_names: [C] class names.
     default_targets: the benchmark's default held-out domains.
-    train, val, test: domain -> Examples.
+    train: domain -> Examples of the training split.
+    val: domain -> Examples of the validation split.
+    test: domain -> Examples of the test split.
   """
 
   benchmark: str
@@ -186,6 +191,7 @@ def validate_harness_config(config) -> None:
   _checks.number(config, "train.weight_decay", low=0.0, low_open=False)
   _checks.number(config, "model.dropout", low=0.0, high=1.0, low_open=False)
   _checks.choice(config, "model.kind", MODEL_KINDS)
+  _checks.compute_dtype(config)
   if config.model.kind == "vit":
     _checks.integer(config, "pretrain.steps", 1)
     _checks.integer(config, "pretrain.batch_size", 1)
@@ -229,7 +235,7 @@ class Setup:
 
   @property
   def backbone_key(self) -> str:
-    """Top-level params key of the backbone: 'encoder' (text) or 'backbone' (ViT)."""
+    """The top-level params key of the backbone, 'encoder' (text) or 'backbone' (ViT)."""
     return "encoder" if self.task.modality == "text" else "backbone"
 
   def key(self, stage: str, index: int = 0) -> jax.Array:
@@ -282,6 +288,10 @@ def make_setup(config) -> Setup:
 def build_model(setup: Setup, adapter: adapters_lib.AdapterConfig) -> nn.Module:
   """The classifier with `adapter` inserted: `apply(v, *inputs, train=)` -> logits [B, C]."""
   c = setup.config.model
+  # model.dtype: the encoder and adapters compute in it; parameters, optimiser state, the
+  # head (float32 logits) and the losses stay float32. None keeps the float32 inputs' dtype.
+  dtype = _checks.compute_dtype(setup.config)
+  dtype = None if dtype == jnp.float32 else dtype
   if setup.task.modality == "text":
     return models.text_classifier.TextClassifier(
       setup.backbone_config,
@@ -289,10 +299,11 @@ def build_model(setup: Setup, adapter: adapters_lib.AdapterConfig) -> nn.Module:
       adapter=adapter,
       pooling="mean",
       dropout_rate=c.dropout,
+      dtype=dtype,
     )
   options = dict(setup.backbone_config)
   return models.vit.vit_classifier(
-    setup.task.num_classes, adapter=adapter, dropout_rate=c.dropout, **options
+    setup.task.num_classes, adapter=adapter, dropout_rate=c.dropout, dtype=dtype, **options
   )
 
 
