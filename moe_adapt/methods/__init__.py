@@ -13,8 +13,10 @@ from typing import Any
 # and `run(config, workdir, *, setup=None) -> dict` (the results of DESIGN.md).
 _METHODS = {
   "adamix": "moe_adapt.methods.adamix",
+  "adapter_experts": "moe_adapt.recipes.adapter_experts",
   "adapter_soup": "moe_adapt.methods.adapter_soup",
   "co_tuning": "moe_adapt.methods.co_tuning",
+  "cotuned_teachers": "moe_adapt.recipes.cotuned_teachers",
   "finetune": "moe_adapt.methods.finetune",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",
   "muka": "moe_adapt.methods.muka",

@@ -25,10 +25,12 @@ prediction uses H only. Stages and steps (each training stage checkpointed under
 4. One fine-tuning stage per variant, all from the same pre-trained weights and the same
    new head initialisation, with the official recipe (SGD, Nesterov momentum 0.9, weight
    decay 5e-4, lr for F and G and 10× lr for H, a step decay):
+
    - `fine_tune`: CE on H (G unused);
    - `l2_sp`: CE + α/2·||θ_F − θ_F⁰||² + β/2·||θ_H||² instead of weight decay
      (Li, Grandvalet, Davoine, ICML 2018);
    - `co_tuning_direct`, `co_tuning_reverse`: the Co-Tuning loss with that relationship.
+
    All variants run one compiled step: the relationship, the pre-trained anchor and the
    loss coefficients are arguments, the weight decay an optimiser hyperparameter.
 5. Evaluation of H on the target test split (accuracy, ECE).
@@ -38,8 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
-import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +58,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import stages
+from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -389,7 +392,7 @@ def make_setup(config) -> Setup:
   the source checkpoint file, domains, classes, the sampled subsets.
   """
   checkpoint = config.model.source_checkpoint
-  if checkpoint and not pathlib.Path(checkpoint).is_file():
+  if checkpoint and not workdir_lib.as_path(checkpoint).is_file():
     raise ValueError(_missing_checkpoint_message(checkpoint))
   task = make_task(config)
   mesh = mesh_lib.make_mesh(config.num_devices or None)
@@ -486,40 +489,45 @@ def save_source_checkpoint(path: str | os.PathLike, variables: Mapping) -> None:
 
   The format `model.source_checkpoint` reads: one array per leaf, named by its path
   joined with '/' (e.g. `params/backbone/Conv_0/kernel`), in an .npz or (by suffix)
-  .safetensors file. A converter from another framework writes the same names.
+  .safetensors file. A converter from another framework writes the same names. The
+  path may be local or remote (`gs://...`).
   """
-  path = pathlib.Path(path)
+  target = workdir_lib.as_path(path)
   flat = _flatten_variables(variables)
-  if path.suffix == ".safetensors":
+  if target.suffix == ".safetensors":
     import safetensors.numpy
 
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path)
-  elif path.suffix == ".npz":
-    np.savez(path, **flat)
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in flat.items()})
+  elif target.suffix == ".npz":
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    data = buffer.getvalue()
   else:
-    raise ValueError(f"path={str(path)!r} is invalid; accepted: a .npz or .safetensors file")
+    raise ValueError(f"path={os.fspath(path)!r} is invalid; accepted: a .npz or .safetensors file")
+  workdir_lib.write_bytes_atomic(target, data)
 
 
 def load_source_checkpoint(path: str | os.PathLike, template: Mapping) -> dict:
   """Reads a `save_source_checkpoint` file into the structure of `template`.
 
   Args:
-    path: the .npz or .safetensors file (`model.source_checkpoint`).
+    path: the .npz or .safetensors file (`model.source_checkpoint`), local or remote.
     template: `{'params': ..., 'batch_stats': ...}` of the configured source Classifier.
 
   Raises:
     ValueError: naming model.source_checkpoint when the file is missing, or its arrays do
       not match the template (missing or extra names, shapes).
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
+  source = workdir_lib.as_path(path)
+  if not source.is_file():
     raise ValueError(_missing_checkpoint_message(path))
-  if path.suffix == ".safetensors":
+  data = source.read_bytes()  # Local or remote (gs://): both readers take bytes.
+  if source.suffix == ".safetensors":
     import safetensors.numpy
 
-    stored = safetensors.numpy.load_file(path)
+    stored = safetensors.numpy.load(data)
   else:
-    with np.load(path) as f:
+    with np.load(io.BytesIO(data)) as f:
       stored = {k: f[k] for k in f.files}
   expected = _flatten_variables(template)
   missing = sorted(set(expected) - set(stored))
@@ -675,14 +683,17 @@ def relationship_accuracy(
 
 
 def save_heatmap(
-  path: pathlib.Path,
+  path: str | os.PathLike,
   relationship: np.ndarray,
   target_names: Sequence[str],
   source_names: Sequence[str],
   *,
   title: str,
 ) -> None:
-  """The [C_t, C_s] relationship as an annotated heat map PNG (rows: target classes)."""
+  """The [C_t, C_s] relationship as an annotated heat map PNG (rows: target classes).
+
+  `path` may be local or remote (`gs://...`); the file is replaced in one step.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -706,10 +717,10 @@ def save_heatmap(
   ax.set_title(title)
   fig.colorbar(image, ax=ax, label="p(y_s | y_t)")
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  workdir_lib.write_bytes_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------
@@ -924,6 +935,86 @@ def pretrained_source(setup: Setup, workdir: str, writer) -> dict:
   return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
+def finetune_start(setup: Setup, source: PyTree) -> dict:
+  """Where every variant starts: {'backbone', 'source_head'} pre-trained, a new 'target_head'.
+
+  Args:
+    setup: the run's Setup (its target model sets the new head's size C_t).
+    source: the source model's {'params': {'backbone', 'head'}, 'batch_stats'}.
+  """
+  feature_dim = setup.source_model.apply(
+    source,
+    jnp.zeros((1, *setup.task.input_shape), jnp.float32),
+    train=False,
+    method=models.Classifier.features,
+  ).shape[-1]
+  return {
+    "backbone": source["params"]["backbone"],
+    "source_head": source["params"]["head"],
+    "target_head": init_target_head(setup, feature_dim)["head"],
+  }
+
+
+def finetune_variant(
+  setup: Setup,
+  workdir: str,
+  variant: str,
+  *,
+  source: PyTree,
+  start: PyTree,
+  relationships: Mapping[str, np.ndarray],
+  step_fn: Callable,
+  tx: optax.GradientTransformation,
+  writer,
+  stage: str | None = None,
+) -> PyTree:
+  """Runs (or resumes) the fine-tuning stage of one variant; returns its final state.
+
+  Args:
+    setup: the run's Setup (its target training split is what is fine-tuned on).
+    workdir: the run's directory.
+    variant: one of VARIANTS; a `co_tuning_<kind>` variant needs `relationships[kind]`.
+    source: the pre-trained {'params', 'batch_stats'} (BatchNorm statistics, L2-SP anchor).
+    start: `finetune_start(setup, source)`; left intact (the stage works on copies).
+    relationships: kind -> [C_t, C_s] relationship.
+    step_fn, tx: `make_finetune_step(setup, tx)` and `make_optimizer(config)`.
+    writer: the metric writer.
+    stage: the stage (checkpoint folder) name; default the variant's name.
+
+  Returns:
+    {'params': {'backbone', 'source_head', 'target_head'}, 'batch_stats', 'opt_state'}.
+  """
+  settings = variant_settings(setup.config, variant)
+  kind = settings["relationship"]
+  rep = mesh_lib.replicated(setup.mesh)
+  uniform = np.full(
+    (setup.num_target_classes, setup.num_source_classes), 1.0 / setup.num_source_classes, np.float32
+  )
+  relationship = jax.device_put(relationships[kind] if kind else uniform, rep)
+  anchor = jax.device_put(source["params"]["backbone"], rep)
+  coefs = jax.device_put(
+    {k: np.float32(settings[k]) for k in ("trade_off", "l2sp_alpha", "l2sp_beta")}, rep
+  )
+  state = {
+    "params": start,
+    "batch_stats": source["batch_stats"],
+    "opt_state": set_weight_decay(tx.init(start), settings["weight_decay"]),
+  }
+  # Copies: donation inside the loop must not invalidate the shared starting point.
+  state = jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
+  bound = stages.bind(step_fn, setup.x_target, setup.y_target, relationship, anchor, coefs)
+  return stages.run_stage(
+    setup.config,
+    workdir,
+    stage or variant,
+    bound,
+    state,
+    setup.config.finetune.steps,
+    writer=writer,
+    stage_fields=STAGE_FIELDS,
+  )
+
+
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
 
@@ -980,7 +1071,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     heatmap = f"relationship_{kind}.png"
     if primary:
       save_heatmap(
-        pathlib.Path(workdir) / heatmap,
+        workdir_lib.as_path(workdir) / heatmap,
         r,
         task.target_names,
         task.source_names,
@@ -997,48 +1088,20 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   # 3. Fine-tuning, one stage per variant, all from the same starting point.
   tx = make_optimizer(config)
   step_fn = make_finetune_step(setup, tx)
-  feature_dim = setup.source_model.apply(
-    source,
-    jnp.zeros((1, *task.input_shape), jnp.float32),
-    train=False,
-    method=models.Classifier.features,
-  ).shape[-1]
-  start = {
-    "backbone": source["params"]["backbone"],
-    "source_head": source["params"]["head"],
-    "target_head": init_target_head(setup, feature_dim)["head"],
-  }
-  uniform = np.full(
-    (setup.num_target_classes, setup.num_source_classes), 1.0 / setup.num_source_classes, np.float32
-  )
-  rep = mesh_lib.replicated(setup.mesh)
-  anchor = jax.device_put(source["params"]["backbone"], rep)
+  start = finetune_start(setup, source)
   predict = make_target_predict(setup)
   metrics = {}
   for variant in config.variants:
-    settings = variant_settings(config, variant)
-    kind = settings["relationship"]
-    relationship = jax.device_put(relationships[kind] if kind else uniform, rep)
-    coefs = jax.device_put(
-      {k: np.float32(settings[k]) for k in ("trade_off", "l2sp_alpha", "l2sp_beta")}, rep
-    )
-    state = {
-      "params": start,
-      "batch_stats": source["batch_stats"],
-      "opt_state": set_weight_decay(tx.init(start), settings["weight_decay"]),
-    }
-    # Copies: donation inside the loop must not invalidate the shared starting point.
-    state = jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
-    bound = stages.bind(step_fn, setup.x_target, setup.y_target, relationship, anchor, coefs)
-    state = stages.run_stage(
-      setup.config,
+    state = finetune_variant(
+      setup,
       workdir,
       variant,
-      bound,
-      state,
-      config.finetune.steps,
+      source=source,
+      start=start,
+      relationships=relationships,
+      step_fn=step_fn,
+      tx=tx,
       writer=writer,
-      stage_fields=STAGE_FIELDS,
     )
     metrics[variant] = {task.target_domain: evaluate_target(setup, predict, state)}
     metrics[variant]["mean"] = {"accuracy": metrics[variant][task.target_domain]["accuracy"]}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
+from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import stages
@@ -113,6 +114,7 @@ def validate_config(config) -> None:
     raise ValueError(
       f"aggregator.kind={config.aggregator.kind!r} is unknown; accepted: transformer, mean, max"
     )
+  _checks.compute_dtype(config)
   if not isinstance(config.num_devices, int) or config.num_devices < 0:
     raise ValueError(
       f"num_devices={config.num_devices!r} is invalid; accepted: 0 (all devices) or a count"
@@ -221,7 +223,13 @@ def make_setup(config) -> Setup:
       )
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
-  backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
+  # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
+  # statistics, optimiser state, heads (float32 logits) and losses stay float32.
+  dtype = _checks.compute_dtype(config)
+  options = config.model.options.to_dict()
+  if dtype != jnp.float32:
+    options["dtype"] = dtype
+  backbone = models.get_backbone(config.model.backbone, **options)
   model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
   agg_model = models.AggregatorClassifier(
     aggregator=models.Aggregator(
@@ -230,6 +238,7 @@ def make_setup(config) -> Setup:
       num_heads=config.aggregator.num_heads,
       mlp_ratio=config.aggregator.mlp_ratio,
       dropout=config.aggregator.dropout,
+      dtype=dtype,
     ),
     num_classes=benchmark.num_classes,
   )
@@ -450,7 +459,9 @@ def make_losses(setup: Setup) -> tuple[Callable, Callable]:
     )
     loss = 0.0
     if distill in ("features", "both"):
-      loss += core.losses.feature_mse(feats, target).mean()
+      # In float32 also when the models compute in bfloat16 (model.dtype).
+      f32 = jnp.float32
+      loss += core.losses.feature_mse(feats.astype(f32), target.astype(f32)).mean()
     if distill in ("logits", "both"):
       # The teacher's logits: the aggregator's pretraining head on the aggregated feature.
       teacher = agg_model.apply(
@@ -564,6 +575,41 @@ def _accuracy(predict: Callable, x: np.ndarray, y: np.ndarray, batch_size: int) 
 
 def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> dict:
   """Accuracy of every variant on every target domain (all of its images)."""
+  model = setup.model
+  head_of_experts = jax.jit(
+    lambda heads, f: jax.vmap(
+      lambda h, fe: model.apply({"params": {"head": h}}, fe, method=models.Classifier.classify)
+    )(heads, f)
+  )
+
+  def expert_outputs(x: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    f = expert_features(setup, experts, x)  # [E, N, D]
+    return f, head_of_experts(experts["params"]["head"], f)
+
+  return evaluate_with(setup, expert_outputs, aggregator_pre, student_erm, meta_state)
+
+
+def evaluate_with(
+  setup: Setup,
+  expert_outputs: Callable[[np.ndarray], tuple[jax.Array, jax.Array]],
+  aggregator_pre,
+  student_erm,
+  meta_state,
+) -> dict:
+  """`evaluate` with the frozen experts given as a function.
+
+  Args:
+    setup: the run's setup.
+    expert_outputs: images [N, H, W, C] -> (features [E, N, D], logits [E, N, C]) of the
+      E experts (any kind of expert: the features feed the aggregator, the logits the
+      `expert_average` variant).
+    aggregator_pre: the pretrained aggregator's params.
+    student_erm: the ERM student's {'params', 'batch_stats', ...}.
+    meta_state: the meta-training state ({'student', 'aggregator', 'batch_stats', ...}).
+
+  Returns:
+    variant -> {domain: {'accuracy', ...}, 'mean': {'accuracy'}}.
+  """
   cfg = setup.config
   model, agg_model = setup.model, setup.agg_model
   adapt = make_adapt_fn(setup)
@@ -577,11 +623,6 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
   def expert_predict(tokens_logits):
     return jnp.argmax(jax.nn.softmax(tokens_logits, -1).mean(0), -1)
 
-  head_of_experts = jax.jit(
-    lambda heads, f: jax.vmap(
-      lambda h, fe: model.apply({"params": {"head": h}}, fe, method=models.Classifier.classify)
-    )(heads, f)
-  )
   agg_predict = jax.jit(
     lambda params, tokens: jnp.argmax(agg_model.apply({"params": params}, tokens), -1)
   )
@@ -604,8 +645,7 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
     # adaptation is drawn from the same images (transductive, as in the
     # official evaluator).
     x_test, y_test = whole_domain(setup.splits[domain])
-    f_test = expert_features(setup, experts, x_test)  # [E, N, D]
-    expert_logits = head_of_experts(experts["params"]["head"], f_test)
+    f_test, expert_logits = expert_outputs(x_test)  # [E, N, D], [E, N, C]
     variants["expert_average"][domain] = {
       "accuracy": float(np.mean(np.asarray(expert_predict(expert_logits)) == y_test))
     }
@@ -666,6 +706,14 @@ STAGE_FIELDS = {
 }
 
 
+class Trained(NamedTuple):
+  """The states of stages 2-4 (each as `stages.run_stage` returns it)."""
+
+  aggregator: PyTree  # {'params', 'opt_state'}
+  student: PyTree  # the ERM student: {'params', 'batch_stats', 'opt_state'}
+  meta: PyTree  # {'student', 'aggregator', 'batch_stats', 'opt_student', 'opt_aggregator'}
+
+
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
 
@@ -693,6 +741,42 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   )
   feats = expert_features(setup, experts, np.asarray(setup.x))  # [E, N_src, D], cached
 
+  trained = train_from_features(config, workdir, setup, feats, writer=writer)
+  writer.close()
+
+  # 5. Adaptation and evaluation.
+  metrics = evaluate(setup, experts, trained.aggregator["params"], trained.student, trained.meta)
+  return {
+    "method": "meta_dmoe",
+    "benchmark": config.data.benchmark,
+    "seed": config.seed,
+    "source_domains": list(setup.sources),
+    "target_domains": list(setup.targets),
+    "super_domains": [list(g) for g in setup.super_domains],
+    "metrics": metrics,
+  }
+
+
+def train_from_features(
+  config,
+  workdir: str,
+  setup: Setup,
+  feats: jax.Array,
+  *,
+  writer: metrics_lib.MetricWriter | None,
+  stage_fields: dict[str, tuple[str, ...]] = STAGE_FIELDS,
+) -> Trained:
+  """Stages 2-4 (aggregator, ERM student, meta-training) driven by cached expert features.
+
+  Args:
+    config: the run's config (the fields `validate_config` checks).
+    workdir: the run's directory.
+    setup: from `make_setup(config)`.
+    feats: [E, N_src, D] the frozen experts' features of every source training image
+      (`setup.x`), from any kind of expert; D must be the student's feature size.
+    writer: where the stages' metrics go.
+    stage_fields: the config fields each shareable stage depends on (stage cache).
+  """
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
   tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
@@ -708,7 +792,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     aggregator,
     config.aggregator.pretrain_steps,
     writer=writer,
-    stage_fields=STAGE_FIELDS,
+    stage_fields=stage_fields,
   )
 
   # 3. ERM student.
@@ -731,7 +815,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     student,
     config.student.steps,
     writer=writer,
-    stage_fields=STAGE_FIELDS,
+    stage_fields=stage_fields,
   )
 
   # 4. Meta-training from the pretrained aggregator and the ERM student.
@@ -757,18 +841,6 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     meta,
     config.meta.steps,
     writer=writer,
-    stage_fields=STAGE_FIELDS,
+    stage_fields=stage_fields,
   )
-  writer.close()
-
-  # 5. Adaptation and evaluation.
-  metrics = evaluate(setup, experts, aggregator["params"], student, meta)
-  return {
-    "method": "meta_dmoe",
-    "benchmark": config.data.benchmark,
-    "seed": config.seed,
-    "source_domains": list(setup.sources),
-    "target_domains": list(setup.targets),
-    "super_domains": [list(g) for g in setup.super_domains],
-    "metrics": metrics,
-  }
+  return Trained(aggregator, student, meta)
