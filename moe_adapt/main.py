@@ -6,17 +6,21 @@ workdir holding a different config is refused), and hands the resolved config
 to `moe_adapt.methods.<config.method>.run`.
 """
 
+import importlib.util
 import json
 import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/meta_dmoe.py:digits_rot.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, checkpoints and results.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for config, checkpoints and results: local, or gs://bucket/dir."
+)
 _OVERWRITE = flags.DEFINE_bool(
   "overwrite",
   False,
@@ -86,15 +90,71 @@ def main(argv) -> None:
   print(json.dumps(results, sort_keys=True))
 
 
+def _last_line(error: Exception) -> str:
+  # config_flags embeds the config file's traceback or load attempts; the last line is the error.
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else repr(error)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (`FILE[:arg]`), or None."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The error of the first `--config.<path>=...` whose path names no field of the config."""
+  spec = _config_spec(argv)
+  try:  # The config as the file builds it, before any override.
+    path, *arg = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("_moe_adapt_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(*arg)
+  except Exception:  # Reported by the caller's generic message.
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg.removeprefix("--config.").split("=", 1)[0]
+    node, where = config, "the config"
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"--config.{path} names no field of the config: {where} is not a group of fields"
+      if part not in node:
+        return (
+          f"--config.{path} names no field of the config: {where} has no {part!r}; "
+          f"accepted: {', '.join(sorted(node.keys()))}"
+        )
+      node, where = node[part], part if where == "the config" else f"{where}.{part}"
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a config-file or override error as one line."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if flags.FLAGS["config"].value is not None:
+      # config_flags defers a config file's load error to the first access.
+      flags.FLAGS["config"].value.get("method")
+    return rest
   except flags.Error as e:
-    # config_flags embeds the config file's traceback; its last line is the error.
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    print(f"moe-adapt: error: {lines[-1].strip() if lines else e}", file=sys.stderr)
-    sys.exit(2)
+    message = _last_line(e)
+  except OSError as e:  # The config file could not be loaded.
+    name = (_config_spec(argv) or "").split(":", 1)[0]
+    message = (
+      f"--config={name} cannot be loaded ({_last_line(e)}); accepted: a Python file defining "
+      "get_config(arg), e.g. --config=configs/meta_dmoe.py:digits_rot"
+    )
+  except (AttributeError, KeyError) as e:  # An override naming no field of the config.
+    message = _unknown_override(argv) or _last_line(e)
+  print(f"moe-adapt: error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def entry_point() -> None:

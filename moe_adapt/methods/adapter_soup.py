@@ -8,6 +8,7 @@ Their K trees are stacked (leading axis K) and mixed in weight space by a unifor
 a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for each target
    t of `data.target_domains`, the candidates are the adapters of the other domains, mixed
    as chosen by
+
    - `similarity`: mean cosine similarity between sampled sentence embeddings (the
      pretrained backbone without adapters) of t and of each candidate; top `selection.top_k`
      with score >= `selection.threshold` (at least the best one);
@@ -19,6 +20,7 @@ a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for 
    - `best_single`: the candidate with the best accuracy on t's TEST split — an ORACLE;
    - `zero_shot`: the frozen backbone with a head trained on the candidates' pooled
      training splits (stage `zero_shot_head_<t>`), no adapter;
+
    and `single_<d>`: each candidate alone.
 b) In-domain study (Nguyen & Le, ACL 2024, "Generalizability of Mixture of Domain-Specific
    Adapters from the Lens of Signed Weight Directions ..."): for each study domain d, the
@@ -42,10 +44,11 @@ nothing twice. Plots go to `<workdir>/plots/`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import math
 import os
-import pathlib
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -173,7 +176,12 @@ def resolve_domains(config, task: ft.Task) -> Domains:
 def make_setup(config) -> ft.Setup:
   """The harness's setup (data, backbone); also checks the domain fields against the data."""
   setup = ft.make_setup(config)
-  resolve_domains(config, setup.task)
+  domains = resolve_domains(config, setup.task)
+  if config.selection.top_k > len(domains.adapters):
+    raise ValueError(
+      f"selection.top_k={config.selection.top_k} exceeds the {len(domains.adapters)} adapters "
+      f"({', '.join(domains.adapters)}); accepted: 1..{len(domains.adapters)}"
+    )
   return setup
 
 
@@ -367,7 +375,7 @@ def enumerate_mixtures(
   replacement.
 
   Returns:
-    tuples (own, *members of others in their given order), size-1 (own alone) first.
+    tuples (own, then the members of `others` in their given order), size-1 (own alone) first.
   """
   others = list(others)
   if own in others or len(set(others)) != len(others):
@@ -427,7 +435,30 @@ def greedy_order(fsd: np.ndarray, own: int, *, rank: str = "target") -> list[int
 
 
 def stack_trees(trees: Sequence[PyTree]) -> PyTree:
-  """K trees of one structure -> one tree of [K, ...] leaves."""
+  """K >= 1 trees of one structure and leaf shapes -> one tree of [K, ...] leaves.
+
+  Raises:
+    ValueError: naming the first tree and leaf path that differ from `trees[0]`.
+  """
+  if not trees:
+    raise ValueError("trees is empty; accepted: K >= 1 trees of one structure")
+  first = dict(jax.tree_util.tree_flatten_with_path(trees[0])[0])
+  for i, tree in enumerate(trees[1:], 1):
+    leaves = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+    if leaves.keys() != first.keys():
+      extra = ", ".join(sorted(map(jax.tree_util.keystr, leaves.keys() - first.keys())))
+      missing = ", ".join(sorted(map(jax.tree_util.keystr, first.keys() - leaves.keys())))
+      raise ValueError(
+        f"trees[{i}] has another structure than trees[0] (extra leaves: {extra or 'none'}; "
+        f"missing leaves: {missing or 'none'}); accepted: trees of one structure (e.g. the "
+        "adapters of one AdapterConfig)"
+      )
+    for path, leaf in leaves.items():
+      if jnp.shape(leaf) != jnp.shape(first[path]):
+        raise ValueError(
+          f"trees[{i}]{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; accepted: "
+          f"{jnp.shape(first[path])}, the shape in trees[0]"
+        )
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -520,26 +551,44 @@ class EvalCache:
   """Accuracies by key ('<domain>|<what>'), persisted to `<workdir>/mixture_evals.json`.
 
   `get(domain, what, compute)` returns the stored value, or calls `compute()` and stores
-  its result (the file is rewritten atomically at once), so a resumed run evaluates
-  nothing twice. The workdir belongs to one config (`prepare_workdir`), so keys need not
-  name the config.
+  its result, so a resumed run evaluates nothing twice. A local file is rewritten
+  atomically at once; a remote object (`gs://`) at most every `remote_flush_s` seconds
+  (object stores limit how often one object may be rewritten) and on `flush()`. The
+  workdir belongs to one config (`prepare_workdir`), so keys need not name the config.
   """
 
-  def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / CACHE_FILE
+  def __init__(
+    self, workdir: str | os.PathLike, *, remote_flush_s: float = metrics_lib.REMOTE_FLUSH_S
+  ):
+    if isinstance(remote_flush_s, bool) or not (
+      isinstance(remote_flush_s, int | float) and remote_flush_s >= 0
+    ):
+      raise ValueError(f"remote_flush_s={remote_flush_s!r} is invalid; accepted: a number >= 0")
+    self.path = workdir_lib.as_path(workdir) / CACHE_FILE
     self.values: dict[str, float] = {}
     if self.path.is_file():
       self.values = {k: float(v) for k, v in workdir_lib.read_json(self.path).items()}
     self.computed = 0
+    self._wait_s = remote_flush_s if not workdir_lib.is_local(self.path) else 0.0
+    self._unwritten = False
+    self._last_flush = time.monotonic()
 
   def get(self, domain: str, what: str, compute: Callable[[], float]) -> float:
     key = f"{domain}|{what}"
     if key not in self.values:
       self.values[key] = float(compute())
       self.computed += 1
-      if jax.process_index() == 0:
-        workdir_lib.write_json_atomic(self.path, self.values)
+      self._unwritten = True
+      if time.monotonic() - self._last_flush >= self._wait_s:
+        self.flush()
     return self.values[key]
+
+  def flush(self) -> None:
+    """Writes the values not yet in the file (JAX process 0 only)."""
+    if self._unwritten and jax.process_index() == 0:
+      workdir_lib.write_json_atomic(self.path, self.values)
+    self._unwritten = False
+    self._last_flush = time.monotonic()
 
 
 def eval_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Examples]:
@@ -576,16 +625,19 @@ def _pyplot():
   return plt
 
 
-def _save(fig, path: pathlib.Path) -> None:
+def _save(fig, path: str | os.PathLike) -> None:
+  """Writes `fig` as a PNG to `path` (local or remote, e.g. `gs://`), replaced in one step."""
   plt = _pyplot()
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  workdir_lib.write_bytes_atomic(path, buffer.getvalue())
 
 
-def plot_fsd_accuracy(path: pathlib.Path, mixtures: Sequence[Mapping], pooled: Mapping) -> None:
+def plot_fsd_accuracy(
+  path: str | os.PathLike, mixtures: Sequence[Mapping], pooled: Mapping
+) -> None:
   """Scatter of FSD vs accuracy − own accuracy, mixtures of size >= 2, one colour per domain."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.0, 4.5))
@@ -614,7 +666,7 @@ def plot_fsd_accuracy(path: pathlib.Path, mixtures: Sequence[Mapping], pooled: M
   _save(fig, path)
 
 
-def plot_fsd_matrix(path: pathlib.Path, matrix: np.ndarray, names: Sequence[str]) -> None:
+def plot_fsd_matrix(path: str | os.PathLike, matrix: np.ndarray, names: Sequence[str]) -> None:
   """The [K, K] pairwise FSD matrix as an annotated heat map (percent)."""
   plt = _pyplot()
   k = len(names)
@@ -633,7 +685,7 @@ def plot_fsd_matrix(path: pathlib.Path, matrix: np.ndarray, names: Sequence[str]
 
 
 def plot_lines(
-  path: pathlib.Path,
+  path: str | os.PathLike,
   x_label: str,
   curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
   *,
@@ -1103,11 +1155,12 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   fsd_stacked = soup.stacked if config.study.fsd_include_head else without_head(soup.stacked)
   study = in_domain_study(soup, domains.study, fsd_stacked)
   pruning = pruning_study(soup, domains.study)
+  soup.cache.flush()
   logging.info("adapter_soup: %d evaluations in this run", soup.cache.computed)
 
-  plots = pathlib.Path(workdir) / PLOTS_DIR
+  plots = workdir_lib.as_path(workdir) / PLOTS_DIR
   if jax.process_index() == 0:
-    plots.mkdir(exist_ok=True)
+    plots.mkdir(parents=True, exist_ok=True)
     plot_fsd_accuracy(
       plots / "fsd_accuracy.png", study["mixtures"], study["correlations"]["fsd"]["pooled"]
     )
