@@ -385,6 +385,10 @@ CALL_CASES = {
     lambda: core.calibration.fit_temperature(jnp.zeros((2, 3)), np.array([0, 1, 2])),
     r"labels has shape \(3,\) but logits has shape \(2, 3\); accepted: labels of shape \[2\]",
   ),
+  "core_calibration_labels_range": (
+    lambda: core.calibration.fit_temperature(jnp.zeros((2, 3)), np.array([0, 7])),
+    r"labels range over \[0, 7\]; accepted: integers in \[0, 3\)",
+  ),
 }
 
 

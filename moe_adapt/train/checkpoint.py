@@ -39,8 +39,8 @@ from moe_adapt.train import workdir as workdir_lib
 PyTree = Any
 
 _STATE, _META = "state", "meta"
-# orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete.
-_TMP_MARKER = ".orbax-checkpoint-tmp-"
+# orbax writes a step into a temporary folder and renames it to `<step>/` when complete.
+_TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax 0.12 names it "<step>.orbax-checkpoint-tmp"
 # On object stores orbax writes `<step>/` in place and this file last (orbax's COMMIT_SUCCESS_FILE).
 COMMIT_FILE = "commit_success.txt"
 DAMAGED_PREFIX = "damaged-"

@@ -215,13 +215,17 @@ def test_no_restorable_checkpoint_raises_and_moves_nothing(tmp_path, mesh):
     assert ckpt.all_steps() == [1]
 
 
-def test_leftover_tmp_dir_is_ignored_and_cleaned(tmp_path, mesh):
+@pytest.mark.parametrize(
+  "tmp_name",
+  ["3.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1700000000000000"],  # 0.12.8, older
+)
+def test_leftover_tmp_dir_is_ignored_and_cleaned(tmp_path, mesh, tmp_name):
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, make_tree(mesh, 1))
     ckpt.save(2, make_tree(mesh, 2))
   # What a kill during the save of step 3 leaves: an uncommitted copy (here even
   # a complete-looking one) under orbax's temporary name.
-  tmp = tmp_path / "3.orbax-checkpoint-tmp-1700000000000000"
+  tmp = tmp_path / tmp_name
   shutil.copytree(tmp_path / "2", tmp)
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
     step, restored, _ = ckpt.restore(make_tree(mesh))
