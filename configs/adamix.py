@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-  """One configuration (seeds come from the sweep runner)."""
-  del arg
-  return [{}]
+  """The base run, and the paper's ablation of the number of modules (M = 2, 8; AdaMix only).
+
+  Seeds come from the sweep runner; the other ablations (consistency, sharing, routing at
+  inference) are variants of every run.
+  """
+  config_presets.parse_config_arg(arg, presets=_PRESETS)
+  return [{}] + [{"adamix.num_experts": m, "variants": ("adamix",)} for m in (2, 8)]

@@ -13,7 +13,7 @@ Text presets fine-tune MiniLM (fetch the corpus and the weights first):
 
   Three seeds, then the tables:
 
-  python -m launch.sweep launch --config=configs/adapter_soup.py:vader \
+  python -m launch.sweep launch --config=configs/adapter_soup.py:vader --no_sweep \
       --sweep_dir=runs/adapter_soup/vader --seeds=0,1,2 --workers=1
   python -m launch.collect --sweep_dir=runs/adapter_soup/vader
 
@@ -106,6 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-  """One run per seed (the sweep runner adds seeds): every part runs inside one run."""
-  config_presets.parse_config_arg(arg, presets=PRESETS)
-  return [{}]
+  """The base run and the soup size: `selection.top_k` in {1, 2, 3} (seeds from the runner).
+
+  The other studies (selection methods, FSD, greedy mixing, pruning, TIES) run inside
+  every run.
+  """
+  preset, _ = config_presets.parse_config_arg(arg, presets=PRESETS)
+  return [{}] + [{"selection.top_k": k} for k in (1, 2, 3) if k != TOP_K[preset]]

@@ -31,7 +31,8 @@ def _check_logits_labels(name: str, scores: jax.Array, labels: jax.Array) -> Non
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise ValueError(f"labels has dtype {jnp.result_type(labels)}; accepted: integer dtypes")
   if not isinstance(labels, jax.core.Tracer):  # Concrete labels: check their range too.
-    low, high = int(jnp.min(labels)), int(jnp.max(labels))
+    host = np.asarray(labels)  # NumPy: jnp would stage the check when called under jit.
+    low, high = int(host.min()), int(host.max())
     if low < 0 or high >= scores_shape[1]:
       raise ValueError(
         f"labels range over [{low}, {high}]; accepted: integers in [0, {scores_shape[1]})"
