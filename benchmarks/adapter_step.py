@@ -1,13 +1,13 @@
 r"""One training step of each adapter variant (finetune + AdaMix) on the real harness.
 
-Builds the workload with the pipeline itself: `configs/adamix.py:<preset>` (default
-`vader`: MiniLM, batch 32 × 48 tokens; `digits` for the ViT; `vader,tiny` needs no
-downloads), `finetune.make_setup`, and for every variant the model, the trainable/frozen
-split and `finetune.make_train_step` exactly as `finetune.train` does. Each row: variant,
-median / min ms of `--repeats` steps after a warm-up (the step donates its state; the
-returned state is fed back), AOT compile time, XLA temp memory, trainable parameters,
-and the ratio to the `adapter` step. AdaMix variants with consistency run two forward
-passes per step, which is most of their extra cost.
+Builds the workload with the pipeline itself: `configs/adamix.py:<preset>` (default `vader`:
+MiniLM, batch 32 × 48 tokens; `digits`, the ViT, needs no downloads; every text preset,
+`tiny` too, needs VADER and MiniLM fetched), `finetune.make_setup`, and for every variant
+the model, the trainable/frozen split and `finetune.make_train_step` exactly as
+`finetune.train` does. Each row: variant, median / min ms of `--repeats` steps after a
+warm-up (the step donates its state; the returned state is fed back), AOT compile time, XLA
+temp memory, trainable parameters, and the ratio to the `adapter` step. AdaMix variants with
+consistency run two forward passes per step, which is most of their extra cost.
 
 Inference (`inference` rows; skipped with `--inference_variant=''`): the eval-mode forward
 of one batch of `eval_batch_size` examples (logits [B, C], as `finetune.predict_logits`) of
@@ -25,7 +25,7 @@ temp memory, and the ratio to the adapter's forward. Weights are random (the ada
 mixture are freshly initialised): the time does not depend on them.
 
   python benchmarks/adapter_step.py --repeats=10                 # ~3 min on 2 CPU cores
-  python benchmarks/adapter_step.py --preset=vader,tiny --repeats=3   # smoke, no downloads
+  python benchmarks/adapter_step.py --preset=digits,tiny --repeats=3  # smoke, no downloads
 """
 
 from __future__ import annotations

@@ -297,8 +297,20 @@ def check_torch(torch_python: str) -> str:
 
 
 def run_peer(args: argparse.Namespace, num_classes: int, image_size: int) -> dict:
-  """One run of the PyTorch peer with our sizes; its JSON line."""
-  cmd = [args.torch_python, args.peer_script]
+  """One run of the PyTorch peer with our sizes; its JSON line.
+
+  With `--peer_device=cuda` the unchanged peer script runs with torch's default device set
+  to the GPU (its modules and tensors are created there; its `loss.item()` synchronises
+  every step, so its wall-clock step times are complete).
+  """
+  if args.peer_device == "cpu":
+    cmd = [args.torch_python, args.peer_script]
+  else:
+    launcher = (
+      "import runpy, sys, torch; torch.set_default_device(sys.argv[1]); "
+      "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    cmd = [args.torch_python, "-c", launcher, args.peer_device, args.peer_script]
   for flag, value in (
     ("experts", args.experts),
     ("support", args.support),
@@ -353,6 +365,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer")
   parser.add_argument("--torch_python", default=DEFAULT_TORCH_PYTHON)
   parser.add_argument("--peer_script", default=DEFAULT_PEER)
+  parser.add_argument(
+    "--peer_device", default="cpu", choices=("cpu", "cuda"), help="torch device of the peer"
+  )
   args = parser.parse_args()
   optional = ("experts", "support", "query", "adapt_support", "width", "inner_steps")
   common.check_positive(
@@ -460,6 +475,7 @@ def main() -> None:
     peer = {
       "torch_version": args.torch_version,
       "torch_threads": args.threads,
+      "torch_device": args.peer_device,
       "rounds": rounds,
       "median_of_rounds": medians,
       "speedup_torch_over_jax": {

