@@ -112,7 +112,7 @@ def adapter_harness(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
 
   # ViT only: pre-training of the whole model on the source domains (stage `pretrain`).
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.domains = ()  # () = every domain but the benchmark's default targets
+  c.pretrain.domains = ()  # () = all but the default targets and (lodo) the held-out ones
   c.pretrain.steps = 1500
   c.pretrain.batch_size = 64
   c.pretrain.lr = 1e-3

@@ -154,25 +154,35 @@ def integrate_teachers(
   *,
   mode: str,
   temperature: float | jax.Array | None = None,
+  label_index: Sequence[Any] | None = None,
+  num_labels: int | None = None,
 ) -> jax.Array:
   r"""MUKA/MUKI target over the union of the teachers' label spaces.
 
-  Teacher k predicts over its own label set L_k; the union label space concatenates the
-  sets in order, so teacher k's classes occupy columns [Σ_{j<k} C_j, Σ_{j≤k} C_j).
-  With confidences s_k(x) (MUKI: 1 − normalised MC-dropout entropy):
+  Teacher k predicts over its own label set L_k. By default (``label_index=None``) the
+  union label space concatenates the sets in order, so teacher k's classes occupy columns
+  [Σ_{j<k} C_j, Σ_{j≤k} C_j). With ``label_index`` the sets may overlap: teacher k's class
+  i is union column ``label_index[k][i]`` of a union of ``num_labels`` classes, and each
+  teacher's distribution is scattered (added) into its columns. With confidences s_k(x)
+  (MUKI: 1 − normalised MC-dropout entropy):
 
-  - ``mode='hard'``: q(x) = P_{k*}(x) zero-padded, k* = argmax_k s_k(x) (ties: lowest k).
-  - ``mode='soft'``: q(x) = concat_k(w_k(x) · P_k(x)), w = softmax_k(s(x) / T)
+  - ``mode='hard'``: q(x) = scatter(P_{k*}(x)), k* = argmax_k s_k(x) (ties: lowest k).
+  - ``mode='soft'``: q(x) = Σ_k w_k(x) · scatter_k(P_k(x)), w = softmax_k(s(x) / T)
     (MUKI default T = 0.2).
 
   .. math::
-    q(x) = \big[\, w_1(x) P_1(x),\ \dots,\ w_K(x) P_K(x) \,\big],\qquad
+    q_c(x) = \sum_k w_k(x) \sum_{i:\ \pi_k(i) = c} P_{k,i}(x),\qquad
     w_k(x) = \frac{e^{s_k(x)/T}}{\sum_j e^{s_j(x)/T}}\ \text{(soft)}\ \text{or}\
     [k = k^*(x)]\ \text{(hard)}
 
-  Because the padded teacher distributions have disjoint supports, rows of q sum to 1
-  whenever the teachers' rows do. From Li et al. (MUKA, arXiv 2112.07327; MUKI, Findings
-  of EMNLP 2022), "supervision integration".
+  where π_k maps teacher k's classes to union columns (the concatenation offsets by
+  default). Each scattered teacher row has the mass of the teacher's row and the weights
+  sum to 1, so rows of q sum to 1 whenever the teachers' rows do, with overlaps too (a
+  shared class collects the weighted probabilities of every teacher that knows it). A
+  disjoint ``label_index`` that lists the columns in concatenation order gives exactly the
+  default. From Li et al. (MUKA, arXiv 2112.07327; MUKI, Findings of EMNLP 2022),
+  "supervision integration"; the official code's `overlap_class_number` option is the
+  overlapping case.
 
   Args:
     teacher_probs: K arrays [B, C_k] (any matching leading batch shape) of teacher
@@ -180,9 +190,14 @@ def integrate_teachers(
     confidences: [B, K] per-example confidence of each teacher (higher = more confident).
     mode: 'hard' or 'soft'. Static.
     temperature: T > 0 for 'soft' (required there); ignored by 'hard'.
+    label_index: None (concatenation), or K integer arrays, ``label_index[k]`` of shape
+      [C_k] with teacher k's union columns, each in [0, num_labels), no column twice
+      within one teacher. Static: concrete values (NumPy arrays or lists), not tracers.
+    num_labels: the union size; required with ``label_index`` (not derived from it, so
+      that a union class no teacher covers still gets its column), refused without it.
 
   Returns:
-    float32 [B, Σ_k C_k].
+    float32 [B, Σ_k C_k], or [B, num_labels] with ``label_index``.
   """
   if mode not in INTEGRATION_MODES:
     raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(INTEGRATION_MODES)}")
@@ -199,6 +214,7 @@ def integrate_teachers(
         f"teacher_probs[{i}] has shape {jnp.shape(p)}; accepted: batch shape "
         f"{conf_shape[:-1]} equal to that of confidences, followed by a class axis"
       )
+  columns = _check_label_index(teacher_probs, label_index, num_labels)
   conf = jnp.asarray(confidences, jnp.float32)
   if mode == "hard":
     weights = jax.nn.one_hot(jnp.argmax(conf, axis=-1), len(teacher_probs), dtype=jnp.float32)
@@ -211,7 +227,61 @@ def integrate_teachers(
   parts = [
     weights[..., k : k + 1] * jnp.asarray(p, jnp.float32) for k, p in enumerate(teacher_probs)
   ]
-  return jnp.concatenate(parts, axis=-1)
+  if columns is None:
+    return jnp.concatenate(parts, axis=-1)
+  q = jnp.zeros((*conf_shape[:-1], num_labels), jnp.float32)
+  for part, cols in zip(parts, columns):
+    q = q.at[..., cols].add(part)  # no duplicates within a teacher: add = place
+  return q
+
+
+def _check_label_index(
+  teacher_probs: Sequence[jax.Array], label_index: Sequence[Any] | None, num_labels: int | None
+) -> list[np.ndarray] | None:
+  """`integrate_teachers`' label_index as K int32 NumPy arrays (None: concatenation)."""
+  if label_index is None:
+    if num_labels is not None:
+      raise ValueError(
+        f"num_labels={num_labels!r} is given without label_index; accepted: num_labels only "
+        "together with label_index (the concatenated union has Σ_k C_k labels)"
+      )
+    return None
+  if isinstance(num_labels, bool) or not isinstance(num_labels, int | np.integer) or num_labels < 1:
+    raise ValueError(
+      f"num_labels={num_labels!r} is invalid with label_index; accepted: the union size, an "
+      "integer >= 1"
+    )
+  if isinstance(label_index, str) or len(label_index) != len(teacher_probs):
+    raise ValueError(
+      f"label_index has {len(label_index)} entries for {len(teacher_probs)} teachers; "
+      "accepted: one integer array [C_k] per teacher"
+    )
+  columns = []
+  for k, (idx, p) in enumerate(zip(label_index, teacher_probs)):
+    if isinstance(idx, jax.core.Tracer):
+      raise ValueError(
+        f"label_index[{k}] is a traced array; accepted: concrete integers (close over "
+        "label_index instead of passing it as a jit argument)"
+      )
+    arr = np.asarray(idx)
+    c_k = jnp.shape(p)[-1]
+    if arr.ndim != 1 or arr.shape[0] != c_k or (arr.size and arr.dtype.kind not in "iu"):
+      raise ValueError(
+        f"label_index[{k}] has shape {arr.shape} and dtype {arr.dtype}; accepted: a 1-D "
+        f"integer array of length C_{k} = {c_k} (teacher_probs[{k}]'s class count)"
+      )
+    if arr.size and (arr.min() < 0 or arr.max() >= num_labels):
+      raise ValueError(
+        f"label_index[{k}] has values in [{arr.min()}, {arr.max()}]; accepted: columns in "
+        f"[0, {num_labels}) (num_labels={num_labels})"
+      )
+    if len(np.unique(arr)) != arr.size:
+      raise ValueError(
+        f"label_index[{k}] lists a column twice ({arr.tolist()}); accepted: distinct columns "
+        "within one teacher"
+      )
+    columns.append(arr.astype(np.int32))
+  return columns
 
 
 def margin_weights(confidences: jax.Array) -> jax.Array:

@@ -586,6 +586,9 @@ PRETRAIN_FIELDS = (
   "data.benchmark",
   "data.options",
   "data.benchmark_seed",
+  # With the 'lodo' protocol the held-out targets are kept out of pre-training too.
+  "data.protocol",
+  "data.target_domains",
   "model",
   "pretrain",
   "num_devices",
@@ -593,9 +596,17 @@ PRETRAIN_FIELDS = (
 
 
 def pretrain_domains(setup: Setup) -> tuple[str, ...]:
-  """Domains the ViT is pre-trained on: `pretrain.domains`, or every non-default-target."""
+  """Domains the ViT is pre-trained on.
+
+  `pretrain.domains` when given; else every domain that is neither one of the benchmark's
+  default targets nor, under the 'lodo' protocol, one of `data.target_domains`: a domain
+  held out for evaluation is never seen in pre-training.
+  """
   given = tuple(setup.config.pretrain.domains)
-  domains = given or tuple(d for d in setup.task.domains if d not in setup.task.default_targets)
+  held_out = set(setup.task.default_targets)
+  if setup.config.data.get("protocol") == "lodo":
+    held_out |= set(setup.config.data.target_domains)
+  domains = given or tuple(d for d in setup.task.domains if d not in held_out)
   bad = [d for d in domains if d not in setup.task.domains]
   if bad:
     raise ValueError(

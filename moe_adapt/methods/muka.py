@@ -4,22 +4,26 @@ Li, Lin, Ren, Zhao, Li, Zhou, Sun. "Model Uncertainty-Aware Knowledge Amalgamati
 Pre-Trained Language Models" (MUKA, arXiv 2112.07327) and "From Mimicking to Integrating:
 Knowledge Integration for Pre-Trained Language Models" (MUKI, Findings of EMNLP 2022).
 
-K teachers each know a disjoint contiguous chunk of the sorted label list (chunk size
-⌊C / K⌋, the last teacher takes the remainder). A student over the union of the label sets
-(the chunks concatenated in teacher order = the global label order) is trained without
-labels on a transfer set, by distillation from an integrated target. Here on one domain of
+K teachers each know a contiguous chunk of the sorted label list (chunk size ⌊C / K⌋, the
+last teacher takes the remainder), extended by the first `teachers.overlap` classes of the
+next teacher's chunk (cyclically; 0 = disjoint chunks, the default), so that neighbouring
+teachers may share classes (the official code's `overlap_class_number`). A student over the
+union of the label sets (= range(C), the global label order) is trained without labels on
+a transfer set, by distillation from an integrated target. Here on one domain of
 a benchmark: Fashion-MNIST's upright images with the CNN, or 20 Newsgroups as frozen MiniLM
 sentence embeddings (the `embedded` benchmark) with MLP heads (`mlp` backbone). Stages and
 steps (each training stage checkpointed under `<workdir>/checkpoints/<stage>` and skipped
 when finished):
 
 1. `teacher_<k>`: teacher k trained by CE on the labeled training images of its classes
-   (dropout on its features), frozen afterwards. Teachers depend only on the data, model
+   (all of its label set, shared classes included; dropout on its features), frozen
+   afterwards. Teachers depend only on the data, model
    and `teachers` fields, so every run of a sweep reuses them through the stage cache.
 2. Scores, computed ONCE over the transfer set (the training images of all classes, labels
    ignored) and cached in `<workdir>/confidences.npz`: per teacher and example the
    confidence s_k(x) = 1 − normalised entropy of the mean of S MC-dropout passes (`mc`),
-   and of one deterministic pass (`single`, the over-confident baseline); and the
+   and of one deterministic pass (`single`, the over-confident baseline), each over the
+   teacher's own classes; and the
    teachers' deterministic logits (the distillation targets come from dropout-off passes).
 3. One student stage per variant, all from the same initialisation, sharing one compiled
    step (targets, per-example weights, temperature and label grouping are arguments):
@@ -28,15 +32,22 @@ when finished):
    - `hard`: hard integration (the most confident teacher's distribution);
    - `no_margin`: `muki` without the margin weights;
    - `single_pass`: `muki` with single-pass entropy scores;
-   - `vanilla_kd`: KL to softmax(concat(teacher logits) / T), × T²;
+   - `vanilla_kd`: KL to softmax(z / T), × T², z the teachers' logits in the union space
+     (concatenated; with overlap, a shared class gets the mean of the logits of the
+     teachers that know it: the official VKD "merges overlapping logits");
    - `uhc`: per teacher, the student's probabilities renormalised over that teacher's labels,
      KL to the teacher, summed over teachers, × T² (Vongkulbhisal et al., CVPR 2019);
    - `oracle`: CE with all labels of the transfer set (an upper bound, not annotation-free).
 
-   Loss of the distillation variants: mean_i w_i · KL(q_i ‖ p_student(x_i)).
+   The integrations (`core.routing.integrate_teachers` with `label_index` = the label sets)
+   scatter each teacher's distribution into its union columns, so with overlap a shared
+   class collects the weighted mass of every teacher that knows it. Loss of the
+   distillation variants: mean_i w_i · KL(q_i ‖ p_student(x_i)); UHC's renormalisation
+   groups are a partition of the classes when the label sets are disjoint, else a [K, C]
+   membership mask (`masked_kl`).
 4. Evaluation on the test split: accuracy over the union labels and on each teacher's
-   label subset (argmax over all labels); `teacher_<k>`: teacher k's accuracy on the test
-   examples of its own classes (argmax over its classes).
+   label set (argmax over all labels; with overlap the subsets overlap too); `teacher_<k>`:
+   teacher k's accuracy on the test examples of its own classes (argmax over its classes).
 """
 
 from __future__ import annotations
@@ -101,6 +112,7 @@ def validate_config(config) -> None:
   for name in ("data.train_per_class", "data.test_per_class"):
     integer(name, 0)
   integer("teachers.num_teachers", 2)
+  integer("teachers.overlap", 0)  # its upper bound depends on the class count: make_setup
   for name in (
     "teachers.steps",
     "teachers.batch_size",
@@ -153,11 +165,20 @@ def _check_teacher_options(options) -> None:
 # ----------------------------------------------------------------------------
 
 
-def label_chunks(num_classes: int, num_teachers: int) -> tuple[tuple[int, ...], ...]:
-  """Contiguous chunks of range(num_classes), ⌊C / K⌋ each, the last takes the remainder.
+def label_chunks(
+  num_classes: int, num_teachers: int, *, overlap: int = 0
+) -> tuple[tuple[int, ...], ...]:
+  """Teacher label sets: contiguous chunks of range(C), each extended into the next one.
+
+  The base chunks have ⌊C / K⌋ classes each, the last takes the remainder (the official
+  split). Teacher k's set is its chunk followed by the first `overlap` classes of teacher
+  k+1's chunk (the last teacher's: of teacher 0's chunk, cyclically), so neighbouring
+  teachers share `overlap` classes and every class belongs to one or two teachers. Teacher
+  k's local class i is global class `chunks[k][i]`. overlap=0 gives the disjoint chunks.
 
   Raises:
-    ValueError: naming teachers.num_teachers unless 2 <= K <= C.
+    ValueError: naming teachers.num_teachers unless 2 <= K <= C; naming teachers.overlap
+      unless 0 <= overlap <= ⌊C / K⌋ − 1 (every teacher keeps a class of its own).
   """
   if not 2 <= num_teachers <= num_classes:
     raise ValueError(
@@ -165,8 +186,17 @@ def label_chunks(num_classes: int, num_teachers: int) -> tuple[tuple[int, ...], 
       f"an integer in [2, {num_classes}] (each teacher needs at least one class)"
     )
   size = num_classes // num_teachers
+  if isinstance(overlap, bool) or not isinstance(overlap, int | np.integer):
+    raise ValueError(f"teachers.overlap={overlap!r} is invalid; accepted: an integer >= 0")
+  if not 0 <= overlap <= size - 1:
+    raise ValueError(
+      f"teachers.overlap={overlap} is invalid for {num_classes} classes and {num_teachers} "
+      f"teachers; accepted: an integer in [0, {size - 1}] (chunks of {size} classes: every "
+      "teacher keeps a class of its own)"
+    )
   bounds = [k * size for k in range(num_teachers)] + [num_classes]
-  return tuple(tuple(range(bounds[k], bounds[k + 1])) for k in range(num_teachers))
+  base = [tuple(range(bounds[k], bounds[k + 1])) for k in range(num_teachers)]
+  return tuple(base[k] + base[(k + 1) % num_teachers][: int(overlap)] for k in range(num_teachers))
 
 
 def cap_per_class(split: data.Split, num_classes: int, cap: int, *, where: str) -> data.Split:
@@ -237,7 +267,7 @@ class Setup:
   config: Any
   domain: str
   class_names: tuple[str, ...]
-  chunks: tuple[tuple[int, ...], ...]  # teacher k's global class indices
+  chunks: tuple[tuple[int, ...], ...]  # teacher k's global class indices (may overlap)
   train: data.Split  # the transfer set (labels used only by teachers and the oracle)
   test: data.Split
   input_shape: tuple[int, ...]  # of one example: (H, W, C) or (D,)
@@ -253,6 +283,18 @@ class Setup:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def overlapping(self) -> bool:
+    """Whether some class belongs to more than one teacher."""
+    return sum(map(len, self.chunks)) != len(set().union(*self.chunks))
+
+  def membership(self) -> np.ndarray:
+    """[K, C] float32: 1 where class c is in teacher k's label set."""
+    mask = np.zeros((self.num_teachers, self.num_classes), np.float32)
+    for k, chunk in enumerate(self.chunks):
+      mask[k, list(chunk)] = 1.0
+    return mask
 
   def teacher_examples(self, k: int) -> np.ndarray:
     """Indices into the transfer set of teacher k's classes."""
@@ -289,7 +331,11 @@ def make_setup(config) -> Setup:
       f"data.domain={domain!r} is not a domain of benchmark {benchmark.name!r}; accepted: "
       f"{', '.join(benchmark.domains)}"
     )
-  chunks = label_chunks(benchmark.num_classes, config.teachers.num_teachers)
+  chunks = label_chunks(
+    benchmark.num_classes,
+    config.teachers.num_teachers,
+    overlap=config.teachers.get("overlap", 0),
+  )
   splits = benchmark.load(seed=cfg.benchmark_seed)[domain]
   c = benchmark.num_classes
   train = cap_per_class(splits.train, c, cfg.train_per_class, where=f"domain {domain!r} (train)")
@@ -355,7 +401,7 @@ def init_model(model: DropoutClassifier, key: jax.Array, input_shape, tx) -> PyT
 
 
 def make_teacher_step(setup: Setup, k: int, tx: optax.GradientTransformation) -> Callable:
-  """`jitted(state, step, x, y)`: CE on teacher k's classes (y relabelled 0..C_k-1)."""
+  """`jitted(state, step, x, y)`: CE on teacher k's classes (y = local index in chunks[k])."""
   cfg, model = setup.config.teachers, setup.teacher_models[k]
   base = setup.key("teacher", k)
 
@@ -394,7 +440,9 @@ def train_teachers(setup: Setup, workdir: str, writer) -> list[dict]:
     state = init_model(setup.teacher_models[k], setup.key("teacher", k), setup.input_shape, tx)
     idx = setup.teacher_examples(k)
     x = jax.device_put(setup.train.x[idx], rep)
-    y = jax.device_put((setup.train.y[idx] - chunk[0]).astype(np.int32), rep)
+    local = np.full(setup.num_classes, -1, np.int32)  # global class -> teacher k's index
+    local[list(chunk)] = np.arange(len(chunk), dtype=np.int32)
+    y = jax.device_put(local[setup.train.y[idx]], rep)
     step = stages.bind(make_teacher_step(setup, k, tx), x, y)
     state = mesh_lib.replicate(state, setup.mesh)
     state = stages.run_stage(
@@ -512,31 +560,88 @@ def _softmax_np(z: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
+def merged_logits(logits: Sequence[np.ndarray], chunks, num_classes: int) -> np.ndarray:
+  """Teachers' logits in the union label space: [N, C], a shared class gets their mean.
+
+  Vanilla KD's input. With disjoint chunks in label order this is the concatenation; the
+  official VKD "merges overlapping logits": here, per union class, the mean of the logits
+  of the teachers whose label set holds it. Every class must be covered by some teacher.
+
+  Args:
+    logits: K arrays [N, C_k], teacher k's class i being union class chunks[k][i].
+    chunks: K sequences of union class indices.
+    num_classes: the union size C.
+  """
+  total = np.zeros((len(logits[0]), num_classes), np.float64)
+  count = np.zeros(num_classes, np.int64)
+  for z, chunk in zip(logits, chunks):
+    total[:, list(chunk)] += z
+    count[list(chunk)] += 1
+  if not np.all(count):
+    raise ValueError(
+      f"classes {np.flatnonzero(count == 0).tolist()} belong to no teacher; accepted: label "
+      "sets that cover the union"
+    )
+  return (total / count).astype(np.float32)
+
+
+def _stacked(targets: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+  """A whole-row target [N, C] in the masked form: ([N, G, C] in group 0, [G, C] mask)."""
+  n, c = targets.shape
+  stacked = np.zeros((n, num_groups, c), np.float32)
+  stacked[:, 0] = targets
+  mask = np.zeros((num_groups, c), np.float32)
+  mask[0] = 1.0
+  return stacked, mask
+
+
 def variant_targets(setup: Setup, variant: str, scores: dict[str, np.ndarray]) -> dict:
   """Per-example targets and loss settings of a student variant.
 
+  Two forms, chosen by the setup (so every variant of a run shares one compiled step):
+  disjoint label sets give the partition form, overlapping ones the masked form.
+
   Returns:
-    {'targets': [N, C] (for 'uhc' each teacher's slot sums to 1, the row to K),
-     'weights': [N], 'temperature': student softmax temperature, 'scale': loss factor,
-     'groups': [C] int32 label group of each class (softmax within a group)}.
+    {'targets': partition form [N, C] (for 'uhc' each teacher's slot sums to 1, the row to
+       K); masked form [N, K, C], row k teacher k's distribution over its classes for
+       'uhc', the whole target in row 0 for the other variants,
+     'groups': partition form [C] int32 label group of each class (softmax within a
+       group); masked form [K, C] float32 0/1 membership (softmax within each row's
+       classes),
+     'weights': [N], 'temperature': student softmax temperature, 'scale': loss factor}.
   """
   cfg = setup.config
-  n, c = len(setup.train.y), setup.num_classes
-  logits = [scores[f"logits_{k}"] for k in range(setup.num_teachers)]
-  one_group = np.zeros(c, np.int32)
+  n, c, k_num = len(setup.train.y), setup.num_classes, setup.num_teachers
+  logits = [scores[f"logits_{k}"] for k in range(k_num)]
   settings = {"weights": np.ones(n, np.float32), "temperature": 1.0, "scale": 1.0}
+
+  def whole_row(targets: np.ndarray, **extra) -> dict:
+    """A target over all C classes (one softmax group), in the setup's form."""
+    if setup.overlapping:
+      stacked, mask = _stacked(targets, k_num)
+      return {**settings, **extra, "targets": stacked, "groups": mask}
+    return {**settings, **extra, "targets": targets, "groups": np.zeros(c, np.int32)}
+
   if variant == "oracle":
-    targets = np.eye(c, dtype=np.float32)[setup.train.y]
-    return {**settings, "targets": targets, "groups": one_group}
+    return whole_row(np.eye(c, dtype=np.float32)[setup.train.y])
   if variant == "vanilla_kd":
     t = cfg.vanilla_kd.temperature
-    targets = _softmax_np(np.concatenate(logits, axis=1) / t)
-    return {**settings, "targets": targets, "temperature": t, "scale": t * t, "groups": one_group}
+    targets = _softmax_np(merged_logits(logits, setup.chunks, c) / t)
+    return whole_row(targets, temperature=t, scale=t * t)
   if variant == "uhc":
     t = cfg.uhc.temperature
-    targets = np.concatenate([_softmax_np(z / t) for z in logits], axis=1)
-    groups = np.concatenate([np.full(len(ch), k, np.int32) for k, ch in enumerate(setup.chunks)])
-    return {**settings, "targets": targets, "temperature": t, "scale": t * t, "groups": groups}
+    coefs = {"temperature": t, "scale": t * t}
+    if setup.overlapping:
+      targets = np.zeros((n, k_num, c), np.float32)
+      for k, chunk in enumerate(setup.chunks):
+        targets[:, k, list(chunk)] = _softmax_np(logits[k] / t)
+      return {**settings, **coefs, "targets": targets, "groups": setup.membership()}
+    targets = np.zeros((n, c), np.float32)
+    groups = np.zeros(c, np.int32)
+    for k, chunk in enumerate(setup.chunks):
+      targets[:, list(chunk)] = _softmax_np(logits[k] / t)
+      groups[list(chunk)] = k
+    return {**settings, **coefs, "targets": targets, "groups": groups}
   if variant not in ("muki", "hard", "no_margin", "single_pass"):
     raise ValueError(f"variant={variant!r} is unknown; accepted: {', '.join(STUDENT_VARIANTS)}")
   m = cfg.muki
@@ -544,25 +649,27 @@ def variant_targets(setup: Setup, variant: str, scores: dict[str, np.ndarray]) -
   conf = scores["single" if variant == "single_pass" else "mc"]
   probs = [jax.nn.softmax(jnp.asarray(z) / m.kd_temperature, axis=-1) for z in logits]
   targets = np.asarray(
-    core.routing.integrate_teachers(probs, conf, mode=mode, temperature=m.score_temperature)
+    core.routing.integrate_teachers(
+      probs,
+      conf,
+      mode=mode,
+      temperature=m.score_temperature,
+      label_index=[np.asarray(chunk) for chunk in setup.chunks],
+      num_labels=c,
+    )
   )
   weights = settings["weights"]
   if m.margin and variant != "no_margin":
     weights = np.asarray(core.routing.margin_weights(conf)) + MARGIN_EPSILON
-  return {
-    **settings,
-    "targets": targets,
-    "weights": weights.astype(np.float32),
-    "temperature": m.kd_temperature,
-    "groups": one_group,
-  }
+  return whole_row(targets, weights=weights.astype(np.float32), temperature=m.kd_temperature)
 
 
 def grouped_kl(target_probs: jax.Array, logits: jax.Array, groups: jax.Array, num_groups: int):
   """Per-example Σ_c q_c (log q_c − log p̂_c), p̂ = softmax of `logits` within each group.
 
   With one group this is KL(q ‖ softmax(logits)); with the teachers' label groups and q the
-  concatenated teacher distributions it is UHC's Σ_k KL(P_k ‖ renormalised student).
+  concatenated teacher distributions it is UHC's Σ_k KL(P_k ‖ renormalised student). The
+  groups are a partition of the classes; `masked_kl` takes overlapping groups.
 
   Args:
     target_probs: [B, C] (each group's slot a distribution, or the whole row one).
@@ -582,10 +689,43 @@ def grouped_kl(target_probs: jax.Array, logits: jax.Array, groups: jax.Array, nu
   return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1)
 
 
+def masked_kl(target_probs: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
+  r"""Per-example Σ_g KL(q_g ‖ softmax of `logits` over the classes of group g).
+
+  .. math::
+    \ell = \sum_g \sum_{c \in S_g} q_{g,c}\,\big(\log q_{g,c} - z_c
+      + \log \textstyle\sum_{c' \in S_g} e^{z_{c'}}\big)
+
+  Groups S_g = {c : mask[g, c] > 0} may overlap: with row g of q teacher g's distribution
+  over its label set, this is UHC's Σ_k KL(P_k ‖ the student renormalised over L_k) for
+  overlapping label sets. For a partition it equals `grouped_kl`. Entries of q outside a
+  group's mask are ignored; a group whose q row is 0 (e.g. an empty group) adds 0.
+
+  Args:
+    target_probs: [B, G, C] per-group targets (each used row a distribution over S_g).
+    logits: [B, C] student logits.
+    mask: [G, C] 0/1 membership of each class in each group.
+
+  Returns:
+    float32 [B].
+  """
+  member = jnp.asarray(mask) > 0
+  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
+  bias = jnp.where(member, 0.0, -1e9)
+  z = jnp.asarray(logits, jnp.float32)
+  lse = jax.nn.logsumexp(z[:, None, :] + bias[None], axis=-1)  # [B, G]
+  log_p = z[:, None, :] - lse[:, :, None]  # [B, G, C]
+  q = jnp.where(member[None], jnp.asarray(target_probs, jnp.float32), 0.0)
+  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=(1, 2))
+
+
 def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
   """`jitted(state, step, x, targets, weights, groups, coefs)`, shared by every variant.
 
-  loss = mean_i w_i · scale · grouped_kl(q_i, z_i / T); coefs: {'temperature', 'scale'}.
+  loss = mean_i w_i · scale · KL(q_i, z_i / T); coefs: {'temperature', 'scale'}. Either the
+  partition form (targets [N, C], groups [C] int32: `grouped_kl`) or the masked form
+  (targets [N, K, C], groups [K, C] 0/1 mask: `masked_kl`), as `variant_targets` returns
+  them; each form compiles once.
   """
   cfg, model = setup.config.student, setup.student_model
   base, num_groups = setup.key("student"), setup.num_teachers
@@ -605,7 +745,11 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
         mutable=["batch_stats"],
         rngs={"dropout": drop_key},
       )
-      kl = grouped_kl(targets[idx], logits / coefs["temperature"], groups, num_groups)
+      z = logits / coefs["temperature"]
+      if groups.ndim == 1:  # static: the form is fixed by the argument shapes
+        kl = grouped_kl(targets[idx], z, groups, num_groups)
+      else:
+        kl = masked_kl(targets[idx], z, groups)
       return jnp.mean(weights[idx] * kl) * coefs["scale"], updates["batch_stats"]
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -635,7 +779,10 @@ def _predict(setup: Setup, model: DropoutClassifier, variables: dict, x: np.ndar
 
 
 def evaluate_student(setup: Setup, variables: dict) -> dict:
-  """Accuracy over the union labels and on each teacher's label subset (test split)."""
+  """Accuracy over the union labels and on each teacher's label set (test split).
+
+  With overlapping label sets the subsets overlap (a shared class counts in both).
+  """
   y = setup.test.y
   pred = _predict(setup, setup.student_model, variables, setup.test.x)
   out = {"union": {"accuracy": float(np.mean(pred == y))}}
@@ -648,10 +795,10 @@ def evaluate_student(setup: Setup, variables: dict) -> dict:
 
 def evaluate_teacher(setup: Setup, k: int, variables: dict) -> dict:
   """Teacher k's accuracy on the test examples of its own classes (argmax over them)."""
-  chunk = setup.chunks[k]
+  chunk = np.asarray(setup.chunks[k])
   mask = np.isin(setup.test.y, chunk)
   pred = _predict(setup, setup.teacher_models[k], variables, setup.test.x[mask])
-  acc = float(np.mean(pred + chunk[0] == setup.test.y[mask]))
+  acc = float(np.mean(chunk[pred] == setup.test.y[mask]))
   return {f"subset_{k}": {"accuracy": acc}, "mean": {"accuracy": acc}}
 
 
@@ -735,9 +882,11 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "seed": config.seed,
     "target_domains": [setup.domain],
     "teacher_classes": [[setup.class_names[c] for c in chunk] for chunk in setup.chunks],
+    "teacher_labels": [list(chunk) for chunk in setup.chunks],  # global class indices
+    "overlap": config.teachers.get("overlap", 0),
     "num_examples": {"transfer": len(setup.train.y), "test": len(setup.test.y)},
     "confidences": {
-      # How often the most confident teacher is the one that owns the gold label.
+      # How often the most confident teacher is one that owns (knows) the gold label.
       "mc_selects_owner": _owner_rate(setup, mc),
       "single_selects_owner": _owner_rate(setup, single),
       "mc_mean": [float(v) for v in mc.mean(axis=0)],
@@ -748,8 +897,6 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
 
 
 def _owner_rate(setup: Setup, confidences: np.ndarray) -> float:
-  """Fraction of transfer examples whose most confident teacher owns the gold label."""
-  owner = np.zeros(setup.num_classes, np.int64)
-  for k, chunk in enumerate(setup.chunks):
-    owner[list(chunk)] = k
-  return float(np.mean(np.argmax(confidences, axis=1) == owner[setup.train.y]))
+  """Fraction of transfer examples whose most confident teacher knows the gold label."""
+  knows = setup.membership() > 0  # [K, C]
+  return float(np.mean(knows[np.argmax(confidences, axis=1), setup.train.y]))

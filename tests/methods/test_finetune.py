@@ -730,3 +730,22 @@ def test_two_runs_with_the_same_seed_are_identical(ref, second_runs):
   # ... and training did move the adapters away from their initialisation (B = 0).
   lora = _paths(_final_state(ref.workdir, "lora", TRAIN_STEPS)["params"])
   assert all(np.any(v != 0) for p, v in lora.items() if p[-1] == "lora_b")
+
+
+@pytest.mark.parametrize(
+  ("overrides", "expected"),
+  [
+    # lodo: neither the benchmark's default target (rot75) nor the held-out rot0 is seen.
+    ({"data.target_domains": ("rot0",)}, ("rot15", "rot30", "rot45", "rot60")),
+    ({"data.target_domains": ("rot75",)}, ("rot0", "rot15", "rot30", "rot45", "rot60")),
+    # pooled: the targets are the training domains; only the default targets stay out.
+    (
+      {"data.protocol": "pooled", "data.domains": ("rot0",)},
+      ("rot0", "rot15", "rot30", "rot45", "rot60"),
+    ),
+    ({"pretrain.domains": ("rot0", "rot15")}, ("rot0", "rot15")),
+  ],
+)
+def test_pretraining_never_sees_a_held_out_domain(overrides, expected):
+  setup = ft.make_setup(tiny_config(**overrides))
+  assert ft.pretrain_domains(setup) == expected
