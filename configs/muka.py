@@ -34,6 +34,14 @@ Runtime: the embedding pass runs once (~15 min on 2 shared cores, then cached un
 `$MOE_ADAPT_CACHE`); each run then takes 1.5-2 minutes. `newsgroups,hetero`: K = 2
 heterogeneous teachers (a linear probe and a 512-wide MLP; `teachers.backbone_options`).
 
+Overlapping label sets (each teacher also knows the first 2 classes of the next teacher's
+chunk; docs/muka.md, "Overlapping label sets"), K = 4:
+
+  python -m launch.sweep launch --config=configs/muka.py:newsgroups --no_sweep \
+      --sweep_dir=runs/muka_newsgroups_overlap --seeds=0,1,2 --workers=1 \
+      --set teachers.num_teachers=4 --set teachers.overlap=2 \
+      --set stage_cache=runs/muka_newsgroups_overlap/_stage_cache
+
 The argument is `<preset>[,tiny][,hetero]`; `tiny` shrinks every stage to a few steps (for
 tests and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_teachers=4
 --config.muki.integration=hard --config.variants="('muki','oracle')"`.
@@ -82,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teachers = ml_collections.ConfigDict()
   c.teachers.num_teachers = 2  # K contiguous chunks of ⌊10 / K⌋ classes, the last + remainder
   c.teachers.seed = 0  # teachers are fixed across runs, as released fine-tuned models
+  # Overlapping label sets: teacher k also knows the first `overlap` classes of teacher
+  # k+1's chunk (cyclically), so neighbours share classes; 0 = disjoint chunks. Accepted:
+  # 0 .. ⌊C / K⌋ − 1 (every teacher keeps a class of its own).
+  c.teachers.overlap = 0
   # Heterogeneous teachers: () = all like model.options; else one dict per teacher that
   # updates model.options, e.g. ({'hidden_dim': 0}, {'hidden_dim': 512}) for `mlp`.
   c.teachers.backbone_options = ()

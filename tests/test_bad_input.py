@@ -166,6 +166,11 @@ CONFIG_CASES = {
     lambda: config(*MU, **{"teachers.num_teachers": 11}),
     r"teachers\.num_teachers=11 is invalid for 10 classes; accepted: an integer in \[2, 10\]",
   ),
+  "config_teacher_overlap_too_large": (
+    lambda: config(*MU, **{"teachers.overlap": 5}),
+    r"teachers\.overlap=5 is invalid for 10 classes and 2 teachers; accepted: an integer in "
+    r"\[0, 4\]",
+  ),
   "config_target_is_a_source": (
     lambda: config(*MD, **{"data.source_domains": ("rot0", "rot75")}),
     r"target_domains \['rot75'\] are also in source_domains; a target domain must be held out",
@@ -374,6 +379,16 @@ CALL_CASES = {
       [_probs(2, 3), _probs(2, 3)], jnp.zeros((2, 2)), mode="mean", temperature=1.0
     ),
     r"mode='mean' is unknown; accepted: hard, soft",
+  ),
+  "core_label_index_out_of_range": (
+    lambda: core.routing.integrate_teachers(
+      [_probs(2, 3), _probs(2, 3)],
+      jnp.zeros((2, 2)),
+      mode="hard",
+      label_index=[[0, 1, 2], [2, 3, 4]],
+      num_labels=4,
+    ),
+    r"label_index\[1\] has values in \[2, 4\]; accepted: columns in \[0, 4\) \(num_labels=4\)",
   ),
   "core_inner_steps_zero": (
     lambda: core.meta.inner_adapt(

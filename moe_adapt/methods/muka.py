@@ -112,7 +112,8 @@ def validate_config(config) -> None:
   for name in ("data.train_per_class", "data.test_per_class"):
     integer(name, 0)
   integer("teachers.num_teachers", 2)
-  integer("teachers.overlap", 0)  # its upper bound depends on the class count: make_setup
+  if "overlap" in config.teachers:  # its upper bound depends on the class count: make_setup
+    integer("teachers.overlap", 0)
   for name in (
     "teachers.steps",
     "teachers.batch_size",
@@ -300,6 +301,12 @@ class Setup:
     """Indices into the transfer set of teacher k's classes."""
     return np.flatnonzero(np.isin(self.train.y, self.chunks[k]))
 
+  def teacher_labels(self, k: int) -> np.ndarray:
+    """int32 [N_k]: teacher k's local labels (index in chunks[k]) of `teacher_examples(k)`."""
+    local = np.full(self.num_classes, -1, np.int32)  # global class -> teacher k's index
+    local[list(self.chunks[k])] = np.arange(len(self.chunks[k]), dtype=np.int32)
+    return local[self.train.y[self.teacher_examples(k)]]
+
   def key(self, stage: str, index: int = 0) -> jax.Array:
     """The PRNG key of a stage; steps fold their index into it."""
     if stage == "teacher":  # teachers do not depend on the run's seed
@@ -435,14 +442,11 @@ def train_teachers(setup: Setup, workdir: str, writer) -> list[dict]:
   cfg = setup.config.teachers
   rep = mesh_lib.replicated(setup.mesh)
   teachers = []
-  for k, chunk in enumerate(setup.chunks):
+  for k in range(setup.num_teachers):
     tx = optax.adam(cfg.lr)
     state = init_model(setup.teacher_models[k], setup.key("teacher", k), setup.input_shape, tx)
-    idx = setup.teacher_examples(k)
-    x = jax.device_put(setup.train.x[idx], rep)
-    local = np.full(setup.num_classes, -1, np.int32)  # global class -> teacher k's index
-    local[list(chunk)] = np.arange(len(chunk), dtype=np.int32)
-    y = jax.device_put(local[setup.train.y[idx]], rep)
+    x = jax.device_put(setup.train.x[setup.teacher_examples(k)], rep)
+    y = jax.device_put(setup.teacher_labels(k), rep)
     step = stages.bind(make_teacher_step(setup, k, tx), x, y)
     state = mesh_lib.replicate(state, setup.mesh)
     state = stages.run_stage(
