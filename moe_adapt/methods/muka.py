@@ -606,13 +606,16 @@ def variant_targets(setup: Setup, variant: str, scores: dict[str, np.ndarray]) -
   disjoint label sets give the partition form, overlapping ones the masked form.
 
   Returns:
-    {'targets': partition form [N, C] (for 'uhc' each teacher's slot sums to 1, the row to
-       K); masked form [N, K, C], row k teacher k's distribution over its classes for
-       'uhc', the whole target in row 0 for the other variants,
-     'groups': partition form [C] int32 label group of each class (softmax within a
-       group); masked form [K, C] float32 0/1 membership (softmax within each row's
-       classes),
-     'weights': [N], 'temperature': student softmax temperature, 'scale': loss factor}.
+    A dict with
+
+    - ``targets``: partition form [N, C] (for 'uhc' each teacher's slot sums to 1, the row
+      to K); masked form [N, K, C], row k teacher k's distribution over its classes for
+      'uhc', the whole target in row 0 for the other variants;
+    - ``groups``: partition form [C] int32 label group of each class (softmax within a
+      group); masked form [K, C] float32 0/1 membership (softmax within each row's
+      classes);
+    - ``weights`` [N]; ``temperature``, the student's softmax temperature; ``scale``, the
+      loss factor.
   """
   cfg = setup.config
   n, c, k_num = len(setup.train.y), setup.num_classes, setup.num_teachers
