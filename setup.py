@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
   "pytest==9.2.0",
+  # Runs the suite on both CPU cores (`-n 2`, README).
+  "pytest-xdist==3.8.0",
   "hypothesis==6.170.15",
   "ruff==0.17.6",
 ]
