@@ -246,6 +246,18 @@ def _radix_search(
   return lax.fori_loop(0, steps, refine, jnp.zeros((num_segments,), dtype))
 
 
+def _count_true(mask: jax.Array) -> jax.Array:
+  """int32 counts of true entries along the last axis of a boolean [..., C] (16 | C).
+
+  Adds 16 strided slices of the row in uint8 first, then the C/16 partial counts: XLA:CPU
+  vectorises that column sum, while summing the booleans straight into int32 along the
+  row ran ~6× slower (measured on 38M entries).
+  """
+  *lead, c = mask.shape
+  partial = jnp.sum(mask.reshape(*lead, 16, c // 16), axis=-2, dtype=jnp.uint8)
+  return jnp.sum(partial, axis=-1, dtype=jnp.int32)
+
+
 def _chunk_size(shapes: list[tuple[int, int]]) -> int:
   """The largest power-of-two chunk ≤ 4096 whose row padding stays ≤ 25% of the data."""
   total = sum(r * n for r, n in shapes)
@@ -264,9 +276,9 @@ def _top_magnitude_masks(
   """Boolean [R, n] masks of the keep largest-|x| entries of each row, for every array.
 
   Every row of every array is a segment with its own threshold: the keep-th largest
-  magnitude, found by a radix search on the bit pattern of |x| (one counting pass per digit:
-  32/digit_bits passes for float32), memory-bound and on CPU ~17× faster than a sort. Ties
-  at the threshold go to the lowest index of the row.
+  magnitude, found by a radix search on the bit pattern of |x|, one byte at a time (see
+  `_same_dtype_masks`): memory-bound counting passes instead of a sort. Ties at the
+  threshold go to the lowest index of the row.
   """
   bits = [_magnitude_bits(r) for r in rows_list]
   masks: list[jax.Array | None] = [None] * len(rows_list)
@@ -285,11 +297,22 @@ def _same_dtype_masks(
 
   So that the compiled program does not grow with the number of leaves, all arrays are
   first copied into one [T, C] buffer of chunks (each row zero-padded to a multiple of C),
-  counted per chunk, and the counts added up per segment (row). The tie-breaking search over
-  the index runs zero steps unless a nonzero magnitude is tied across a segment's boundary,
-  since tied zeros do not change the pruned values.
+  counted per chunk, and the counts added up per segment (row).
+
+  The threshold is found one byte at a time, most significant first. Stage j keeps, per
+  segment, the bytes above it already fixed (prefix P) and the count `above` of entries
+  whose higher bytes exceed P; it copies byte j of the entries whose higher bytes equal P
+  into a uint8 buffer (0 elsewhere) and finds the largest byte value b with
+  above + #(byte ≥ b) ≥ keep by a radix search over that buffer (candidates are ≥ 1, so
+  the zeros never count). Every counting pass thus reads 1 byte per entry instead of 4
+  (float32): 4 passes over the data plus 31 over bytes. On 2 CPU cores this made TIES on
+  32 BERT-base adapter sets 1.7× faster than 31 passes over uint32; the passes are still
+  bound by XLA:CPU's compare-and-count throughput (~2 GB/s), not by memory.
+  The tie-breaking search over the index runs zero steps unless a nonzero magnitude is
+  tied across a segment's boundary, since tied zeros do not change the pruned values.
   """
   dtype = bits[0].dtype
+  width = jnp.dtype(dtype).itemsize * 8
   shapes = [b.shape for b in bits]
   size = _chunk_size(shapes)
   chunks_per_row = [-(-n // size) for _, n in shapes]
@@ -312,21 +335,29 @@ def _same_dtype_masks(
 
   def per_segment(predicate, candidates: jax.Array) -> jax.Array:
     """[S, D] counts per segment of the entries where predicate(candidates) holds."""
-    per_chunk = jnp.sum(
-      predicate(candidates[seg_of_chunk][:, :, None]), axis=-1, dtype=jnp.int32
-    )  # [T, D]
+    per_chunk = _count_true(predicate(candidates[seg_of_chunk][:, :, None]))  # [T, D]
     return jax.ops.segment_sum(
       per_chunk, seg_of_chunk, num_segments=num_segments, indices_are_sorted=True
     )
 
-  thr = _radix_search(
-    lambda c: per_segment(lambda cc: chunks >= cc, c) >= keep[:, None],
-    num_segments,
-    dtype,
-    jnp.dtype(dtype).itemsize * 8 - 1,  # the sign bit of |x| is always 0
-    digit_bits,
-  )
-  n_above = per_segment(lambda cc: chunks > cc, thr[:, None])[:, 0]
+  thr = jnp.zeros((num_segments,), dtype)
+  above = jnp.zeros((num_segments,), jnp.int32)  # entries > thr in the bytes fixed so far
+  for shift in range(width - 8, -1, -8):
+    byte = (chunks >> shift).astype(jnp.uint8)
+    if shift + 8 < width:
+      prefix = (thr >> (shift + 8))[seg_of_chunk][:, None, None]
+      byte = jnp.where((chunks >> (shift + 8)) == prefix, byte, jnp.uint8(0))
+    need = keep - above
+    best = _radix_search(
+      lambda c, byte=byte, need=need: per_segment(lambda cc: byte >= cc, c) >= need[:, None],
+      num_segments,
+      jnp.uint8,
+      7 if shift + 8 == width else 8,  # the sign bit of |x| is always 0
+      digit_bits,
+    )
+    above = above + per_segment(lambda cc, byte=byte: byte > cc, best[:, None])[:, 0]
+    thr = thr | (best.astype(dtype) << shift)
+  n_above = above
   n_at = per_segment(lambda cc: chunks == cc, thr[:, None])[:, 0]
   excess = (n_above + n_at > keep) & (thr > 0)
   room = keep - n_above
