@@ -18,25 +18,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from moe_adapt.methods import muka
 from moe_adapt.train import mesh as mesh_lib
-from tests.methods import configs_util
+from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TRAINED = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc", "oracle")
-
-
-CONFIGS = configs_util.config_module("muka")
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """The tiny config with dotted-key overrides, e.g. `**{"teachers.num_teachers": 4}`."""
-  return configs_util.with_overrides(CONFIGS.get_config("fmnist,tiny"), **overrides)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -99,16 +89,7 @@ def setup4():
 
 @pytest.fixture(scope="module")
 def teachers4(setup4):
-  """Untrained teacher variables (scores need not be meaningful, only well-formed)."""
-  import jax
-  import optax
-
-  tx = optax.adam(1e-3)
-  out = []
-  for k, model in enumerate(setup4.teacher_models):
-    state = muka.init_model(model, jax.random.key(k), setup4.input_shape, tx)
-    out.append({"params": state["params"], "batch_stats": state["batch_stats"]})
-  return out
+  return untrained_teachers(setup4)
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_adapt.methods import muka
-from tests.methods import configs_util
+from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TRAINED = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc", "oracle")
-CONFIGS = configs_util.config_module("muka")
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  return configs_util.with_overrides(CONFIGS.get_config("fmnist,tiny"), **overrides)
 
 
 def softmax(z):
@@ -196,12 +189,7 @@ def setup4():
 @pytest.fixture(scope="module")
 def scores4(setup4):
   """Scores of untrained teachers (well-formed, not meaningful)."""
-  tx = optax.adam(1e-3)
-  teachers = []
-  for k, model in enumerate(setup4.teacher_models):
-    state = muka.init_model(model, jax.random.key(k), setup4.input_shape, tx)
-    teachers.append({"params": state["params"], "batch_stats": state["batch_stats"]})
-  return muka.compute_scores(setup4, teachers)
+  return muka.compute_scores(setup4, untrained_teachers(setup4))
 
 
 def test_setup_label_sets_and_teacher_labels(setup4):
