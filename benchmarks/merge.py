@@ -11,7 +11,11 @@ For each size and K (default 2, 4, 8, 16, 32), each op is jitted, AOT-compiled (
 and called `--repeats` times after a warm-up:
 
 - `weighted_average` (uniform weights given), `sign_disagreement`,
-  `pairwise_sign_disagreement`, `ties_merge` (density 0.2, the TIES paper's top-20 %);
+  `pairwise_sign_disagreement`, `ties_merge` (density 0.2, the TIES paper's top-20 %),
+  each on two layouts of the same K members (`--layouts`): `tree`, the pytree of [K, ...]
+  leaves, and `flat`, the one [K, P] buffer of `merging.ravel_stacked` (raveled once,
+  outside the timing). On `flat`, `ties_merge` trims each member's whole vector, as the
+  TIES reference code does, instead of each leaf;
 - `copy_jax`: a jitted `x * s` (s a traced 1.0, so XLA cannot elide it) of one float32
   buffer of K × member bytes, its input donated so that the output reuses the buffer (no
   fresh allocation per call); `copy_numpy`: `np.copyto` into a preallocated buffer.
@@ -23,7 +27,7 @@ writes as many bytes as it reads, a merge only one member (or a scalar): the rat
 
 Run (prints one JSON object on stdout, logs on stderr):
 
-  python benchmarks/merge.py                                   # full: ~3 min on 2 CPU cores
+  python benchmarks/merge.py                                   # full: ~5 min on 2 CPU cores
   python benchmarks/merge.py --sizes=minilm --members=2,8,32 --repeats=5   # quick
 """
 
@@ -42,6 +46,7 @@ from moe_adapt.core import merging
 # name -> (layers, hidden, bottleneck)
 SIZES = {"minilm": (6, 384, 64), "bert_base": (12, 768, 64)}
 OPS = ("weighted_average", "sign_disagreement", "pairwise_sign_disagreement", "ties_merge")
+LAYOUTS = ("tree", "flat")
 TIES_DENSITY = 0.2
 
 
@@ -108,6 +113,9 @@ def main() -> None:
     "--members", type=common.int_list, default=[2, 4, 8, 16, 32], help="K values, e.g. 2,8,32"
   )
   parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {', '.join(OPS)}")
+  parser.add_argument(
+    "--layouts", default=",".join(LAYOUTS), help="tree (pytree of [K, ...] leaves), flat ([K, P])"
+  )
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per row")
   parser.add_argument(
     "--row_budget_s", type=float, default=20.0, help="stop a row's timing after this (>= 3 calls)"
@@ -116,10 +124,13 @@ def main() -> None:
   common.check_positive(parser, args, ("members", "repeats"))
   sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
   ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+  layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
   if not sizes or set(sizes) - set(SIZES):
     parser.error(f"--sizes={args.sizes} is invalid; accepted: {', '.join(SIZES)}")
   if not ops or set(ops) - set(OPS):
     parser.error(f"--ops={args.ops} is invalid; accepted: {', '.join(OPS)}")
+  if not layouts or set(layouts) - set(LAYOUTS):
+    parser.error(f"--layouts={args.layouts} is invalid; accepted: {', '.join(LAYOUTS)}")
 
   t_start = time.perf_counter()
   fns = op_fns()
@@ -128,6 +139,7 @@ def main() -> None:
     layers, hidden, bottleneck = SIZES[size]
     for k in args.members:
       stacked = adapter_set(jax.random.key(k), k, layers, hidden, bottleneck)
+      inputs = {"tree": stacked, "flat": merging.ravel_stacked(stacked)[0]}
       leaves = jax.tree.leaves(stacked)
       member_params = sum(leaf[0].size for leaf in leaves)
       num_bytes = sum(leaf.nbytes for leaf in leaves)  # K × member bytes
@@ -146,15 +158,16 @@ def main() -> None:
         }
       )
       common.log(f"{size} K={k}: copy {copy_gbps} GB/s ({num_bytes / 1e6:.1f} MB)")
-      for op in ops:
-        compiled, timing = common.lower_and_compile(fns[op], stacked, weights)
+      for op, layout in [(op, layout) for op in ops for layout in layouts]:
+        compiled, timing = common.lower_and_compile(fns[op], inputs[layout], weights)
         times, _ = common.time_calls(
-          compiled, stacked, weights, repeats=args.repeats, budget_s=args.row_budget_s
+          compiled, inputs[layout], weights, repeats=args.repeats, budget_s=args.row_budget_s
         )
         row = {
           "size": size,
           "k": k,
           "op": op,
+          "layout": layout,
           "member_params": member_params,
           "bytes_read": num_bytes,
           **common.summarize(times),
@@ -166,7 +179,7 @@ def main() -> None:
         row["vs_copy"] = round(row["gbps"] / copy_gbps, 3)
         row["vs_numpy_copy"] = round(row["gbps"] / copies[-1]["copy_numpy_gbps"], 3)
         rows.append(row)
-        common.log(f"{size} K={k} {op}: {row['median_ms']} ms, {row['gbps']} GB/s")
+        common.log(f"{size} K={k} {op} {layout}: {row['median_ms']} ms, {row['gbps']} GB/s")
 
   common.emit(
     {
@@ -176,6 +189,7 @@ def main() -> None:
         "sizes": {s: dict(zip(("layers", "hidden", "bottleneck"), SIZES[s])) for s in sizes},
         "members": args.members,
         "ops": ops,
+        "layouts": layouts,
         "ties_density": TIES_DENSITY,
         "repeats": args.repeats,
       },

@@ -81,7 +81,7 @@ def plan(quick: bool) -> list[tuple[str, str, list[str]]]:
         "stacked_experts.py",
         ["--experts=2,5,10", "--ops=forward", "--repeats=3", "--row_budget_s=5"],
       ),
-      ("merge", "merge.py", ["--members=2,8,32", "--repeats=3", "--row_budget_s=5"]),
+      ("merge", "merge.py", ["--members=2,8,32", "--repeats=15", "--row_budget_s=5"]),
       (
         "adapter_step",
         "adapter_step.py",
@@ -203,18 +203,26 @@ def fmt_stacked_experts(r: dict) -> str:
 
 def fmt_merge(r: dict) -> str:
   ops = r["config"]["ops"]
+  layouts = r["config"].get("layouts", ["tree"])
   copies = {(c["size"], c["k"]): c for c in r["copies"]}
-  cells = {(row["size"], row["k"], row["op"]): row for row in r["rows"]}
+  cells = {(row["size"], row["k"], row["op"], row.get("layout", "tree")): row for row in r["rows"]}
   rows = []
   for (size, k), c in copies.items():
     line = [size, k, round(c["bytes"] / 1e6, 1), c["copy_jax_gbps"], c["copy_numpy_gbps"]]
     for op in ops:
-      row = cells.get((size, k, op))
-      line.append(f"{row['gbps']:.2f} ({row['vs_copy']:.2f}×)" if row else "–")
+      parts = []
+      for layout in layouts:
+        row = cells.get((size, k, op, layout))
+        parts.append(f"{row['gbps']:.2f} ({row['vs_copy']:.2f}×)" if row else "–")
+      line.append(" / ".join(parts))
     rows.append(line)
-  header = ["size", "K", "MB read", "copy XLA GB/s", "copy NumPy GB/s", *[f"{o} GB/s" for o in ops]]
+  per = " / ".join(layouts)
+  header = ["size", "K", "MB read", "copy XLA GB/s", "copy NumPy GB/s"]
+  header += [f"{o} GB/s ({per})" for o in ops]
   return (
-    "GB/s = bytes read (K × member) / median time; (×) = ratio to the XLA copy (target ≥ 0.5).\n\n"
+    "GB/s = bytes read (K × member) / median time; (×) = ratio to the XLA copy (target ≥ 0.5);"
+    f" layouts {per}: the pytree of [K, ...] leaves / the one [K, P] buffer of"
+    " `merging.ravel_stacked` (on which `ties_merge` trims each member's whole vector).\n\n"
     + _table(header, rows)
   )
 

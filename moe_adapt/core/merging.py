@@ -6,21 +6,30 @@ in float32. They are written to be memory-bound: each public function runs as on
 program (also when called eagerly), sums over the K members are unrolled inside it so that
 XLA fuses them into a single pass over each leaf, and pruning uses a fixed number of
 counting passes instead of a sort.
+
+Every function takes any pytree of stacked leaves, so K members raveled into one [K, P]
+leaf (`ravel_stacked`) are a valid input too. Averaging and the sign statistics then run as
+one pass over one buffer instead of one small program per leaf, which is what reaches copy
+bandwidth on small adapter sets (see `benchmarks/merge.py`); the trim of `magnitude_prune`
+and `ties_merge` then ranks each member's whole vector at once instead of leaf by leaf.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 __all__ = [
   "magnitude_prune",
   "pairwise_sign_disagreement",
+  "ravel_stacked",
   "sign_disagreement",
   "ties_merge",
   "weighted_average",
@@ -52,6 +61,29 @@ def _stacked_leaves(stacked: PyTree, *, floating: bool) -> tuple[list[jax.Array]
       f"stacked leaves have leading axes {sorted(sizes)}; accepted: one common size K >= 1"
     )
   return leaves, treedef, sizes.pop()
+
+
+def ravel_stacked(stacked: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+  """Ravels K stacked members into one [K, P] buffer, P = parameters of one member.
+
+  Row k is member k's leaves raveled in pytree order (`jax.flatten_util.ravel_pytree`), in
+  the leaves' promoted dtype. Ravel once, when the members are loaded, and merge many times:
+  the ravel itself is a copy of all K members. `unravel` maps a [P] vector (e.g. the output
+  of `weighted_average(flat)`) back to one member's pytree, leaves in their input dtypes;
+  use `jax.vmap(unravel)` for a [K', P] stack.
+
+  Args:
+    stacked: pytree of [K, ...] floating leaves.
+
+  Returns:
+    (flat [K, P], unravel: [P] -> pytree like one member).
+  """
+  leaves, treedef, _ = _stacked_leaves(stacked, floating=True)
+  _, unravel = ravel_pytree(jax.tree_util.tree_unflatten(treedef, [leaf[0] for leaf in leaves]))
+  flat = jax.vmap(lambda member: ravel_pytree(member)[0])(
+    jax.tree_util.tree_unflatten(treedef, leaves)
+  )
+  return flat, unravel
 
 
 def weighted_average(stacked: PyTree, weights: jax.Array | None = None) -> PyTree:

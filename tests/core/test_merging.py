@@ -197,6 +197,36 @@ def test_ties_merge_identical_members_and_bfloat16(stacked):
     np.testing.assert_array_equal(np.asarray(g, np.float32), ref)
 
 
+def test_ravel_stacked_round_trip_and_flat_merges(stacked):
+  mixed = {**stacked, "half": np.arange(6, dtype=np.float32).reshape(3, 2).astype(jnp.bfloat16)}
+  flat, unravel = merging.ravel_stacked(mixed)
+  leaves = jax.tree.leaves(mixed)
+  assert flat.shape == (3, sum(leaf[0].size for leaf in leaves)) and flat.dtype == jnp.float32
+  for k in range(3):
+    member = unravel(flat[k])
+    for got, leaf in zip(jax.tree.leaves(member), leaves):
+      assert got.dtype == leaf.dtype and got.shape == leaf.shape[1:]
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(leaf[k], np.float32))
+  # The same merges on the raveled buffer: averaging per position and the sign statistics
+  # over all positions do not depend on how the positions are grouped into leaves.
+  flat, unravel = merging.ravel_stacked(stacked)
+  weights = np.array([0.5, 2.0, 1.0], np.float32)
+  for got, ref in zip(
+    jax.tree.leaves(unravel(average(flat, weights))),
+    jax.tree.leaves(average(stacked, weights)),
+  ):
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert sign_dis(flat) == sign_dis(stacked)
+  np.testing.assert_array_equal(pairwise(flat), pairwise(stacked))
+  # The trim of a raveled buffer ranks each member's whole vector (TIES' reference code).
+  whole = np.asarray(flat)
+  np.testing.assert_allclose(ties(flat, density=0.3), np_ties(whole, 0.3), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="floating-point"):
+    merging.ravel_stacked({"w": np.zeros((2, 3), np.int32)})
+  with pytest.raises(ValueError, match=r"leading axes \[2, 3\]"):
+    merging.ravel_stacked({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))})
+
+
 def test_jit_compatible():
   # Every function also runs inside a caller's jit (density static), with equal results.
   tau = {"w": np.array([[1.0, -2.0, 0.5], [3.0, 1.0, -4.0], [-2.0, 0.1, -1.0]], np.float32)}
