@@ -80,10 +80,7 @@ def ravel_stacked(stacked: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyT
   """
   leaves, treedef, _ = _stacked_leaves(stacked, floating=True)
   _, unravel = ravel_pytree(jax.tree_util.tree_unflatten(treedef, [leaf[0] for leaf in leaves]))
-  flat = jax.vmap(lambda member: ravel_pytree(member)[0])(
-    jax.tree_util.tree_unflatten(treedef, leaves)
-  )
-  return flat, unravel
+  return jax.vmap(lambda member: ravel_pytree(member)[0])(stacked), unravel
 
 
 def weighted_average(stacked: PyTree, weights: jax.Array | None = None) -> PyTree:
