@@ -7,11 +7,12 @@ program (also when called eagerly), sums over the K members are unrolled inside 
 XLA fuses them into a single pass over each leaf, and pruning uses a fixed number of
 counting passes instead of a sort.
 
-Every function takes any pytree of stacked leaves, so K members raveled into one [K, P]
-leaf (`ravel_stacked`) are a valid input too. Averaging and the sign statistics then run as
-one pass over one buffer instead of one small program per leaf, which is what reaches copy
-bandwidth on small adapter sets (see `benchmarks/merge.py`); the trim of `magnitude_prune`
-and `ties_merge` then ranks each member's whole vector at once instead of leaf by leaf.
+The functions of stacked members take any pytree of [K, ...] leaves, so K members raveled
+into one [K, P] leaf (`ravel_stacked`) are a valid input too. Averaging and the sign
+statistics then run as one pass over one buffer instead of one small program per leaf,
+which is what reaches copy bandwidth on small adapter sets (see `benchmarks/merge.py`); the
+trim of `ties_merge` then ranks each member's whole vector instead of each leaf (as does
+`magnitude_prune` of one member's raveled [P] vector).
 """
 
 from __future__ import annotations
