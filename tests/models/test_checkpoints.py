@@ -127,7 +127,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
   d = copy_fixture(tmp_path, "distilbert")
   bert_config = json.loads((FIXTURES / "bert" / "config.json").read_text())
   (d / "config.json").write_text(json.dumps(bert_config))
-  with pytest.raises(hf_io.WeightLoadError, match="another architecture.*look like distilbert"):
+  with pytest.raises(hf_io.WeightLoadError, match=r"another architecture.*look like distilbert"):
     checkpoints.load_checkpoint(d)
   (d / "config.json").write_text(json.dumps({**bert_config, "model_type": "gpt2"}))
   with pytest.raises(ValueError, match="model_type='gpt2' is unsupported; accepted: bert, rob"):
@@ -153,7 +153,7 @@ def test_sharded_checkpoint_and_missing_files(tmp_path):
   assert jax.tree.all(jax.tree.map(np.array_equal, a.variables, b.variables))
   for file in [*shards, "model.safetensors.index.json"]:
     (d / file).unlink()
-  with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+  with pytest.raises(FileNotFoundError, match=r"has no model\.safetensors"):
     checkpoints.load_checkpoint(d)
 
 
