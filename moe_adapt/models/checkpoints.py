@@ -4,14 +4,15 @@
 matching Flax backbone, its variables and, when the checkpoint has one, its linear
 classification head:
 
-| architecture | config.json                      | module                 | head tensors      |
-|--------------|----------------------------------|------------------------|-------------------|
-| 'bert'       | model_type 'bert' (MiniLM too)   | `bert.BertEncoder`     | `classifier.*`    |
-| 'roberta'    | model_type 'roberta'             | `bert.BertEncoder`     | —                 |
-| 'distilbert' | model_type 'distilbert'          | `bert.BertEncoder`     | —                 |
-| 'vit'        | model_type 'vit'                 | `vit.ViT` (pool 'cls') | `classifier.*`    |
-| 'resnet'     | model_type 'resnet' (transformers)| `resnet.ResNet`       | `classifier.1.*`  |
-| 'timm_resnet'| architecture 'resnet18'…'resnet152' (timm) | `resnet.ResNet` | `fc.*`         |
+- 'bert': model_type 'bert' (MiniLM too) → `bert.BertEncoder`; head `classifier.*`.
+- 'roberta': model_type 'roberta' → `bert.BertEncoder` (RoBERTa positions).
+- 'distilbert': model_type 'distilbert' → `bert.BertEncoder` (no token types).
+- 'vit': model_type 'vit' → `vit.ViT` (pool 'cls'); head `classifier.*`.
+- 'resnet': model_type 'resnet' (transformers, e.g. microsoft/resnet-50) →
+  `resnet.ResNet`; head `classifier.1.*`.
+- 'timm_resnet': a timm config.json with architecture 'resnet18' … 'resnet152' →
+  `resnet.ResNet`; head `fc.*`. (Key layout from timm's documented state-dict names; timm
+  itself could not run in the reference venv, see scripts/make_hf_reference.py.)
 
 Task-model checkpoints (`BertForSequenceClassification`, `ViTForImageClassification`,
 `ResNetForImageClassification`) are read too: the base model's prefix ('bert.', 'vit.',
