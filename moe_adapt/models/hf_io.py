@@ -148,12 +148,19 @@ def place(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def iter_tensors(files: list[pathlib.Path], names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-  """(name, array) for each tensor in `names`, read one at a time from the files."""
+  """(name, array) for each tensor in `names`, read one at a time from the files.
+
+  The file is opened (memory-mapped) anew for each tensor: pages of a mapping count in the
+  process's resident memory while it is open, so one mapping held over the whole load would
+  show the file as a second copy of the model.
+  """
   for path in files:
     with safetensors.safe_open(str(path), framework="numpy") as f:
-      for name in f.keys():
-        if name in names:
-          yield name, f.get_tensor(name)
+      keys = [name for name in f.keys() if name in names]
+    for name in keys:
+      with safetensors.safe_open(str(path), framework="numpy") as f:
+        value = f.get_tensor(name)
+      yield name, value
 
 
 def read_tensors(
