@@ -15,7 +15,8 @@ import pytest
 import safetensors.numpy
 
 from moe_adapt.core import merging
-from moe_adapt.models import checkpoints, peft_lora
+from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.models import checkpoints, peft_lora, text_classifier
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 BASE = FIXTURES / "hf" / "bert"
@@ -150,3 +151,23 @@ def test_bad_adapter_files(tmp_path):
   (d / "adapter_model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match=r"has no adapter_model\.safetensors"):
     peft_lora.read_adapter(d)
+
+
+def test_to_flax_lora_forward_matches_peft(adapters, layers, base_inputs, tmp_path):
+  config, tree = peft_lora.to_flax(adapters[1], layers)
+  assert (config.kind, config.lora_rank, config.lora_alpha) == ("lora", 4, 16.0)
+  assert config.lora_targets == ("query", "value")
+  ckpt = checkpoints.load_checkpoint(BASE)
+  model = text_classifier.TextClassifier(ckpt.module.config, 3, adapter=config, pooling="pooler")
+  params = {"encoder": adapters_lib.merge_params(ckpt.params, tree), "head": ckpt.head}
+  want = safetensors.numpy.load_file(str(PEFT / "lora_b" / "reference.safetensors"))["logits"]
+  assert_close(model.apply({"params": params}, *base_inputs), want)
+  # And back: the LoRA leaves of our params written as a PEFT adapter.
+  written = peft_lora.from_flax(params["encoder"], config, layers, tmp_path / "back")
+  back = peft_lora.read_adapter(tmp_path / "back")
+  assert written == sorted(adapters[1].factors) and back.alpha == 16.0
+  for module, (a, b) in adapters[1].factors.items():
+    np.testing.assert_array_equal(back.factors[module][0], a)
+    np.testing.assert_array_equal(back.factors[module][1], b)
+  with pytest.raises(ValueError, match=r"pooler\.dense is not one of the encoder blocks'"):
+    peft_lora.to_flax(adapters[2], layers)
