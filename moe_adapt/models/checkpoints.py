@@ -386,12 +386,13 @@ def plan(
     raise ValueError(f"{directory} holds a {found!r} checkpoint, not {architecture!r}")
   files = hf_io.weight_files(directory)
   prefix = _PREFIXES.get(found, "")
+  file_shapes = hf_io.tensor_shapes(files)
   rename = {}
-  for name in hf_io.tensor_shapes(files):
+  for name in file_shapes:
     short = name[len(prefix) :] if prefix and name.startswith(prefix) else name
     if not _is_ignored(found, short):
       rename[name] = short
-  shapes = {rename[k]: v for k, v in hf_io.tensor_shapes(files).items() if k in rename}
+  shapes = {rename[k]: v for k, v in file_shapes.items() if k in rename}
   if found in ("bert", "roberta", "distilbert"):
     module, specs = _bert_family(found, config, shapes)
   elif found == "vit":
