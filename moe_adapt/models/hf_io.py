@@ -156,11 +156,24 @@ def iter_tensors(files: list[pathlib.Path], names: set[str]) -> Iterator[tuple[s
   """
   for path in files:
     with safetensors.safe_open(str(path), framework="numpy") as f:
-      keys = [name for name in f.keys() if name in names]
-    for name in keys:
+      keys = [(name, f.get_slice(name).get_dtype()) for name in f.keys() if name in names]
+    for name, dtype in keys:
+      if dtype == "BF16":  # NumPy has no bfloat16: safetensors' numpy reader refuses it.
+        yield name, _read_bfloat16(path, name)
+        continue
       with safetensors.safe_open(str(path), framework="numpy") as f:
         value = f.get_tensor(name)
       yield name, value
+
+
+def _read_bfloat16(path: pathlib.Path, name: str) -> np.ndarray:
+  """One BF16 tensor of a safetensors file, read from its header's offsets."""
+  with open(path, "rb") as f:
+    header_size = int.from_bytes(f.read(8), "little")
+    entry = json.loads(f.read(header_size))[name]
+  begin, end = entry["data_offsets"]
+  raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + header_size + begin)
+  return raw.view(jnp.bfloat16).reshape(entry["shape"])
 
 
 def read_tensors(

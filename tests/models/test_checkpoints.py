@@ -164,3 +164,41 @@ def test_bert_config_roberta_positions():
     ids = np.full((1, 17), 5, np.int32)
     ckpt = checkpoints.load_checkpoint(FIXTURES / "roberta")
     jax.eval_shape(ckpt.module.apply, ckpt.variables, ids)
+
+
+def test_bfloat16_and_float16_checkpoints_load_as_float32(tmp_path):
+  # Written as torch writes them: raw bfloat16 bits (NumPy has no bfloat16 dtype).
+  d = copy_fixture(tmp_path, "distilbert")
+  tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+  bf16 = {k: jax.numpy.asarray(v, jax.numpy.bfloat16) for k, v in tensors.items()}
+  half = {k: v.astype(np.float16) for k, v in tensors.items()}
+  for name, converted in (("bf16", bf16), ("fp16", half)):
+    arrays = {k: np.asarray(v) for k, v in converted.items()}
+    out = tmp_path / name
+    shutil.copytree(d, out)
+    if name == "bf16":
+      _save_bfloat16(arrays, out / "model.safetensors")
+    else:
+      safetensors.numpy.save_file(arrays, str(out / "model.safetensors"))
+    ckpt = checkpoints.load_checkpoint(out)
+    kernel = ckpt.params["layer_0"]["attention"]["query"]["kernel"]
+    want = np.asarray(arrays["transformer.layer.0.attention.q_lin.weight"], np.float32).T
+    assert kernel.dtype == np.float32
+    np.testing.assert_array_equal(kernel, want)
+
+
+def _save_bfloat16(arrays, path):
+  """A safetensors file of BF16 tensors (header + raw little-endian bits)."""
+  header, offset, blobs = {}, 0, []
+  for name, value in arrays.items():
+    blob = value.view(np.uint16).astype("<u2").tobytes()
+    header[name] = {
+      "dtype": "BF16",
+      "shape": list(value.shape),
+      "data_offsets": [offset, offset + len(blob)],
+    }
+    offset += len(blob)
+    blobs.append(blob)
+  encoded = json.dumps(header).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
