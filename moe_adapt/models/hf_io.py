@@ -7,7 +7,8 @@ timm write them. Loaders describe what they expect as a `TensorSpec` per checkpo
 is read) and raises one `WeightLoadError` listing every missing, unexpected and mis-shaped
 tensor; `read_tensors` then reads one tensor at a time, converts it (transpose of a Linear
 weight, layout of a conv kernel) and places it into a Flax variables tree, so the peak
-memory is the loaded tree plus one tensor, never two copies of the model.
+memory is the loaded tree plus one tensor, never two copies of the model. float16 and
+bfloat16 tensors are converted to float32.
 """
 
 from __future__ import annotations
