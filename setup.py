@@ -60,6 +60,7 @@ setuptools.setup(
     "console_scripts": [
       "moe-adapt=moe_adapt.main:entry_point",
       "moe-adapt-data=moe_adapt.data.fetch:entry_point",
+      "moe-adapt-merge=moe_adapt.merge_cli:entry_point",
     ],
   },
 )

@@ -83,6 +83,9 @@ def adapter_harness(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   # Computation dtype of the encoder and adapters: 'float32' or 'bfloat16' (parameters,
   # optimiser state and losses stay float32; bfloat16 is for accelerators).
   c.model.dtype = "float32"
+  # A Hugging Face checkpoint directory (BERT or DistilBERT, models.checkpoints) to start the
+  # text encoder from, instead of model.kind's; '' = off.
+  c.model.init = ""
   # Architecture: for 'bert' a BertConfig, for 'vit' the ViT's fields; MiniLM brings its own.
   c.model.options = ml_collections.ConfigDict()
   if not text:

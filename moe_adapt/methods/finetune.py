@@ -262,7 +262,10 @@ def make_setup(config) -> Setup:
       f"accepted: {'vit' if task.modality == 'image' else 'minilm, bert'}"
     )
   pretrained = None
-  if kind == "minilm":
+  init = config.model.get("init", "")
+  if init:
+    backbone_config, pretrained = _encoder_from_checkpoint(init, task)
+  elif kind == "minilm":
     data_dir = config.data.options.get("data_dir", "") or None
     backbone_config, pretrained, _ = models.bert.load_minilm(data_dir)
   elif kind == "bert":
@@ -283,6 +286,40 @@ def make_setup(config) -> Setup:
   if kind == "vit":
     pretrain_domains(setup)
   return setup
+
+
+# Encoders that `model.init` can start text tasks from: their WordPiece vocabulary can be the
+# benchmarks' (MiniLM's, i.e. bert-base-uncased's); RoBERTa's BPE ids would not match.
+INIT_ARCHITECTURES = ("bert", "distilbert")
+
+
+def _encoder_from_checkpoint(init: str, task: Task) -> tuple[models.bert.BertConfig, PyTree]:
+  """(BertConfig, encoder params) of the HF checkpoint directory `model.init`, checked
+  against the task: text only, a BERT-family encoder whose vocabulary holds every token id."""
+  if task.modality != "text":
+    raise ValueError(
+      f"model.init={init!r}: starting from a checkpoint is supported for text benchmarks "
+      f"(BERT-family encoders); {task.benchmark!r} is {task.modality}"
+    )
+  checkpoint = models.checkpoints.load_checkpoint(init)
+  if checkpoint.architecture not in INIT_ARCHITECTURES:
+    raise ValueError(
+      f"model.init={init!r} holds a {checkpoint.architecture!r} checkpoint; accepted for "
+      f"text benchmarks: {', '.join(INIT_ARCHITECTURES)} (the benchmarks' token ids are "
+      "bert-base-uncased WordPiece ids)"
+    )
+  config = checkpoint.module.config
+  largest = max(
+    int(np.max(ex.inputs[0]))
+    for split in (task.train, task.val, task.test)
+    for ex in split.values()
+  )
+  if largest >= config.vocab_size:
+    raise ValueError(
+      f"model.init={init!r} has vocab_size={config.vocab_size}, but the benchmark's token ids "
+      f"reach {largest}; accepted: a checkpoint with the benchmark tokenizer's vocabulary"
+    )
+  return config, checkpoint.params
 
 
 def build_model(setup: Setup, adapter: adapters_lib.AdapterConfig) -> nn.Module:

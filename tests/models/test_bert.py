@@ -198,8 +198,9 @@ def test_config_from_hf_dict():
   }
   config = bert.BertConfig.from_dict(hf)
   assert config.hidden_size == 384 and config.activation == "gelu"
-  with pytest.raises(ValueError, match="model_type='roberta' is unsupported; accepted: bert"):
-    bert.BertConfig.from_dict({**hf, "model_type": "roberta"})
+  assert bert.BertConfig.from_dict({**hf, "model_type": "roberta"}).model_type == "roberta"
+  with pytest.raises(ValueError, match="model_type='gpt2' is unsupported; accepted: bert, rob"):
+    bert.BertConfig.from_dict({**hf, "model_type": "gpt2"})
   with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
     bert.BertConfig.from_dict({**hf, "position_embedding_type": "relative_key"})
   with pytest.raises(ValueError, match="hidden_size=384 must be divisible by"):
