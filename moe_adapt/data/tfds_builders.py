@@ -187,7 +187,7 @@ class TFDSBenchmark(Benchmark):
         "tfds_name is required for benchmark 'tfds': the name of a prepared TFDS dataset, "
         f"e.g. tfds_name='domainnet/real' (got {tfds_name!r})"
       )
-    builder = _prepared_builder(tfds_name, data_dir)
+    builder = prepared_builder(tfds_name, data_dir)
     features = builder.info.features
     for field, key in (
       ("domain_key", domain_key),
@@ -270,7 +270,8 @@ class TFDSBenchmark(Benchmark):
     )
 
 
-def _prepared_builder(tfds_name: str, data_dir: str | Path | None) -> tfds.core.DatasetBuilder:
+def prepared_builder(tfds_name: str, data_dir: str | Path | None) -> tfds.core.DatasetBuilder:
+  """The builder of a dataset prepared under `data_dir` (ValueError naming `tfds_name`)."""
   where = "TFDS's default data dir" if data_dir is None else f"data_dir='{data_dir}'"
   try:
     builder = tfds.builder(tfds_name, data_dir=None if data_dir is None else str(data_dir))
