@@ -620,6 +620,7 @@ def prepare_mock(
   num_classes: int = 3,
   per_class: dict[str, int] | None = None,
   domains: Sequence[str] = _DOMAINNET_DOMAINS[:3],
+  image_sides: tuple[int, int] = (24, 48),
   seed: int = 0,
 ) -> tfds.core.DatasetBuilder:
   """Writes a tiny dataset in a real dataset's TFDS format (array_record, no TensorFlow).
@@ -629,8 +630,9 @@ def prepare_mock(
   'cub200' (`mock_cub200`: caltech_birds2011's image, image/filename, label, bbox,
   segmentation_mask; splits train / test) and 'glue_sst2' (`mock_glue`: sentence, label,
   idx; splits train / validation / test, `per_class` sentences per class, test labels -1).
-  Images are class-coloured discs on noise, sentences hold one sentiment word, so a model
-  can learn them. Takes well under a second; preparing again does nothing.
+  Images are class-coloured discs on noise with sides drawn from `image_sides` (min, max),
+  sentences hold one sentiment word, so a model can learn them. Takes well under a second
+  at the default sizes; preparing again does nothing.
 
   Returns:
     The prepared builder; read it with `builder.as_data_source(split)` or
@@ -650,14 +652,23 @@ def prepare_mock(
   unknown = [d for d in domains if d not in _DOMAINNET_DOMAINS]
   if fmt == "domainnet" and (isinstance(domains, str) or not domains or unknown):
     raise ValueError(f"domains={domains!r} is invalid; accepted: some of {_DOMAINNET_DOMAINS}")
+  low, high = image_sides
+  if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+    raise ValueError(
+      f"image_sides={image_sides!r} is invalid; accepted: (min, max), 1 <= min <= max"
+    )
   name = f"c{num_classes}-" + "-".join(f"{k}{v}" for k, v in sorted(sizes.items()))
   if fmt == "domainnet":
     name += "-" + "-".join(domains)
+  if fmt != "glue_sst2" and (low, high) != (24, 48):
+    name += f"-px{low}-{high}"
   config = MockConfig(
     name=f"{name}-seed{seed}",
     num_classes=num_classes,
     per_class=sizes,
     domains=tuple(domains),
+    min_side=low,
+    max_side=high,
     seed=seed,
   )
   builder = cls(data_dir=str(data_dir), config=config)
