@@ -154,6 +154,49 @@ def shard_batch(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   return _device_put(tree, sharding)
 
 
+def host_batch_to_global(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+  """Assembles every process's own batch ([B_host, ...] leaves) into one global batch.
+
+  For input pipelines that shard by host (`data.streaming.train_batches`): each process
+  passes only the examples it read, and the result is a global array of
+  `process_count * B_host` examples split over the mesh's data axis. With one process
+  this equals `shard_batch`.
+
+  Raises:
+    ValueError: a leaf is a scalar, or its per-process batch does not divide over this
+      process's share of the data axis.
+  """
+  sharding = data_sharding(mesh)
+  local = max(1, _batch_devices(mesh) // jax.process_count())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = getattr(leaf, "shape", ())
+    name = jax.tree_util.keystr(path) or "<root>"
+    if len(shape) == 0:
+      raise ValueError(f"leaf {name} is a scalar; a host batch needs a leading axis [B, ...]")
+    if shape[0] % local:
+      raise ValueError(
+        f"host batch size {shape[0]} of leaf {name} is not divisible by this process's "
+        f"{local} devices of the data axis; accepted: a multiple of {local}"
+      )
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
+def prefetch_to_device(iterator: Any, mesh: jax.sharding.Mesh, *, size: int = 2) -> Any:
+  """Yields `host_batch_to_global(batch, mesh)` of each batch, `size` batches ahead.
+
+  The transfers are asynchronous, so the next batches travel to the devices while the
+  current step runs.
+  """
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ValueError(f"size={size!r} is invalid; accepted: an int >= 1")
+  queue: list[PyTree] = []
+  for batch in iterator:
+    queue.append(host_batch_to_global(batch, mesh))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
 def replicate(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   """A full copy of every leaf on every device of the mesh.
 
