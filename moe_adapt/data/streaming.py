@@ -27,7 +27,8 @@ augments them on the fly, and batches them with grain:
   padded, and `mask` ([B] bool) marks the real examples; every host yields the same
   number of batches.
 - Domains: `domain_key` names the dataset's domain feature and `domains` the domains to
-  keep; finding them reads the split once when the stream is opened.
+  keep; finding them reads the split once when the stream is opened (decoding only the
+  domain feature).
 - Images (`image_transform`): uint8 [H, W, C] of any size (or float in [0, 1]), through
   `augment`, a sequence of 'random_resized_crop' (Inception crop: area 8-100 %, aspect
   3/4-4/3, then resize; as torchvision's RandomResizedCrop), 'flip' (horizontal, p = 0.5),
@@ -122,7 +123,10 @@ def open_split(
     if domains is not None:
       raise ValueError(f"domains={domains!r} needs domain_key, the dataset's domain feature")
     return Source(data, np.arange(len(data), dtype=np.int64), features, ())
-  names, values = _domain_values(data, features[domain_key], domain_key)
+  # The domain pass decodes the domain feature only: images stay compressed.
+  skip = {k: tfds.decode.SkipDecoding() for k in features.keys() if k != domain_key}
+  domain_data = builder.as_data_source(split=split, decoders=skip)
+  names, values = _domain_values(domain_data, features[domain_key], domain_key)
   if domains is None:
     domains = names
   if isinstance(domains, str) or not domains or any(d not in names for d in domains):
