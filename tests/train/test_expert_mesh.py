@@ -23,7 +23,7 @@ SHAPE = (8, 8, 1)
 @pytest.fixture(scope="module")
 def problem():
   model = models.Classifier(
-    backbone=models.get_backbone("convnet", width=4, depth=2, feature_dim=8), num_classes=3
+    backbone=models.get_backbone("convnet", width=4, depth=1, feature_dim=8), num_classes=3
   )
   tx = optax.adam(1e-2)
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *SHAPE)), train=False))
