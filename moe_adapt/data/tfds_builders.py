@@ -19,7 +19,9 @@ into a benchmark held in memory. Options::
   data_dir               where it was prepared (default: TFDS's default data dir)
   domain_key, image_key, label_key   feature names (default 'domain', 'image', 'label');
                          the label must be a ClassLabel, the domain a ClassLabel, an integer
-                         or a string feature
+                         or a string feature; domain_key=None makes the whole dataset one
+                         domain named after it (a dataset without domains, e.g.
+                         caltech_birds2011: domain 'caltech_birds2011')
   split_names            (train, val, test) TFDS splits taken as every domain's splits as
                          they are (the seed then changes nothing); or, when None (default),
   splits                 the TFDS splits pooled (default: all), whose examples are grouped by
@@ -171,7 +173,7 @@ class TFDSBenchmark(Benchmark):
     *,
     tfds_name: str | None = None,
     data_dir: str | Path | None = None,
-    domain_key: str = "domain",
+    domain_key: str | None = "domain",
     image_key: str = "image",
     label_key: str = "label",
     split_names: Sequence[str] | None = None,
@@ -194,7 +196,7 @@ class TFDSBenchmark(Benchmark):
       ("image_key", image_key),
       ("label_key", label_key),
     ):
-      if key not in features:
+      if key not in features and not (field == "domain_key" and key is None):
         raise ValueError(
           f"{field}={key!r} is not a feature of {tfds_name!r}; accepted: "
           f"{', '.join(sorted(features.keys()))}"
@@ -221,7 +223,8 @@ class TFDSBenchmark(Benchmark):
     ):
       raise ValueError(f"image_size must be None or a positive int; got {image_size!r}")
 
-    reader = _Reader(builder, domain_key, image_key, label_key, image_size)
+    single_domain = tfds_name.split("/")[0].split(":")[0]
+    reader = _Reader(builder, domain_key, image_key, label_key, image_size, single_domain)
     domains = reader.domain_names(pooled)
     input_shape = reader.input_shape()
     if default_targets is None:
@@ -300,8 +303,9 @@ def _check_split_list(names: Any, available: Sequence[str], field: str) -> tuple
 class _Reader:
   """Reads examples of a prepared builder into NumPy, grouped by domain."""
 
-  def __init__(self, builder, domain_key, image_key, label_key, image_size):
+  def __init__(self, builder, domain_key, image_key, label_key, image_size, single_domain):
     self.builder = builder
+    self.single_domain = single_domain  # The one domain's name when domain_key is None.
     self.domain_key, self.image_key, self.label_key = domain_key, image_key, label_key
     self.image_size = image_size
     self._cache: dict[str, dict[str, np.ndarray]] = {}
@@ -311,7 +315,9 @@ class _Reader:
       source = self.builder.as_data_source(split=split)
       examples = source.__getitems__(range(len(source))) if len(source) else []
       self._cache[split] = {
-        "domain": np.array([self._domain_value(e[self.domain_key]) for e in examples]),
+        "domain": np.zeros(len(examples), np.int64)
+        if self.domain_key is None
+        else np.array([self._domain_value(e[self.domain_key]) for e in examples]),
         "label": np.array([e[self.label_key] for e in examples], np.int32),
         "image": [e[self.image_key] for e in examples],
       }
@@ -325,6 +331,8 @@ class _Reader:
     return value.item()
 
   def domain_names(self, splits: Sequence[str]) -> tuple[str, ...]:
+    if self.domain_key is None:
+      return (self.single_domain,)
     feature = self.builder.info.features[self.domain_key]
     if isinstance(feature, tfds.features.ClassLabel):
       return tuple(feature.names)
@@ -346,8 +354,10 @@ class _Reader:
     return shape
 
   def _domain_ids(self, split: str, domains: tuple[str, ...]) -> np.ndarray:
-    feature = self.builder.info.features[self.domain_key]
     values = self._columns(split)["domain"]
+    if self.domain_key is None:
+      return values
+    feature = self.builder.info.features[self.domain_key]
     if isinstance(feature, tfds.features.ClassLabel):
       return values.astype(np.int64)
     lookup = {name: i for i, name in enumerate(domains)}

@@ -74,3 +74,17 @@ def test_prepare_mock_bad_input(tmp_path):
     tfds_builders.prepare_mock("domainnet", tmp_path, domains=("mars",))
   with pytest.raises(ValueError, match="per_class=\\{'train': 0\\} is invalid"):
     tfds_builders.prepare_mock("cub200", tmp_path, per_class={"train": 0})
+
+
+def test_a_dataset_without_domains_is_one_domain(mocks):
+  root, builders = mocks
+  name = f"mock_cub200/{builders['cub200'].builder_config.name}"
+  with pytest.raises(ValueError, match=r"domain_key='domain' is not a feature of 'mock_cub200/"):
+    data.get_benchmark("tfds", tfds_name=name, data_dir=str(root), image_size=8)
+  bench = data.get_benchmark(
+    "tfds", tfds_name=name, data_dir=str(root), image_size=8, domain_key=None,
+    split_names=("train", "test", "test"),
+  )  # fmt: skip
+  assert bench.domains == ("mock_cub200",) and bench.default_targets == ("mock_cub200",)
+  splits = bench.load(seed=0)["mock_cub200"]
+  assert splits.train.x.shape == (12, 8, 8, 3) and sorted(set(splits.train.y)) == [0, 1, 2]
