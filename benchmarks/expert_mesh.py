@@ -2,7 +2,9 @@ r"""Memory per device of N stacked experts trained on a (data, expert) mesh.
 
 The experts are the pipeline's (`models.Classifier` over a ConvNet or a ResNet, stacked on
 a leading expert axis as `meta_dmoe.init_experts` stores them) with Adam state, trained by
-`train.mesh.make_stacked_step` (each expert on its own batch [N, B, H, W, C]). For each mesh
+`train.mesh.make_stacked_step` (each expert on its own batch [N, B, H, W, C]; the experts
+mapped by `jax.vmap`, or with `--stack_map=unrolled` by the unrolled scan that meta_dmoe
+uses on CPU). For each mesh
 shape `(data, expert)`, one row: the bytes every device holds of the state (params,
 BatchNorm statistics, optimiser state; from `jax.Array.addressable_shards`), the compiled
 step's per-device argument / output / temp sizes (XLA's memory analysis), the state's
@@ -31,6 +33,9 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=16, help="images per expert")
   parser.add_argument("--size", type=int, default=32, help="square image side")
   parser.add_argument("--classes", type=int, default=10)
+  parser.add_argument(
+    "--stack_map", default="vmap", choices=("vmap", "unrolled"), help="map over the experts"
+  )
   parser.add_argument(
     "--devices", type=int, default=8, help="fake CPU devices (0: the real devices)"
   )
@@ -101,7 +106,8 @@ def main(args: argparse.Namespace) -> None:
       common.log(f"skip {data}x{expert}: {e}")
       continue
     placed = mesh_lib.shard_stacked(state, mesh, num_experts=args.experts)
-    step = mesh_lib.make_stacked_step(loss_one, tx, mesh, placed, batch)
+    stack_map = mesh_lib.vmap_stack if args.stack_map == "vmap" else common.stack_map("unrolled")
+    step = mesh_lib.make_stacked_step(loss_one, tx, mesh, placed, batch, stack_map=stack_map)
     held = mesh_lib.per_device_bytes(placed)
     compiled, timing = common.lower_and_compile(step, placed, batch)
     _, losses = compiled(placed, batch)
@@ -129,6 +135,7 @@ def main(args: argparse.Namespace) -> None:
         "batch": args.batch,
         "image": list(shape),
         "classes": args.classes,
+        "stack_map": args.stack_map,
       },
       "rows": rows,
       "wall_s": round(time.perf_counter() - t_start, 1),

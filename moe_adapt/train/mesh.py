@@ -296,6 +296,9 @@ def make_stacked_step(
 
   Returns:
     `step(state, batch) -> (new state, losses [E])`; the state argument is donated.
+    With one process, host NumPy batches are placed by the step itself; with several,
+    pass global arrays (`jax.make_array_from_process_local_data` with
+    `expert_batch_sharding`).
 
   Raises:
     ValueError: the experts do not divide over `expert`, or a batch's per-expert size
