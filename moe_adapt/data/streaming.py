@@ -119,6 +119,8 @@ def open_split(
         f"{', '.join(sorted(features.keys()))}"
       )
   data = builder.as_data_source(split=split)
+  if not len(data):
+    raise ValueError(f"split={split!r} of {tfds_name!r} has no examples")
   if domain_key is None:
     if domains is not None:
       raise ValueError(f"domains={domains!r} needs domain_key, the dataset's domain feature")
