@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
   "numpy==2.4.6",
   "safetensors==0.8.0",
   "tokenizers==0.23.3",
+  # Streaming input (moe_adapt.data.streaming) over TFDS array_record.
+  "grain==0.2.18",
 ]
 
 TEST_REQUIRES = [

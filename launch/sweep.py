@@ -9,12 +9,17 @@ them from their last checkpoint (the workdir is the unit of resumption).
   python -m launch.sweep launch --config=configs/meta_dmoe.py:digits_rot \
       --sweep_dir=runs/mdmoe_ablations --seeds=0,1,2 --workers=2
   python -m launch.sweep list --sweep_dir=runs/mdmoe_ablations
+  python -m launch.sweep work --sweep_dir=runs/mdmoe_ablations   # one more worker
 
 A run folder holds `spec.json` (written before anything is launched), `log.txt`
 (stdout and stderr of every attempt, appended) and what the CLI writes
 (config.json, metrics.jsonl, checkpoints/, results.json). While an attempt runs,
-its process holds an exclusive `flock` on log.txt; that is how `list` (on the
-same machine) tells a running run from an interrupted one.
+its process holds an exclusive `flock` on log.txt; that is how `list` tells a
+running run from an interrupted one, and how several `work` processes sharing one
+sweep folder (SLURM array tasks from `launch.slurm`, one per Cloud TPU slice) claim
+each run exactly once: a worker starts a run only while holding its lock and only
+if results.json is still absent. Across machines this needs a file system whose
+flock is cluster-wide (NFSv4, Lustre mounted with `flock`, GPFS, Filestore).
 """
 
 from __future__ import annotations
@@ -437,9 +442,14 @@ class _Attempt(NamedTuple):
 
 
 def _start(index: int, run: Run, program: Sequence[str], env) -> _Attempt | None:
-  """Starts one attempt, or returns None if another process is running this run."""
+  """Starts one attempt, or returns None if another process is running or finished this run."""
   log = open(run.path / LOG_FILE, "a", encoding="utf-8")  # Closed in _finish.
   if not _try_lock(log):
+    log.close()
+    return None
+  # Checked again under the lock: another worker (an array task on another node) may
+  # have finished the run between our state check and the lock; a run is done once.
+  if (run.path / RESULTS_FILE).is_file():
     log.close()
     return None
   argv = command(run.spec, run.path, program=program)
@@ -512,8 +522,12 @@ def launch_runs(
         started += 1
         attempt = _start(started, run, program, env)
         if attempt is None:
-          codes[run.name] = None
-          say(f"[{started}/{total}] skip  {run.name}  (running in another process)")
+          if run_state(run.path) == "done":
+            codes[run.name] = 0
+            say(f"[{started}/{total}] skip  {run.name}  (done by another process)")
+          else:
+            codes[run.name] = None
+            say(f"[{started}/{total}] skip  {run.name}  (running in another process)")
           continue
         say(f"[{started}/{total}] start {run.name}  {describe(run.spec)}")
         active.append(attempt)
@@ -550,7 +564,8 @@ def launch_runs(
 # ----------------------------------------------------------------------------
 
 
-def _launch(args: argparse.Namespace) -> int:
+def runs_from_args(args: argparse.Namespace) -> list[Run]:
+  """Expands, checks and prepares the runs that `add_sweep_arguments` options describe."""
   config_file, config_arg = parse_config_flag(args.config)
   module = load_config_module(config_file)
   sweep = [{}] if args.no_sweep else declared_sweep(module, config_arg)
@@ -559,7 +574,45 @@ def _launch(args: argparse.Namespace) -> int:
   fixed = parse_set(args.set or [], module.get_config(config_arg))
   specs = expand(config_file, config_arg, sweep, seeds=seeds, targets=targets, fixed=fixed)
   check_specs(specs)
-  runs = prepare_runs(specs, args.sweep_dir)
+  return prepare_runs(specs, args.sweep_dir)
+
+
+def parse_program(text: str | None) -> list[str]:
+  """`--program` text -> argv prefix of the CLI (None: LOCAL_PROGRAM)."""
+  if text is None:
+    return list(LOCAL_PROGRAM)
+  argv = shlex.split(text)
+  if not argv:
+    raise ValueError(
+      f"--program={text!r} is invalid; accepted: a command line, e.g. 'python -m moe_adapt.main'"
+    )
+  return argv
+
+
+def rotate(runs: Sequence[Run], offset: int) -> list[Run]:
+  """`runs` started at position `offset` (mod len): workers that start at different runs
+  claim different runs first instead of all queueing on the first lock."""
+  if not runs:
+    return []
+  k = offset % len(runs)
+  return [*runs[k:], *runs[:k]]
+
+
+def _worker_offset(value: int | None) -> int:
+  """--offset, else the SLURM array task id, else 0."""
+  if value is not None:
+    if value < 0:
+      raise ValueError(f"--offset={value} is invalid; accepted: an integer >= 0")
+    return value
+  raw = os.environ.get("SLURM_ARRAY_TASK_ID", "0")
+  try:
+    return int(raw)
+  except ValueError:
+    raise ValueError(f"SLURM_ARRAY_TASK_ID={raw!r} is not an integer") from None
+
+
+def _launch(args: argparse.Namespace) -> int:
+  runs = runs_from_args(args)
   if args.launcher == "print":
     for run in runs:
       if run_state(run.path) != "done":
@@ -570,6 +623,23 @@ def _launch(args: argparse.Namespace) -> int:
   done = sum(run_state(run.path) == "done" for run in runs)
   print(f"{done}/{len(runs)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
   return 0 if done == len(runs) else 1
+
+
+def _work(args: argparse.Namespace) -> int:
+  runs = read_runs(args.sweep_dir)
+  if not runs:
+    raise ValueError(
+      f"--sweep_dir={args.sweep_dir!r} holds no runs; create them first with "
+      "`launch --launcher=print` (or submit with launch.slurm)"
+    )
+  program = parse_program(args.program)
+  codes = launch_runs(
+    rotate(runs, _worker_offset(args.offset)), workers=args.workers, program=program
+  )
+  failed = sorted(name for name, code in codes.items() if code not in (0, None))
+  done = sum(run_state(run.path) == "done" for run in runs)
+  print(f"{done}/{len(runs)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
+  return 1 if failed else 0
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -590,27 +660,8 @@ def _parser() -> argparse.ArgumentParser:
   )
   commands = parser.add_subparsers(dest="command", required=True)
   launch = commands.add_parser("launch", help="create the run folders and run what is unfinished")
-  launch.add_argument(
-    "--config", required=True, help="FILE[:ARG], e.g. configs/meta_dmoe.py:digits_rot"
-  )
-  launch.add_argument("--sweep_dir", required=True, help="folder of the sweep's run folders")
-  launch.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-  launch.add_argument(
-    "--targets",
-    default=None,
-    help="one run per ';'-separated entry, each a ','-separated list of target domains "
-    "(default: the config's targets)",
-  )
+  add_sweep_arguments(launch)
   launch.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
-  launch.add_argument(
-    "--set",
-    action="append",
-    metavar="KEY=VALUE",
-    help="an override for every run, e.g. --set meta.steps=40 (repeatable)",
-  )
-  launch.add_argument(
-    "--no_sweep", action="store_true", help="only the base config, not get_sweep(arg)"
-  )
   launch.add_argument(
     "--launcher",
     choices=LAUNCHERS,
@@ -619,7 +670,54 @@ def _parser() -> argparse.ArgumentParser:
   )
   lister = commands.add_parser("list", help="print every run's state, hash and overrides")
   lister.add_argument("--sweep_dir", required=True)
+  worker = commands.add_parser(
+    "work",
+    help="run the unfinished runs of an existing sweep folder; several workers (e.g. SLURM "
+    "array tasks, TPU slices) may share one folder: each run is claimed by one of them",
+  )
+  worker.add_argument("--sweep_dir", required=True)
+  worker.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
+  worker.add_argument(
+    "--offset",
+    type=int,
+    default=None,
+    help="start at this run (mod the number of runs); default $SLURM_ARRAY_TASK_ID or 0",
+  )
+  add_program_argument(worker)
   return parser
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+  """The options that say which runs a sweep holds (read by `runs_from_args`)."""
+  parser.add_argument(
+    "--config", required=True, help="FILE[:ARG], e.g. configs/meta_dmoe.py:digits_rot"
+  )
+  parser.add_argument("--sweep_dir", required=True, help="folder of the sweep's run folders")
+  parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+  parser.add_argument(
+    "--targets",
+    default=None,
+    help="one run per ';'-separated entry, each a ','-separated list of target domains "
+    "(default: the config's targets)",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    metavar="KEY=VALUE",
+    help="an override for every run, e.g. --set meta.steps=40 (repeatable)",
+  )
+  parser.add_argument(
+    "--no_sweep", action="store_true", help="only the base config, not get_sweep(arg)"
+  )
+
+
+def add_program_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--program",
+    default=None,
+    help="command line that runs the CLI, e.g. 'apptainer exec img.sif python -m "
+    "moe_adapt.main' (default: this interpreter with -m moe_adapt.main)",
+  )
 
 
 def _terminate(signum, frame) -> None:
@@ -632,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   with contextlib.suppress(ValueError):  # Not in the main thread (e.g. some test runners).
     signal.signal(signal.SIGTERM, _terminate)
   try:
-    return _launch(args) if args.command == "launch" else _list(args)
+    return {"launch": _launch, "list": _list, "work": _work}[args.command](args)
   except ValueError as e:
     print(f"launch.sweep: error: {e}", file=sys.stderr)
     return 2
