@@ -234,7 +234,7 @@ def run(config, workdir: str, *, overwrite: bool = False) -> dict:
   if stored is not None:
     _announce(f"{path} already holds results; nothing to do.")
     return stored
-  _announce(f"training in {path} (a stage's first step includes its compilation)")
+  _announce(f"training; workdir {path}")
   start = time.time()
   results = method.run(config, str(path), setup=setup)
   results["wall_time_s"] = round(time.time() - start, 2)
