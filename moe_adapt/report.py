@@ -3,8 +3,9 @@
 One row per variant of `results["metrics"]` and one column per target domain (then
 `mean`), accuracy in %. The method's own rows come first, marked `*`; every other row is a
 baseline or ablation that the same run trained, named in the last column. Rows come in the
-same order on every run and rerun (the method's rows in their listed order, then the others
-sorted by name), whatever the order of the keys in `results.json`. Top-level keys other than
+same order on every run and rerun (the method's rows, then its named baselines, both in the
+order listed here, then the others sorted by name), whatever the order of the keys in
+`results.json`. Top-level keys other than
 `metrics`, `method`, `benchmark`, `seed` and `target_domains` are not read.
 """
 
@@ -129,9 +130,13 @@ def _note(notes: Mapping[str, str], variant: str) -> str:
 
 
 def ordered_variants(method: str, variants: list[str]) -> list[str]:
-  """The method's own variants in their listed order, then the others sorted by name."""
-  own = [v for v in VARIANTS.get(method, ((), {}))[0] if v in variants]
-  return own + sorted(v for v in variants if v not in own)
+  """`variants` in display order: the method's own, its named baselines, the rest by name.
+
+  Own variants and baselines come in the order `VARIANTS` lists them.
+  """
+  own, notes = VARIANTS.get(method, ((), {}))
+  first = [v for v in dict.fromkeys([*own, *notes]) if v in variants]
+  return first + sorted(v for v in variants if v not in first)
 
 
 def _columns(target_domains: list[str], rows: dict[str, dict[str, float]]) -> list[str]:

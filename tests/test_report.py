@@ -50,7 +50,8 @@ def test_table_has_title_header_marked_method_row_notes_and_footer():
   )
   assert lines[1].split()[:4] == ["variant", "rot75", "rot0", "mean"]
   assert lines[1].rstrip().endswith("what it is")
-  # The method first and marked, then the others by name; a variant without accuracy dropped.
+  # The method first and marked, then its named baselines, then the others by name; a
+  # variant without accuracy dropped.
   rows = lines[2:6]
   assert [r[2:].split()[0] for r in rows] == ["meta_dmoe", "erm", "expert_average", "zzz_custom"]
   assert rows[0].startswith("* meta_dmoe") and all(r.startswith("  ") for r in rows[1:])
@@ -93,10 +94,14 @@ def test_results_without_metrics():
   ]
 
 
-def test_own_variants_listed_for_methods_with_a_single_method_row():
-  assert report.ordered_variants("adamix", ["full", "adamix_lora", "adapter", "adamix"]) == [
+def test_order_is_own_rows_then_named_baselines_then_the_rest_by_name():
+  variants = ["zzz", "full", "adamix_lora", "aaa", "adapter", "adamix"]
+  assert report.ordered_variants("adamix", variants) == [
     "adamix",
     "adamix_lora",
     "adapter",
     "full",
+    "aaa",
+    "zzz",
   ]
+  assert report.ordered_variants("unknown", variants) == sorted(variants)
