@@ -70,7 +70,7 @@ Usage:
 
 _EXAMPLES = """\
 Examples (run from the repository root, where configs/ is):
-  # The main job: Meta-DMoE on rotated digits (~2-3 min on 2 CPU cores).
+  # The main job: Meta-DMoE on rotated digits (~1.5 min on 2 quiet CPU cores).
   moe-adapt --config=configs/meta_dmoe.py:digits_rot --workdir=runs/meta_dmoe_digits
   # A smoke test of the same pipeline (a few steps per stage; chance-level numbers).
   moe-adapt --config=configs/meta_dmoe.py:digits_rot,tiny --workdir=/tmp/smoke

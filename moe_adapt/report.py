@@ -204,7 +204,7 @@ def format_results(
   if smoke_test:
     lines.append("Smoke test (',tiny'): a few steps on tiny models; the numbers mean nothing.")
   if "wall_time_s" in results:
-    lines.append(f"Wall time: {float(results['wall_time_s']):.0f} s.")
+    lines.append(f"Wall time of the run: {float(results['wall_time_s']):.0f} s.")
   if results_path:
     lines.append(f"Saved: {results_path} (print it with --print_json).")
   return "\n".join(lines)

@@ -61,7 +61,7 @@ def test_table_has_title_header_marked_method_row_notes_and_footer():
   assert "baseline: one model trained on the pooled source domains (ERM)" in rows[1]
   assert "no_accuracy" not in text
   assert lines[-1] == "Saved: runs/x/results.json (print it with --print_json)."
-  assert "* = meta_dmoe itself" in text and "Wall time: 12 s." in text
+  assert "* = meta_dmoe itself" in text and "Wall time of the run: 12 s." in text
   assert "Smoke test" not in text
 
 
