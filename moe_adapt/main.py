@@ -188,14 +188,15 @@ def list_text() -> str:
       "Config files and presets (--config=FILE:PRESET; the first preset is the default; "
       "append ',tiny' for a smoke test):"
     )
-    root = configs.parent
+    # Paths as --config takes them from here: relative when configs/ is in this folder.
+    root = configs.parent if configs.parent == pathlib.Path.cwd() else None
     for path in sorted(configs.rglob("*.py")):
       if path.name.startswith("_"):
         continue
       method, presets, extra = _config_presets(path)
       flag_text = f"  [flags: {', '.join(extra)}]" if extra else ""
       out.append(
-        f"  {path.relative_to(root)!s:<36}{', '.join(presets) or '(no presets)'}"
+        f"  {path.relative_to(root) if root else path!s:<36}{', '.join(presets) or '(no presets)'}"
         f"  -> {method}{flag_text}"
       )
   out.append("")
