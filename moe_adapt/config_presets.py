@@ -17,7 +17,8 @@ class UnknownPresetError(ValueError):
   `moe-adapt list` reads the presets of a config file from this error.
   """
 
-  def __init__(self, message: str, *, presets: Sequence[str], flags: Sequence[str]):
+  # Defaults: ml_collections' config_flags re-raises a config file's error as type(e)(text).
+  def __init__(self, message: str, *, presets: Sequence[str] = (), flags: Sequence[str] = ()):
     super().__init__(message)
     self.presets, self.flags = tuple(presets), tuple(flags)
 

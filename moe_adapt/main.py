@@ -217,14 +217,19 @@ def _announce(message: str) -> None:
   print(f"moe-adapt: {message}", file=sys.stderr, flush=True)
 
 
-def run(config, workdir: str, *, overwrite: bool = False) -> dict:
-  """Runs (or resumes, or just reports) one config in one workdir; returns results."""
+def run(config, workdir: str, *, overwrite: bool = False, smoke_test: bool = False) -> dict:
+  """Runs (or resumes, or just reports) one config in one workdir; returns results.
+
+  `smoke_test` (a `,tiny` config) adds a line saying that the numbers will mean nothing.
+  """
   # Imported here so that `--help` and flag errors stay fast.
   from moe_adapt import methods
   from moe_adapt.train import workdir as workdir_lib
 
   method = methods.get_method(config.method)
   method.validate_config(config)
+  if smoke_test:
+    _announce(_SMOKE_NOTE)
   benchmark = config.get("data", {}).get("benchmark", "")
   _announce(f"{config.method}{f' on {benchmark}' if benchmark else ''}: loading data")
   # Data-dependent checks (domains, sizes, files) run before anything is
@@ -274,11 +279,9 @@ def main(argv) -> None:
   from moe_adapt.train import loop, mesh
 
   smoke = _is_smoke_test(sys.argv)
-  if smoke:
-    _announce(_SMOKE_NOTE)
   mesh.initialize_distributed(_DISTRIBUTED.value)
   try:
-    results = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    results = run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value, smoke_test=smoke)
   except ValueError as e:  # Bad input: one clear message, no traceback.
     print(f"moe-adapt: error: {e}", file=sys.stderr)
     sys.exit(2)

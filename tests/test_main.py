@@ -332,7 +332,9 @@ def test_rerun_with_other_config_is_refused_and_changes_nothing(ref):
   before = _tree_listing(ref.workdir)
   proc = cli([*RUN_FLAGS, "--config.seed=1"], ref.workdir)
   assert proc.returncode == 2
-  assert proc.stderr.startswith("moe-adapt: error: workdir=")
+  # Progress lines ("loading data") may come first; the error is the one error line.
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith("moe-adapt: error: ")]
+  assert error.startswith("moe-adapt: error: workdir=")
   assert "seed: stored=0 new=1" in proc.stderr
   assert "--overwrite" in proc.stderr
   assert "Traceback" not in proc.stderr
