@@ -1,4 +1,4 @@
-"""Installs moe_adapt: `pip install -e .[test]`."""
+"""Installs moe_adapt: `pip install -e .` (runtime); `pip install -e ".[test]"` adds tests."""
 
 import setuptools
 

@@ -11,6 +11,18 @@ from collections.abc import Sequence
 import ml_collections
 
 
+class UnknownPresetError(ValueError):
+  """A config argument names an unknown preset or flag; carries the accepted ones.
+
+  `moe-adapt list` reads the presets of a config file from this error.
+  """
+
+  # Defaults: ml_collections' config_flags re-raises a config file's error as type(e)(text).
+  def __init__(self, message: str, *, presets: Sequence[str] = (), flags: Sequence[str] = ()):
+    super().__init__(message)
+    self.presets, self.flags = tuple(presets), tuple(flags)
+
+
 def parse_config_arg(
   arg: str | None,
   *,
@@ -27,18 +39,22 @@ def parse_config_arg(
     what: what a preset names, for errors (e.g. 'benchmark').
 
   Raises:
-    ValueError: naming the unknown preset or flag and the accepted ones.
+    UnknownPresetError: a ValueError naming the unknown preset or flag and the accepted ones.
   """
   tokens = [t.strip() for t in (arg or presets[0]).split(",") if t.strip()]
   preset, given = tokens[0], frozenset(tokens[1:])
   if preset not in presets:
-    raise ValueError(
-      f"config argument {what}={preset!r} is unknown; accepted: {', '.join(presets)}"
+    raise UnknownPresetError(
+      f"config argument {what}={preset!r} is unknown; accepted: {', '.join(presets)}",
+      presets=presets,
+      flags=flags,
     )
   unknown = given - set(flags)
   if unknown:
-    raise ValueError(
-      f"config argument flags {sorted(unknown)} are unknown; accepted: {', '.join(flags)}"
+    raise UnknownPresetError(
+      f"config argument flags {sorted(unknown)} are unknown; accepted: {', '.join(flags)}",
+      presets=presets,
+      flags=flags,
     )
   return preset, given
 

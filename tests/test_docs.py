@@ -72,3 +72,13 @@ def test_api_reference_lists_every_module():
   toctree = (api / "index.rst").read_text()
   layers = sorted(m.split(".")[1] for m in modules if m.count(".") == 1)
   assert all(f"   {layer}\n" in toctree for layer in layers), layers
+
+
+def test_every_image_is_shown_on_a_page():
+  linked = {
+    (page.parent / target).resolve() for page in PAGES for target in LINK.findall(page.read_text())
+  }
+  images = sorted((DOCS / "img").glob("*.png"))
+  assert images
+  unlinked = [p.name for p in images if p.resolve() not in linked]
+  assert not unlinked, f"docs/img images linked from no docs page: {unlinked}"

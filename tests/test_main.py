@@ -299,18 +299,29 @@ def test_end_to_end_run_writes_config_metrics_checkpoints_results(ref):
     assert acc * n_test == pytest.approx(round(acc * n_test), abs=1e-6), variant
     assert per_domain["mean"]["accuracy"] == pytest.approx(acc), variant
 
-  # stdout ends with the results as one JSON line.
-  assert json.loads(ref.stdout.strip().splitlines()[-1]) == results
+  # stdout: the results table (the method's row marked, the file named), no raw JSON.
+  out = ref.stdout
+  assert out.startswith("Results: meta_dmoe on digits_rot, seed 0, target domain rot75"), out
+  assert re.search(r"^\* meta_dmoe +[0-9.]+ +[0-9.]+ ", out, flags=re.M), out
+  assert f"Saved: {wd}/results.json" in out
+  assert "Smoke test" in out and "smoke test" in ref.stderr
+  assert not any(line.startswith("{") for line in out.splitlines())
+  # A line per stage as it starts, before its progress bar.
+  for stage in STAGES:
+    assert f"stage '{stage}': {STAGES[stage]} steps, starting" in ref.stderr, stage
 
 
 @pytest.mark.slow
 def test_rerun_of_finished_run_prints_results_and_does_no_work(ref):
   before = _tree_listing(ref.workdir)
   start = time.monotonic()
-  proc = cli(RUN_FLAGS, ref.workdir)
+  proc = cli([*RUN_FLAGS, "--print_json"], ref.workdir)
   elapsed = time.monotonic() - start
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(proc.stdout.strip().splitlines()[-1]) == _results(ref.workdir)
+  # The same table as the first run (rows in the same order), then the JSON line.
+  *table, last = proc.stdout.strip().splitlines()
+  assert json.loads(last) == _results(ref.workdir)
+  assert "\n".join(table) + "\n" == ref.stdout
   assert _tree_listing(ref.workdir) == before  # metrics.jsonl, checkpoints, results untouched
   assert not re.search(r"(experts|aggregator|student|meta):", proc.stderr), "a stage ran"
   assert elapsed < 0.5 * ref.wall, (elapsed, ref.wall)
@@ -321,7 +332,9 @@ def test_rerun_with_other_config_is_refused_and_changes_nothing(ref):
   before = _tree_listing(ref.workdir)
   proc = cli([*RUN_FLAGS, "--config.seed=1"], ref.workdir)
   assert proc.returncode == 2
-  assert proc.stderr.startswith("moe-adapt: error: workdir=")
+  # Progress lines ("loading data") may come first; the error is the one error line.
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith("moe-adapt: error: ")]
+  assert error.startswith("moe-adapt: error: workdir=")
   assert "seed: stored=0 new=1" in proc.stderr
   assert "--overwrite" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -525,3 +538,82 @@ def test_data_dependent_error_does_not_block_the_corrected_command(tmp_path, mon
     main_lib.run(make_config(**{"data.target_domains": ("rot99",)}), str(wd))
   monkeypatch.setattr(meta_dmoe, "run", lambda config, workdir, **kw: {"metrics": {}})
   main_lib.run(make_config(), str(wd))
+
+
+# ----------------------------------------------------------------------------- help and list
+
+
+def _bare_cli(args) -> subprocess.CompletedProcess:
+  """`moe-adapt ARGS` without --workdir."""
+  return subprocess.run(
+    [sys.executable, "-m", "moe_adapt.main", *args],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_shows_the_projects_flags_and_examples_and_exits_0(flag):
+  proc = _bare_cli([flag])
+  assert proc.returncode == 0, proc.stderr
+  for text in (
+    "--config=FILE[:ARG]",
+    "--workdir=DIR",
+    "--[no]overwrite",
+    "--distributed=",
+    "--[no]print_json",
+    "--config.FIELD=VALUE",
+    "moe-adapt list",
+    "Examples",
+    "moe-adapt --config=configs/meta_dmoe.py:digits_rot --workdir=runs/meta_dmoe_digits",
+  ):
+    assert text in proc.stdout, text
+  assert "helpfull" in proc.stdout and "Try --helpfull" not in proc.stdout
+  assert proc.stdout == main_lib.help_text() + "\n"
+
+
+def test_no_arguments_prints_the_help_and_exits_2():
+  proc = _bare_cli([])
+  assert proc.returncode == 2
+  assert proc.stdout == main_lib.help_text() + "\n"
+  assert "Traceback" not in proc.stderr
+
+
+def test_list_names_every_method_config_preset_and_benchmark():
+  from moe_adapt.data import registry
+
+  proc = _bare_cli(["list"])
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  for method in methods.list_methods():
+    assert any(line.startswith(f"  {method} ") for line in lines), method
+  for benchmark in registry.list_benchmarks():
+    assert any(line.startswith(f"  {benchmark} ") for line in lines), benchmark
+  config_lines = [line.split() for line in lines if line.startswith("  configs/")]
+  assert len(config_lines) == len(list((REPO / "configs").rglob("*.py")))
+  (meta,) = [line for line in lines if line.startswith("  configs/meta_dmoe.py ")]
+  assert "digits_rot, fmnist_rot, fmnist_shift, tfds  -> meta_dmoe" in meta
+  assert "tiny" in meta
+
+
+def test_smoke_test_is_recognised_from_the_config_argument():
+  assert main_lib._is_smoke_test(["--config=configs/meta_dmoe.py:digits_rot,tiny"])
+  assert main_lib._is_smoke_test(["--config", "configs/muka.py:fmnist,hetero,tiny"])
+  assert not main_lib._is_smoke_test(["--config=configs/meta_dmoe.py:digits_rot"])
+  assert not main_lib._is_smoke_test(["--config=configs/tiny.py:digits_rot"])
+
+
+def test_missing_backend_info_lines_are_dropped():
+  import logging
+
+  keep = main_lib._NoMissingBackendInfo()
+
+  def record(level, message):
+    return logging.LogRecord("jax._src.xla_bridge", level, "x.py", 1, message, (), None)
+
+  assert not keep.filter(record(logging.INFO, "Unable to initialize backend 'tpu': INTERNAL"))
+  assert keep.filter(record(logging.WARNING, "Unable to initialize backend 'cuda': broken"))
+  assert keep.filter(record(logging.INFO, "Platform 'cpu' is experimental"))

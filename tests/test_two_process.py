@@ -37,7 +37,8 @@ from moe_adapt.train import checkpoint as ckpt_lib
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FLAGS = ["--config=configs/muka.py:fmnist,tiny", "--config.variants=('muki',)"]
+# --print_json: the results as the last stdout line, read from each process.
+FLAGS = ["--config=configs/muka.py:fmnist,tiny", "--config.variants=('muki',)", "--print_json"]
 # Seconds for the three processes together. They need about 75 s of CPU time in all (mostly
 # XLA compilation), so ~40 s of wall time on 2 idle cores; the limit only bounds a hang (e.g.
 # a process that never reaches the coordinator) on a loaded machine.

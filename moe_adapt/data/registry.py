@@ -37,7 +37,6 @@ import numpy as np
 # every cache key, so stale caches are never read.
 CODE_VERSION = 1
 CACHE_ENV_VAR = "MOE_ADAPT_CACHE"
-DEFAULT_CACHE_DIR = "~/.cache/moe_adapt"
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 
@@ -298,9 +297,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- caching
 
 
+def user_cache_dir() -> Path:
+  """This user's `$XDG_CACHE_HOME/moe_adapt`, or `~/.cache/moe_adapt` without XDG_CACHE_HOME.
+
+  The default home of fetched archives and built benchmark arrays: per user, never shared.
+  """
+  return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "moe_adapt"
+
+
 def cache_dir() -> Path:
-  """$MOE_ADAPT_CACHE, or ~/.cache/moe_adapt."""
-  return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
+  """$MOE_ADAPT_CACHE, or `user_cache_dir()`."""
+  value = os.environ.get(CACHE_ENV_VAR)
+  return Path(value).expanduser() if value else user_cache_dir()
 
 
 def cache_key(name: str, options: Mapping[str, Any], seed: int) -> str:

@@ -224,7 +224,8 @@ def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str | os.PathLi
   import matplotlib.pyplot as plt
 
   names = list(runs[0]["routing_spread"])
-  fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.6 * len(names)), 3.8))
+  # Wider than the violins need: the legend sits to the right of the axes.
+  fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.6 * len(names)) + 2.4, 3.8))
   for i, name in enumerate(names):
     points = [100 * a for r in runs for a in r["routing_spread"][name]]
     merged = [100 * r["metrics"][name]["mean"]["accuracy"] for r in runs]
@@ -251,10 +252,11 @@ def plot_routing_spread(runs: Sequence[Mapping[str, Any]], path: str | os.PathLi
   ax.set_xticks(range(len(names)), names, rotation=15)
   ax.set_ylabel("accuracy (%)")
   ax.set_title(f"{runs[0]['benchmark']}, {len(runs)} run(s): routing choices vs merged", fontsize=9)
-  ax.legend(loc="best", fontsize=7)
+  # Outside the axes, to the right: inside, it can cover a merged model's dot.
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7)
   fig.tight_layout()
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=120)
+  fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
   path = workdir_lib.as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

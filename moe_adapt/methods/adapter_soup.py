@@ -630,24 +630,32 @@ def _save(fig, path: str | os.PathLike) -> None:
   plt = _pyplot()
   fig.tight_layout()
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=120)
+  fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # legends outside the axes too
   plt.close(fig)
   workdir_lib.write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_fsd_accuracy(
-  path: str | os.PathLike, mixtures: Sequence[Mapping], pooled: Mapping
+  path: str | os.PathLike, mixtures: Sequence[Mapping], pooled: Mapping, *, seed: int | None = None
 ) -> None:
-  """Scatter of FSD vs accuracy − own accuracy, mixtures of size >= 2, one colour per domain."""
+  """Scatter of FSD vs accuracy − own accuracy, mixtures of size >= 2, one colour per domain.
+
+  Marker area grows with the mixture's size (number of adapters), shown in a second legend;
+  the title names the seed of the run.
+  """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.0, 4.5))
+  fig, ax = plt.subplots(figsize=(7.2, 4.5))
+
+  def area(size: int) -> float:
+    return 12 + 6 * size
+
   domains = list(dict.fromkeys(m["domain"] for m in mixtures))
   for d in domains:
     pts = [m for m in mixtures if m["domain"] == d and m["size"] >= 2]
     ax.scatter(
       [100 * m["fsd"] for m in pts],
       [100 * m["accuracy_delta"] for m in pts],
-      s=[12 + 6 * m["size"] for m in pts],
+      s=[area(m["size"]) for m in pts],
       alpha=0.7,
       label=d,
     )
@@ -658,11 +666,27 @@ def plot_fsd_accuracy(
   def fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
 
+  run = "" if seed is None else f"seed {seed}: "
   ax.set_title(
-    f"pooled Pearson {fmt(pooled.get('pearson'))}, Spearman {fmt(pooled.get('spearman'))}"
+    f"{run}pooled Pearson {fmt(pooled.get('pearson'))}, Spearman {fmt(pooled.get('spearman'))}",
+    fontsize=10,
   )
   if domains:
-    ax.legend(fontsize=7, ncol=2)
+    # Two legends outside the axes: colour = domain, marker size = adapters in the mixture.
+    colours = ax.legend(
+      title="domain", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0
+    )
+    ax.add_artist(colours)
+    sizes = sorted({m["size"] for m in mixtures if m["size"] >= 2})
+    handles = [ax.scatter([], [], s=area(k), color="gray", alpha=0.7, label=str(k)) for k in sizes]
+    ax.legend(
+      handles=handles,
+      title="adapters mixed",
+      fontsize=7,
+      loc="lower left",
+      bbox_to_anchor=(1.02, 0.0),
+      borderaxespad=0,
+    )
   _save(fig, path)
 
 
@@ -1162,7 +1186,10 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   if jax.process_index() == 0:
     plots.mkdir(parents=True, exist_ok=True)
     plot_fsd_accuracy(
-      plots / "fsd_accuracy.png", study["mixtures"], study["correlations"]["fsd"]["pooled"]
+      plots / "fsd_accuracy.png",
+      study["mixtures"],
+      study["correlations"]["fsd"]["pooled"],
+      seed=config.seed,
     )
     plot_fsd_matrix(plots / "fsd_matrix.png", study["fsd_matrix"], domains.adapters)
     if pruning["curves"]:

@@ -16,6 +16,7 @@ gives bitwise the same result as one run straight through, because `state`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,6 +74,18 @@ def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
   return out
 
 
+def _progress_bar(stage: str, total: int, done: int, *, disable: bool) -> tqdm.tqdm:
+  """A bar starting at `done` steps: its rate and ETA cover only the steps shown after it."""
+  return tqdm.tqdm(
+    total=total,
+    initial=done,
+    desc=stage,
+    unit="step",
+    disable=disable,
+    dynamic_ncols=True,
+  )
+
+
 @jax.jit
 def _state_is_finite(state: PyTree) -> jax.Array:
   """True when every floating leaf of `state` is finite."""
@@ -124,7 +137,8 @@ def train_loop(
       and after the last step.
     writer: where metric lines go (None: not written); flushed before every save and
       before a `TrainingDivergedError`.
-    progress: show a tqdm bar (process 0 only).
+    progress: on process 0, print a line as the stage starts and show a tqdm bar from the
+      end of the first step on (so that its rate and ETA exclude compilation).
 
   Returns:
     The final state.
@@ -150,6 +164,11 @@ def train_loop(
         raise ValueError(
           f"stage '{stage}' finished at step {start} in {checkpointer.directory}, but "
           f"num_steps={num_steps}; accepted: num_steps={start} (or another --workdir)"
+        )
+      if progress and jax.process_index() == 0:
+        tqdm.tqdm.write(
+          f"stage '{stage}': finished earlier; restored from {checkpointer.directory}",
+          file=sys.stderr,
         )
       return state
     if start > num_steps:
@@ -177,13 +196,14 @@ def train_loop(
       raise TrainingDivergedError(stage, step, last_saved, checkpointer.directory)
 
   first_bad = jnp.asarray(-1, jnp.int32)
-  bar = tqdm.tqdm(
-    total=num_steps,
-    initial=start,
-    desc=stage,
-    disable=not progress or jax.process_index() != 0,
-    dynamic_ncols=True,
-  )
+  show = progress and jax.process_index() == 0
+  if show:
+    where = f"resuming at step {start}" if start else "starting"
+    tqdm.tqdm.write(
+      f"stage '{stage}': {num_steps} steps, {where} (the first step compiles)", file=sys.stderr
+    )
+  # Created once the first step has run: its rate and ETA then count only compiled steps.
+  bar = None
   try:
     for step in range(start, num_steps):
       step_arr = jnp.asarray(step, jnp.int32)
@@ -194,8 +214,13 @@ def train_loop(
           f"step_fn of stage '{stage}' must return (state, metrics) with a 'loss' metric; got {got}"
         )
       first_bad = _first_bad_step(first_bad, metrics["loss"], step_arr)
-      bar.update(1)
       done = step + 1
+      if bar is None:
+        if show:
+          jax.block_until_ready(metrics["loss"])  # Compilation and the first step are over.
+        bar = _progress_bar(stage, num_steps, done, disable=not show)
+      else:
+        bar.update(1)
       if done % log_every == 0 or done == num_steps:
         if writer is not None or not bar.disable:
           host_metrics = jax.device_get(dict(metrics))
@@ -212,5 +237,6 @@ def train_loop(
     flush_metrics()
     checkpointer.save(num_steps, state, finished=True)
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
   return state

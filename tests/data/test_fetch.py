@@ -102,6 +102,46 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
   assert "~" not in str(fetch.resolve_data_dir())
 
 
+def test_data_dir_is_per_user_and_follows_xdg(tmp_path, monkeypatch):
+  monkeypatch.delenv(fetch.DATA_DIR_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert fetch.resolve_data_dir() == tmp_path / "xdg" / "moe_adapt"
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert fetch.resolve_data_dir() == tmp_path / "home" / ".cache" / "moe_adapt"
+
+
+def test_tokenization_does_not_depend_on_the_order_of_fetches(tmp_path, monkeypatch, capsys):
+  from moe_adapt.data import text
+
+  present, tokenized = set(), []
+
+  def fake_fetch(name, data_dir, force):
+    present.update(fetch.ARCHIVES if name == "all" else {name})
+    return []
+
+  def fake_archive_path(name, data_dir=None, *, verify=True):
+    if name not in present:
+      raise fetch.ArchiveError(f"{name} not fetched")
+    return tmp_path / name
+
+  monkeypatch.setattr(fetch, "fetch", fake_fetch)
+  monkeypatch.setattr(fetch, "archive_path", fake_archive_path)
+  monkeypatch.setattr(
+    text, "tokenized_corpus", lambda source, *, max_len, data_dir: tokenized.append(source)
+  )
+  dirs = ["--data_dir", str(tmp_path)]
+  # Text before the tokenizer: a note, then tokenized when MiniLM arrives.
+  assert fetch.entry_point(["fetch", "vader_sentiment", *dirs]) == 0
+  assert "note: the text is tokenized with MiniLM's tokenizer" in capsys.readouterr().out
+  assert tokenized == []
+  assert fetch.entry_point(["fetch", "minilm", *dirs]) == 0
+  assert tokenized == ["vader_sentiment"]
+  # Text after the tokenizer: tokenized at once.
+  assert fetch.entry_point(["fetch", "tweets_topics", *dirs]) == 0
+  assert tokenized == ["vader_sentiment", "tweets_topics"]
+
+
 def test_unknown_name_is_an_error():
   with pytest.raises(ValueError, match="NAME='imdb' is unknown; accepted: minilm, vader_sentiment"):
     fetch.fetch("imdb")
@@ -113,9 +153,8 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     fetch, "fetch", lambda name, data_dir, force: seen.append((name, data_dir, force)) or []
   )
   assert fetch.entry_point(["fetch", "all", "--data_dir", str(tmp_path), "--force"]) == 0
-  assert "note: the text is tokenized with MiniLM's tokenizer" in capsys.readouterr().out
-  assert fetch.entry_point(["fetch", "minilm"]) == 0
-  assert seen == [("all", str(tmp_path), True), ("minilm", None, False)]
+  assert fetch.entry_point(["fetch", "minilm", "--data_dir", str(tmp_path)]) == 0
+  assert seen == [("all", str(tmp_path), True), ("minilm", str(tmp_path), False)]
   with pytest.raises(SystemExit) as info:
     fetch.entry_point(["fetch", "imdb"])
   assert info.value.code == 2

@@ -157,7 +157,8 @@ def main_run(background) -> pathlib.Path:
   (copy / adamix.SPREAD_PLOT).unlink()
   background["copy_listing"] = _tree_listing(copy)
   background["w0"] = _popen(FLAGS_W0, base / "w0", base, "w0", cache)
-  background["rerun"] = _popen(FLAGS, copy, base, "rerun", cache, script=NO_EVAL)
+  # --print_json: the rerun's results as its last stdout line.
+  background["rerun"] = _popen([*FLAGS, "--print_json"], copy, base, "rerun", cache, script=NO_EVAL)
   background["procs"] += [background["w0"], background["rerun"]]
   return workdir
 

@@ -65,6 +65,7 @@ FLAGS = [
   "--config=configs/finetune.py:digits,tiny",
   *(f"--config.{k}={v}" for k, v in SMALL.items()),
   f"--config.variants={VARIANTS!r}",
+  "--print_json",  # the results as the last stdout line
 ]
 
 

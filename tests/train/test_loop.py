@@ -246,6 +246,31 @@ def test_progress_bar_and_no_writer(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "bar" in err and "3/3" in err and "loss=" in err
   assert not (tmp_path / "metrics.jsonl").exists()
+  # A line as the stage starts; the bar appears once the first (compiling) step is done,
+  # so that its rate and ETA count compiled steps only: it never shows 0/3.
+  assert err.startswith("stage 'bar': 3 steps, starting (the first step compiles)\n"), err
+  assert "1/3" in err and "0/3" not in err
+
+
+def test_progress_line_of_a_resumed_and_of_a_finished_stage(tmp_path, capsys):
+  class Interrupted(Exception):
+    pass
+
+  def interrupted_at_2(state, step):
+    if int(step) == 2:  # After the checkpoint of step 2.
+      raise Interrupted
+    return STEP(state, step)
+
+  kwargs = dict(stage="s", num_steps=3, checkpoint_every=2, log_every=1, progress=True)
+  for step_fn in (interrupted_at_2, STEP, STEP):  # killed, resumed, rerun when finished
+    with ckpt_lib.Checkpointer(tmp_path) as ckpt:
+      try:
+        loop_lib.train_loop(step_fn, init_state(), checkpointer=ckpt, **kwargs)
+      except Interrupted:
+        pass
+  err = capsys.readouterr().err
+  assert "stage 's': 3 steps, resuming at step 2" in err
+  assert f"stage 's': finished earlier; restored from {tmp_path}" in err
 
 
 @pytest.mark.parametrize(
