@@ -70,8 +70,8 @@ def _check_encoder(name: Any) -> None:
     raise ValueError(f"encoder={name!r} is invalid; accepted: {_ENCODERS_ACCEPTED}")
   if _is_checkpoint(name) and not (Path(name) / "config.json").is_file():
     raise ValueError(
-      f"encoder={name!r} is neither a known encoder nor a checkpoint directory (no "
-      f"config.json there); accepted: {_ENCODERS_ACCEPTED}"
+      f"encoder={name!r} is unknown (and not a checkpoint directory: no config.json "
+      f"there); accepted: {_ENCODERS_ACCEPTED}"
     )
 
 

@@ -84,7 +84,9 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path, monkeypatch):
   for name in ("roberta", "resnet50"):
     with pytest.raises(ValueError, match=rf"encoder='.*{name}' holds a '\w+' checkpoint; accep"):
       data.get_benchmark("embedded", **embedded_options(data_dir, FIXTURES / name))
-  with pytest.raises(ValueError, match=r"encoder='bert-base' is neither a known encoder nor a"):
+  with pytest.raises(
+    ValueError, match=r"encoder='bert-base' is unknown \(and not a checkpoint directory"
+  ):
     data.get_benchmark("embedded", **embedded_options(data_dir, "bert-base"))
 
 
