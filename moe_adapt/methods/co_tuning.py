@@ -331,10 +331,12 @@ def make_task(config, *, source_names: Sequence[str] | None = None) -> Task:
   if cfg.source_domain:
     source_names = tuple(names[c] for c in source_classes)
     for part in source:
+      # Only training needs every class; val and test fit and measure the temperature.
       source[part] = select_classes(
         getattr(splits[cfg.source_domain], part),
         source_classes,
         where=f"source domain {cfg.source_domain!r} ({part} split)",
+        require_all=part == "train",
       )
   elif source_names is not None:
     source_names = tuple(source_names)

@@ -6,6 +6,7 @@
 - Input normalisation from preprocessor_config.json / timm's config, ImageNet otherwise.
 - Bad input, one message naming model.source_checkpoint: not a checkpoint directory, a file
   of a checkpoint directory, a text model, a classifier without a head, a PyTorch pickle.
+- With a source domain (slow): T fitted on its val split, its training split never used.
 - End to end (slow): the accelerator preset `co_tuning.py:cub,tiny` through the CLI on a
   CUB-200-format mock TFDS dataset from the ResNet-50 fixture.
 """
@@ -164,3 +165,37 @@ def test_cub_tiny_preset_runs_from_the_resnet50_fixture(tmp_path):
     matrix = np.asarray(results["relationships"][kind]["matrix"])
     assert matrix.shape == (3, 5)
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_source_validation_split_fits_the_temperature(tmp_path):
+  """No source training data is needed: T is fitted on the source domain's val split.
+
+  About 13 s (compiling the 50-layer inference pass).
+  """
+  from moe_adapt.data import tfds_builders
+
+  builder = tfds_builders.prepare_mock(
+    "domainnet",
+    tmp_path / "tfds",
+    num_classes=5,
+    per_class={"train": 16, "test": 8},
+    domains=("clipart", "painting"),
+  )
+  config = CONFIGS.get_config("cub,tiny")
+  config.data.options.tfds_name = f"{builder.name}/{builder.builder_config.name}"
+  config.data.options.data_dir = str(tmp_path / "tfds")
+  config.data.options.domain_key = "domain"
+  config.data.options.val_fraction = 0.3
+  config.data.source_domain, config.data.target_domain = "clipart", "painting"
+  config.calibration.temperature = 0.0  # fit it
+  config.model.source_checkpoint = str(FIXTURES / "resnet50")
+  co_tuning.validate_config(config)
+  setup = co_tuning.make_setup(config)
+  assert setup.x_source is None  # the source training split is never placed on device
+  assert len(setup.task.source_names) == 5  # the benchmark's classes, the head's count
+  source = co_tuning.pretrained_source(setup, str(tmp_path / "run"), writer=None)
+  calibration = co_tuning.calibrate(setup, co_tuning.make_logits_fn(setup), source)
+  assert calibration["fitted"] is True
+  assert calibration["fitted_on"].startswith("clipart val")
+  assert calibration["temperature"] > 0
