@@ -20,19 +20,29 @@ docs/co_tuning.md (4 sampling rates × 3 seeds = 12 runs, about 40 minutes there
       --set stage_cache=runs/co_tuning_fmnist/_stage_cache
   python -m launch.collect --sweep_dir=runs/co_tuning_fmnist
 
-Accelerator preset (a skeleton for the paper's setting; it needs files that are not here):
+Accelerator preset (the paper's setting; it needs a checkpoint and a prepared dataset):
 
   moe-adapt --config=configs/co_tuning.py:cub --workdir=runs/co_tuning_cub \
-      --config.model.source_checkpoint=/path/to/resnet50_imagenet.npz \
+      --config.model.source_checkpoint=/path/to/resnet-50 \
       --config.data.options.data_dir=/path/to/tensorflow_datasets
 
-  source: an ImageNet ResNet-50 (`model.source_checkpoint`, an .npz or .safetensors file
-          with the flat keys `params/backbone/...`, `params/head/...`,
-          `batch_stats/backbone/...` of `models.Classifier(ResNet50, 1000)`, see
-          `moe_adapt.methods.co_tuning.save_source_checkpoint`); no source data, so the
-          source temperature is the official code's constant (T = 1 / 0.8840456604957581);
-  target: a TFDS dataset prepared as array_record (`caltech_birds2011`), read through
-          the `tfds` benchmark.
+  source: an ImageNet ResNet-50 checkpoint directory in Hugging Face (`microsoft/resnet-50`)
+          or timm (`resnet50`) naming: config.json + model.safetensors, read by
+          `moe_adapt.models.checkpoints`; its classification head is the source head and
+          its preprocessing (ImageNet mean / std unless preprocessor_config.json says
+          otherwise) normalises the images. (A file of
+          `moe_adapt.methods.co_tuning.save_source_checkpoint`, .npz or .safetensors,
+          still works.) No source data, so the source temperature is the official code's
+          constant (T = 1 / 0.8840456604957581, fitted for torchvision's ResNet-50; set
+          `calibration.temperature` for another model, or `data.source_domain` to fit T on
+          that domain's val split);
+  target: a TFDS dataset prepared as array_record (`caltech_birds2011`, which has no
+          domain feature: `data.options.domain_key=None`), read through the `tfds`
+          benchmark.
+
+  `cub,tiny` (4 steps per stage, 32 px images) runs in CI on a CUB-format mock dataset
+  (`moe_adapt.data.tfds_builders.prepare_mock('cub200', ...)`) from the tiny ResNet-50
+  fixture checkpoint (tests/methods/test_co_tuning_checkpoint.py).
 
 The argument is `<preset>[,tiny]`; `tiny` shrinks every stage to a few steps (for tests
 and smoke runs). Any field can be overridden, e.g. `--config.data.sampling_rate=0.15
@@ -86,9 +96,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "convnet"  # see moe_adapt.models.BACKBONES
   c.model.options = ml_collections.ConfigDict({"width": 32, "feature_dim": 128})
-  # A pre-trained source model to start from instead of the `source` stage ('' = train it).
+  # A pre-trained source model to start from instead of the `source` stage ('' = train it):
+  # a Hugging Face / timm ResNet checkpoint directory (its head is the source head; it
+  # replaces model.backbone), or an .npz / .safetensors file of save_source_checkpoint.
   c.model.source_checkpoint = ""
-  # With a checkpoint and no data.source_domain: the checkpoint's number of source classes.
+  # With a checkpoint and no data.source_domain: the checkpoint's number of source classes
+  # (a .npz / .safetensors file needs it; 0 = a directory's head says it).
   c.model.num_source_classes = 0
 
   # Stage `source`: ERM on the source training split (Adam), shared across runs.
@@ -144,8 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset == "cub":
     c.data.benchmark = "tfds"
     # A TFDS dataset prepared as array_record under data_dir ('' = TFDS's default folder).
+    # caltech_birds2011 has no domain feature: the whole dataset is one domain.
     c.data.options = ml_collections.ConfigDict(
-      {"tfds_name": "caltech_birds2011", "data_dir": "", "image_size": 224}
+      {"tfds_name": "caltech_birds2011", "data_dir": "", "image_size": 224, "domain_key": None}
     )
     c.data.source_domain = ""
     c.data.target_domain = ""
@@ -155,7 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.target_val_per_class = 0
     c.model.backbone = "resnet50"
     c.model.options = ml_collections.ConfigDict()
-    c.model.num_source_classes = 1000
+    c.model.num_source_classes = 0  # the checkpoint's head (1000 for ImageNet)
     c.calibration.temperature = 1.0 / 0.8840456604957581  # the official code's ImageNet constant
     c.finetune.steps = 9050
     c.finetune.batch_size = 48
@@ -164,6 +178,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 100
 
   if tiny:
+    if preset == "cub":
+      # Compilation of the 50-layer network dominates; small images keep the steps cheap.
+      c.data.options.image_size = 32
     if preset == "fmnist":
       c.data.options.max_per_domain = 300
       c.data.target_train_per_class = 10

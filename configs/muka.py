@@ -30,6 +30,10 @@ teachers, students and oracle are MLP heads on them):
       --set stage_cache=runs/muka_newsgroups/_stage_cache
   python -m launch.collect --sweep_dir=runs/muka_newsgroups
 
+Any BERT-family checkpoint directory can replace MiniLM as the frozen encoder of teachers
+and student (Hugging Face naming, with bert-base-uncased's WordPiece vocabulary):
+`--config.data.options.encoder=/path/to/bert-base-uncased`.
+
 Runtime: the embedding pass runs once (~15 min on 2 shared cores, then cached under
 `$MOE_ADAPT_CACHE`); each run then takes 1.5-2 minutes. `newsgroups,hetero`: K = 2
 heterogeneous teachers (a linear probe and a 512-wide MLP; `teachers.backbone_options`).
@@ -176,6 +180,9 @@ def _newsgroups(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
       "base": "newsgroups",
       # '' = the base's default (data_dir also locates the MiniLM weights).
       "base_options": {"grouping": "single", "data_dir": "", "tokenizer": "", "val_fraction": 0.1},
+      # The frozen encoder every teacher and the student start from: 'minilm', or a
+      # Hugging Face BERT / DistilBERT checkpoint directory with the base tokenizer's
+      # WordPiece vocabulary (e.g. bert-base-uncased), read by moe_adapt.models.checkpoints.
       "encoder": "minilm",
       # 64 WordPiece tokens (subject line and the post's start): the embedding pass over
       # 8,100 documents takes ~12 min on 2 shared cores; 128 would double it.

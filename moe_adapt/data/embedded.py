@@ -12,9 +12,11 @@ x = embeddings float32 [N, D] (input_shape (D,)). Any vector model (e.g. the `ml
 backbone of `moe_adapt.models`) can then train on it in milliseconds per step, where
 fine-tuning the encoder would not fit a CPU budget.
 
-Encoders: 'minilm' (all-MiniLM-L6-v2, `moe-adapt-data fetch minilm`, D = 384) and
+Encoders: 'minilm' (all-MiniLM-L6-v2, `moe-adapt-data fetch minilm`, D = 384),
 'tiny_random' (a 2-layer, 32-wide BERT with fixed random weights, D = 32; for tests and
-smoke runs, needs no download).
+smoke runs, needs no download), or the path of a Hugging Face BERT / DistilBERT checkpoint
+directory (config.json + safetensors, read by `moe_adapt.models.checkpoints`; its
+vocabulary must be the base benchmark's WordPiece one, e.g. bert-base-uncased's 30522 ids).
 
 The embeddings are stored as .npz under `registry.cache_dir()`, keyed by a hash of (base
 name, its resolved options, the encoder's weights' SHA-256, max_len, the per-class caps,
@@ -28,6 +30,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,12 @@ from moe_adapt.data import fetch, registry
 # Bump when a change here changes the embeddings built from the same inputs.
 CODE_VERSION = 1
 ENCODERS = ("minilm", "tiny_random")
+_ENCODERS_ACCEPTED = (
+  f"{', '.join(ENCODERS)}, or a BERT / DistilBERT checkpoint directory (config.json + "
+  "model.safetensors)"
+)
+# Checkpoint architectures (models.checkpoints) whose token ids are WordPiece ids.
+_CHECKPOINT_ARCHITECTURES = ("bert", "distilbert")
 SPLITS = ("train", "val", "test")
 # The tiny test encoder's architecture: MiniLM's vocabulary (any BERT WordPiece id fits).
 _TINY_BERT = dict(
@@ -51,14 +60,49 @@ _TINY_BERT = dict(
 # ----------------------------------------------------------------------------- encoders
 
 
+def _is_checkpoint(name: str) -> bool:
+  """Whether encoder `name` is a checkpoint directory (anything but ENCODERS' names)."""
+  return name not in ENCODERS
+
+
+def _check_encoder(name: Any) -> None:
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"encoder={name!r} is invalid; accepted: {_ENCODERS_ACCEPTED}")
+  if _is_checkpoint(name) and not (Path(name) / "config.json").is_file():
+    raise ValueError(
+      f"encoder={name!r} is unknown (and not a checkpoint directory: no config.json "
+      f"there); accepted: {_ENCODERS_ACCEPTED}"
+    )
+
+
+def _checkpoint_plan(directory: str):
+  """(BertConfig, weight files) of a BERT-family checkpoint directory, from its headers."""
+  from moe_adapt.models import checkpoints, hf_io
+
+  architecture, _, module, _, _ = checkpoints.plan(directory)
+  if architecture not in _CHECKPOINT_ARCHITECTURES:
+    raise ValueError(
+      f"encoder={directory!r} holds a {architecture!r} checkpoint; accepted: "
+      f"{', '.join(_CHECKPOINT_ARCHITECTURES)} (WordPiece token ids, as the text benchmarks')"
+    )
+  return module.config, hf_io.weight_files(directory)
+
+
 def load_encoder(name: str, data_dir: str | None = None) -> tuple[Any, Any, str]:
   """(BertConfig, encoder params without pooler, SHA-256 of the weights) of encoder `name`.
 
   Raises:
-    ValueError: an unknown `name`; fetch.ArchiveError when MiniLM is not fetched.
+    ValueError: an unknown `name`, a checkpoint of another architecture; fetch.ArchiveError
+      when MiniLM is not fetched.
   """
-  if name not in ENCODERS:
-    raise ValueError(f"encoder={name!r} is unknown; accepted: {', '.join(ENCODERS)}")
+  _check_encoder(name)
+  if _is_checkpoint(name):
+    from moe_adapt.models import checkpoints
+
+    config, _ = _checkpoint_plan(name)
+    params = checkpoints.load_checkpoint(name).params
+    params = {k: v for k, v in params.items() if k != "pooler"}
+    return config, params, _weights_sha256(name, data_dir)
   # Imported here: the encoder is a model (a layer above data/), needed only by this
   # wrapper and only when it actually encodes or hashes weights.
   import jax
@@ -185,8 +229,7 @@ def embedded(
   if not isinstance(base_options, Mapping):
     raise ValueError(f"base_options={base_options!r} is invalid; accepted: a dict of options")
   options = {k: v for k, v in dict(base_options).items() if v != ""}
-  if encoder not in ENCODERS:
-    raise ValueError(f"encoder={encoder!r} is unknown; accepted: {', '.join(ENCODERS)}")
+  _check_encoder(encoder)
   if max_len is not None:
     if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < 2:
       raise ValueError(f"max_len={max_len!r} is invalid; accepted: None or an int >= 2")
@@ -212,11 +255,17 @@ def embedded(
       "newsgroups, tweets_topics, vader_sentiment"
     )
   data_dir = options.get("data_dir")
-  dim = _TINY_BERT["hidden_size"] if encoder == "tiny_random" else None
-  if dim is None:  # MiniLM: read the width from its config without loading the weights
+  vocab_size = _TINY_BERT["vocab_size"]
+  if encoder == "tiny_random":
+    dim = _TINY_BERT["hidden_size"]
+  elif _is_checkpoint(encoder):  # names and shapes checked from the headers, no data read
+    bert_config, _ = _checkpoint_plan(encoder)
+    dim, vocab_size = bert_config.hidden_size, bert_config.vocab_size
+  else:  # MiniLM: read the width from its config without loading the weights
     from moe_adapt.models import bert
 
-    dim = bert.BertConfig.from_json(fetch.minilm_files(data_dir).config).hidden_size
+    minilm = bert.BertConfig.from_json(fetch.minilm_files(data_dir).config)
+    dim, vocab_size = minilm.hidden_size, minilm.vocab_size
   resolved = {
     "base": base,
     "base_options": dict(base_bench.options),
@@ -236,6 +285,12 @@ def embedded(
     ids = [getattr(text[d], p).token_ids[i] for (d, p), i in kept.items()]
     masks = [getattr(text[d], p).attention_mask[i] for (d, p), i in kept.items()]
     labels = [getattr(text[d], p).labels[i] for (d, p), i in kept.items()]
+    top = max((int(x.max()) for x in ids if x.size), default=0)
+    if top >= vocab_size:  # an embedding lookup would clip such ids silently
+      raise ValueError(
+        f"encoder={encoder!r} has vocab_size={vocab_size}, but base {base!r}'s token ids "
+        f"reach {top}; accepted: an encoder with the base tokenizer's vocabulary"
+      )
     return _embed_splits(resolved, seed, data_dir, kept, ids, masks, labels, use_cache)
 
   return registry.Benchmark(
@@ -288,6 +343,13 @@ def _weights_sha256(encoder: str, data_dir: str | None) -> str:
   """SHA-256 of the encoder's weights (of MiniLM's file: memoised per path, size, mtime)."""
   if encoder == "tiny_random":
     return _tiny_sha256()
+  if _is_checkpoint(encoder):
+    _, files = _checkpoint_plan(encoder)
+    digest = hashlib.sha256()
+    for path in files:
+      stat = path.stat()
+      digest.update(_file_sha256(str(path), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
   path = fetch.minilm_files(data_dir).weights
   stat = path.stat()
   return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)

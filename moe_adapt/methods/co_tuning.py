@@ -12,13 +12,19 @@ R[y_t] = p(y_s | y_t), and fine-tunes F, G and a new target head H together with
 prediction uses H only. Stages and steps (each training stage checkpointed under
 `<workdir>/checkpoints/<stage>` and skipped when finished):
 
-1. `source`: the source model, pre-trained by ERM on the source training split (or loaded
-   from `model.source_checkpoint`). It depends only on the source data, model and `source`
-   fields, so every run of a sweep reuses it through the stage cache.
+1. `source`: the source model, pre-trained by ERM on the source training split, or loaded
+   from `model.source_checkpoint`: a Hugging Face / timm ResNet checkpoint directory
+   (config.json + safetensors, read by `models.checkpoints`; its linear classification head
+   is the source head, its images are normalised as its preprocessing says) or a file in
+   this project's layout (`save_source_checkpoint`). A trained source depends only on the
+   source data, model and `source` fields, so every run of a sweep reuses it through the
+   stage cache.
 2. Calibration: a temperature T of the source head fitted on the source val split; the
-   source head's ECE before and after is measured on the source test split (the official
-   code hard-codes T for its ImageNet ResNet-50; with a checkpoint and no source data,
-   `calibration.temperature` gives T).
+   source head's ECE before and after is measured on the source test split. A checkpoint
+   needs no source training data: with `data.source_domain` set, only that domain's val and
+   test splits are used (T fitted there); without any source data, T =
+   `calibration.temperature` (> 0; the official code hard-codes T for its ImageNet
+   ResNet-50). Target data cannot fit T: its labels are not source classes.
 3. Relationships on the target training subset from the calibrated source probabilities
    softmax(G(F(x)) / T): `direct` (per-class means) and/or `reverse` (the paper's
    Algorithm 1; its L2 strength and calibration use the target val subset).
@@ -41,10 +47,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +73,15 @@ PyTree = Any
 RELATIONSHIPS = ("direct", "reverse")
 VARIANTS = ("fine_tune", "l2_sp", *(f"co_tuning_{kind}" for kind in RELATIONSHIPS))
 _CO_TUNING_PREFIX = "co_tuning_"
+# model.source_checkpoint: a file of these suffixes is in this project's layout
+# (save_source_checkpoint); any other path is a Hugging Face / timm checkpoint directory.
 CHECKPOINT_SUFFIXES = (".npz", ".safetensors")
+# PyTorch pickles, refused by name (their weights must be converted to safetensors first).
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Checkpoint architectures (models.checkpoints.ARCHITECTURES) usable as the source model.
+SOURCE_ARCHITECTURES = ("resnet", "timm_resnet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------
@@ -152,17 +168,20 @@ def validate_config(config) -> None:
   if not checkpoint and not config.data.source_domain:
     raise ValueError(
       "model.source_checkpoint is empty and so is data.source_domain: nothing to pre-train on; "
-      "accepted: model.source_checkpoint=PATH of a pre-trained source model "
-      f"({' or '.join(CHECKPOINT_SUFFIXES)}, see co_tuning.save_source_checkpoint), or a "
-      "data.source_domain of the benchmark to pre-train on"
+      "accepted: model.source_checkpoint=PATH of a pre-trained source model (a Hugging Face / "
+      f"timm checkpoint directory, or a {' or '.join(CHECKPOINT_SUFFIXES)} file of "
+      "co_tuning.save_source_checkpoint), or a data.source_domain of the benchmark to "
+      "pre-train on"
     )
-  if checkpoint and not checkpoint.endswith(CHECKPOINT_SUFFIXES):
+  if checkpoint.endswith(_TORCH_SUFFIXES):
     raise ValueError(
-      f"model.source_checkpoint={checkpoint!r} is invalid; accepted: a "
-      f"{' or '.join(CHECKPOINT_SUFFIXES)} file"
+      f"model.source_checkpoint={checkpoint!r} is invalid (a PyTorch pickle); accepted: a "
+      "Hugging Face / timm checkpoint directory (config.json + model.safetensors) or a "
+      f"{' or '.join(CHECKPOINT_SUFFIXES)} file of co_tuning.save_source_checkpoint"
     )
   if checkpoint and not config.data.source_domain:
-    integer("model.num_source_classes", 1)  # otherwise data.source_classes says it
+    # A directory's head gives the number of source classes (0 = take it from there).
+    integer("model.num_source_classes", 1 if is_legacy_checkpoint(checkpoint) else 0)
   if not config.data.source_domain and config.calibration.temperature == 0:
     raise ValueError(
       "calibration.temperature=0 (fit on held-out source data) needs data.source_domain; "
@@ -176,11 +195,14 @@ def validate_config(config) -> None:
 # ----------------------------------------------------------------------------
 
 
-def select_classes(split: data.Split, classes: Sequence[int], *, where: str) -> data.Split:
+def select_classes(
+  split: data.Split, classes: Sequence[int], *, where: str, require_all: bool = True
+) -> data.Split:
   """The examples of `classes`, relabelled 0..len(classes)-1 in that order.
 
   Raises:
-    ValueError: naming `where` and the class when a class has no example.
+    ValueError: naming `where` and the class when a class has no example (unless
+      `require_all` is False: a validation split may lack a class).
   """
   classes = np.asarray(classes, np.int64)
   keep = np.isin(split.y, classes)
@@ -188,7 +210,7 @@ def select_classes(split: data.Split, classes: Sequence[int], *, where: str) -> 
   relabel[classes] = np.arange(len(classes), dtype=np.int32)
   y = relabel[split.y[keep]]
   counts = np.bincount(y, minlength=len(classes))
-  if np.any(counts == 0):
+  if require_all and np.any(counts == 0):
     missing = [int(classes[i]) for i in np.flatnonzero(counts == 0)]
     raise ValueError(
       f"{where} has no example of class(es) {missing}; accepted: classes present in it"
@@ -271,8 +293,12 @@ def _class_indices(name: str, value: Sequence[int], benchmark) -> tuple[int, ...
   return classes
 
 
-def make_task(config) -> Task:
-  """Loads the benchmark and builds the source and target tasks of the config."""
+def make_task(config, *, source_names: Sequence[str] | None = None) -> Task:
+  """Loads the benchmark and builds the source and target tasks of the config.
+
+  `source_names` (a source checkpoint's class names) name the source classes when there is
+  no source domain; otherwise they are `source_<j>` for `model.num_source_classes` classes.
+  """
   cfg = config.data
   # An empty string means the benchmark's default (e.g. data_dir).
   options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
@@ -305,20 +331,26 @@ def make_task(config) -> Task:
   if cfg.source_domain:
     source_names = tuple(names[c] for c in source_classes)
     for part in source:
+      # Only training needs every class; val and test fit and measure the temperature.
       source[part] = select_classes(
         getattr(splits[cfg.source_domain], part),
         source_classes,
         where=f"source domain {cfg.source_domain!r} ({part} split)",
+        require_all=part == "train",
       )
+  elif source_names is not None:
+    source_names = tuple(source_names)
   else:
     source_names = tuple(f"source_{j}" for j in range(config.model.num_source_classes))
 
   target_names = tuple(names[c] for c in target_classes)
+  # The val split may lack a class (it is small, cut at random; it may be empty anyway).
   target = {
     part: select_classes(
       getattr(splits[target_domain], part),
       target_classes,
       where=f"target domain {target_domain!r} ({part} split)",
+      require_all=part != "val",
     )
     for part in ("train", "val", "test")
   }
@@ -361,6 +393,10 @@ class Setup:
   y_source: jax.Array | None  # [N_s] int32
   x_target: jax.Array  # [N_t, H, W, C] sampled target training images, replicated
   y_target: jax.Array  # [N_t] int32
+  # A checkpoint directory's source model: {'params': {'backbone', 'head'}, 'batch_stats'}
+  # (host NumPy), and what `pretrained_source` returns; None otherwise.
+  source_variables: dict | None = None
+  source_info: dict | None = None  # the checkpoint's architecture and input normalisation
 
   @property
   def num_source_classes(self) -> int:
@@ -389,14 +425,39 @@ def make_setup(config) -> Setup:
   """Loads the data, builds the models and places the training arrays on the mesh.
 
   Every data-dependent check happens here (the CLI calls it before it writes anything):
-  the source checkpoint file, domains, classes, the sampled subsets.
+  the source checkpoint, domains, classes, the sampled subsets.
   """
   checkpoint = config.model.source_checkpoint
-  if checkpoint and not workdir_lib.as_path(checkpoint).is_file():
-    raise ValueError(_missing_checkpoint_message(checkpoint))
-  task = make_task(config)
+  loaded = None
+  if checkpoint and is_legacy_checkpoint(checkpoint):
+    if not workdir_lib.as_path(checkpoint).is_file():
+      raise ValueError(_missing_checkpoint_message(checkpoint))
+  elif checkpoint:
+    loaded = load_source_model(checkpoint)
+    wanted = config.model.num_source_classes
+    if not config.data.source_domain and wanted and wanted != len(loaded.class_names):
+      raise ValueError(
+        f"model.num_source_classes={wanted} but the head of model.source_checkpoint="
+        f"'{checkpoint}' has {len(loaded.class_names)} classes; accepted: 0 (take the "
+        "checkpoint's) or that number"
+      )
+  task = make_task(config, source_names=None if loaded is None else loaded.class_names)
+  if loaded is not None:
+    _check_checkpoint_task(loaded, task, checkpoint)
+    task = normalize_task(task, loaded.mean, loaded.std)
+    backbone = loaded.module
+    logging.info(
+      "co_tuning: source model %s from %s (%d classes; model.backbone is not used); "
+      "inputs normalised with mean %s, std %s",
+      loaded.architecture,
+      checkpoint,
+      len(loaded.class_names),
+      loaded.mean.tolist(),
+      loaded.std.tolist(),
+    )
+  else:
+    backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
   mesh = mesh_lib.make_mesh(config.num_devices or None)
-  backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
   source_model = models.Classifier(backbone=backbone, num_classes=len(task.source_names))
   target_model = models.Classifier(backbone=backbone, num_classes=len(task.target_names))
   rep = mesh_lib.replicated(mesh)
@@ -414,6 +475,8 @@ def make_setup(config) -> Setup:
     y_source=y_s,
     x_target=jax.device_put(task.target_train.x, rep),
     y_target=jax.device_put(task.target_train.y, rep),
+    source_variables=None if loaded is None else loaded.variables,
+    source_info=None if loaded is None else loaded.info(checkpoint),
   )
 
 
@@ -467,6 +530,148 @@ def make_source_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
 
   return stages.bind(jax.jit(step, donate_argnums=0), setup.x_source, setup.y_source)
+
+
+def is_legacy_checkpoint(path: str) -> bool:
+  """Whether `model.source_checkpoint` names a file of `save_source_checkpoint`."""
+  return str(path).endswith(CHECKPOINT_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceModel:
+  """A source model read from a Hugging Face / timm checkpoint directory.
+
+  Attributes:
+    architecture: one of SOURCE_ARCHITECTURES.
+    module: the backbone, images [B, H, W, C] (normalised) -> features [B, D].
+    variables: {'params': {'backbone', 'head'}, 'batch_stats': {'backbone'}}, host float32;
+      the head (kernel [D, C_s], bias [C_s]) is the checkpoint's classification head.
+    class_names: the C_s source class names (config.json's id2label / label_names, else
+      `source_<j>`).
+    mean, std: [C] per-channel input normalisation, applied to images in [0, 1].
+  """
+
+  architecture: str
+  module: nn.Module
+  variables: dict
+  class_names: tuple[str, ...]
+  mean: np.ndarray
+  std: np.ndarray
+
+  def info(self, path: str) -> dict:
+    return {
+      "checkpoint": str(path),
+      "architecture": self.architecture,
+      "num_source_classes": len(self.class_names),
+      "input_mean": self.mean.tolist(),
+      "input_std": self.std.tolist(),
+    }
+
+
+def _class_names(config: Mapping, num_classes: int) -> tuple[str, ...]:
+  """Source class names from a transformers (id2label) or timm (label_names) config."""
+  id2label = config.get("id2label") or {}
+  try:
+    names = tuple(str(id2label[str(j)]) for j in range(num_classes))
+  except KeyError:
+    names = tuple(config.get("label_names") or ())
+  return names if len(names) == num_classes else tuple(f"source_{j}" for j in range(num_classes))
+
+
+def _normalisation(directory, config: Mapping) -> tuple[np.ndarray, np.ndarray]:
+  """The checkpoint's input normalisation: its preprocessor_config.json (transformers),
+  its config.json's pretrained_cfg / mean, std (timm), else ImageNet's (both libraries'
+  default for ResNets)."""
+  path = workdir_lib.as_path(directory) / "preprocessor_config.json"
+  if path.is_file():
+    pre = json.loads(path.read_text())
+    if not pre.get("do_normalize", True):
+      return np.zeros(3, np.float32), np.ones(3, np.float32)
+    mean, std = pre.get("image_mean"), pre.get("image_std")
+  else:
+    timm_cfg = config.get("pretrained_cfg") or config
+    mean, std = timm_cfg.get("mean"), timm_cfg.get("std")
+  mean = IMAGENET_MEAN if mean is None else mean
+  std = IMAGENET_STD if std is None else std
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def load_source_model(path: str) -> SourceModel:
+  """Reads `model.source_checkpoint` = a Hugging Face / timm checkpoint directory.
+
+  Raises:
+    ValueError: naming model.source_checkpoint when the directory does not hold a
+      checkpoint, holds another architecture than a ResNet, has no linear classification
+      head, or its tensors do not match its config (the loader's message is included).
+  """
+  directory = workdir_lib.as_path(path)
+  field = f"model.source_checkpoint='{path}'"
+  if not (directory / "config.json").is_file():
+    raise ValueError(
+      f"{field} is not a checkpoint directory (no config.json there); accepted: a Hugging "
+      "Face / timm checkpoint directory (config.json + model.safetensors), or a "
+      f"{' or '.join(CHECKPOINT_SUFFIXES)} file of co_tuning.save_source_checkpoint"
+    )
+  try:
+    ckpt = models.checkpoints.load_checkpoint(directory)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"{field} cannot be loaded: {e}") from None
+  if ckpt.architecture not in SOURCE_ARCHITECTURES:
+    raise ValueError(
+      f"{field} holds a {ckpt.architecture!r} checkpoint; accepted: "
+      f"{', '.join(SOURCE_ARCHITECTURES)} (an image classifier whose head is the source head)"
+    )
+  if ckpt.head is None:
+    raise ValueError(
+      f"{field} has no linear classification head; accepted: an image-classification "
+      "checkpoint (e.g. ResNetForImageClassification, timm resnet50 with fc.*): Co-Tuning "
+      "needs the source head"
+    )
+  module, variables = models.checkpoints.classifier(ckpt)
+  del module  # Classifier(ckpt.module, C_s); the Setup builds its own from ckpt.module.
+  num_classes = int(ckpt.head["bias"].shape[0])
+  mean, std = _normalisation(directory, ckpt.config)
+  return SourceModel(
+    architecture=ckpt.architecture,
+    module=ckpt.module,
+    variables={"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+    class_names=_class_names(ckpt.config, num_classes),
+    mean=mean,
+    std=std,
+  )
+
+
+def _check_checkpoint_task(loaded: SourceModel, task: Task, path: str) -> None:
+  """The task's images and source classes fit the checkpoint."""
+  channels = task.input_shape[-1]
+  if channels != loaded.mean.shape[0]:
+    raise ValueError(
+      f"model.source_checkpoint='{path}' takes {loaded.mean.shape[0]}-channel images but "
+      f"benchmark images have shape {task.input_shape}; accepted: a benchmark with "
+      f"{loaded.mean.shape[0]} channels"
+    )
+  if len(task.source_names) != len(loaded.class_names):
+    raise ValueError(
+      f"data.source_classes select {len(task.source_names)} source classes but the head of "
+      f"model.source_checkpoint='{path}' has {len(loaded.class_names)}; accepted: the "
+      "checkpoint's classes, in its order"
+    )
+
+
+def normalize_task(task: Task, mean: np.ndarray, std: np.ndarray) -> Task:
+  """The task with every image split normalised, (x - mean) / std per channel, in place."""
+  for split in (
+    task.source_train,
+    task.source_val,
+    task.source_test,
+    task.target_train,
+    task.target_val,
+    task.target_test,
+  ):
+    if split is not None:
+      np.subtract(split.x, mean, out=split.x)
+      np.divide(split.x, std, out=split.x)
+  return task
 
 
 def _flatten_variables(variables: Mapping) -> dict[str, np.ndarray]:
@@ -537,6 +742,11 @@ def load_source_checkpoint(path: str | os.PathLike, template: Mapping) -> dict:
     for k in expected
     if k in stored and stored[k].shape != expected[k].shape
   ]
+  if (missing or extra or wrong) and (source.parent / "config.json").is_file():
+    raise ValueError(
+      f"model.source_checkpoint='{path}' is a file of a Hugging Face / timm checkpoint "
+      f"directory; accepted: that directory, model.source_checkpoint='{source.parent}'"
+    )
   if missing or extra or wrong:
     details = "; ".join(
       part
@@ -915,6 +1125,8 @@ STAGE_FIELDS = {
 def pretrained_source(setup: Setup, workdir: str, writer) -> dict:
   """The source model's {'params', 'batch_stats'}: trained (stage `source`) or loaded."""
   config = setup.config
+  if setup.source_variables is not None:
+    return mesh_lib.replicate(setup.source_variables, setup.mesh)
   tx = optax.adam(config.source.lr)
   state = init_source(setup, tx)
   if config.model.source_checkpoint:
@@ -1122,6 +1334,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       "target_val": len(task.target_val.y),
       "target_test": len(task.target_test.y),
     },
+    "source_model": setup.source_info or {"checkpoint": config.model.source_checkpoint},
     "source_calibration": calibration,
     "relationships": relationship_info,
     "metrics": metrics,

@@ -171,6 +171,10 @@ def test_cub_preset_builds_and_needs_a_checkpoint(tmp_path):
     co_tuning.validate_config(config)
   missing = tmp_path / "resnet50.npz"
   config.model.source_checkpoint = str(missing)
+  # A file in the project's layout does not say its number of classes (a directory does).
+  with pytest.raises(ValueError, match=r"model\.num_source_classes=0 is invalid"):
+    co_tuning.validate_config(config)
+  config.model.num_source_classes = 1000
   co_tuning.validate_config(config)  # a path is given; whether it exists is data-dependent
   with pytest.raises(ValueError, match=rf"model\.source_checkpoint='{missing}' does not exist"):
     co_tuning.make_setup(config)
