@@ -39,16 +39,46 @@ from moe_adapt.core._merge_utils import (
   validate_choice,
   validate_density,
 )
+from moe_adapt.core.merging_family import (
+  breadcrumbs,
+  dare,
+  dare_ties,
+  random_prune,
+  stack_members,
+  task_arithmetic,
+  task_vectors,
+)
+from moe_adapt.core.merging_learned import (
+  AdaMergingResult,
+  adamerging,
+  diagonal_fisher,
+  fisher_merge,
+  input_gram,
+  regmean_merge,
+)
 
 # Kept under its old name: tests and benchmarks prune rows directly.
 _prune_rows = _select.prune_rows
 TRIMS = ("leaf", "member")
 
 __all__ = [
+  "AdaMergingResult",
+  "adamerging",
+  "breadcrumbs",
+  "dare",
+  "dare_ties",
+  "diagonal_fisher",
+  "fisher_merge",
+  "input_gram",
   "magnitude_prune",
   "pairwise_sign_disagreement",
+  "random_prune",
   "ravel_stacked",
+  "regmean_merge",
   "sign_disagreement",
+  "stack_members",
+  "task_arithmetic",
+  "task_vectors",
   "ties_merge",
   "weighted_average",
 ]

@@ -304,7 +304,7 @@ def np_top(row, k):
 
 
 def np_disjoint_mean(trimmed, elected):
-  """PEFT's `disjoint_merge` / mergekit's normalised merge: mean of entries with the elected sign."""
+  """PEFT's `disjoint_merge`, mergekit's normalised merge: mean of the elected-sign entries."""
   agree = np.sign(trimmed) == elected
   return (trimmed * agree).sum(0) / np.maximum(agree.sum(0), 1)
 
