@@ -15,7 +15,7 @@ JAX needs ~3 GB of address space to run at all, 1.5 GB is too little).
 The scratch files are deleted at the end. Prints one JSON object.
 
   python benchmarks/merge_files_demo.py
-  python benchmarks/merge_files_demo.py --members=4 --tensors=8 --limit_gb=2
+  python benchmarks/merge_files_demo.py --members=4 --tensors=8 --limit_gb=3
 """
 
 from __future__ import annotations

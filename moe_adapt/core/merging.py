@@ -2,17 +2,22 @@
 
 `stacked` is a pytree whose leaves share a leading axis K (one slice per member). All
 functions are pure and jit-able; merged leaves come back in their input dtype, statistics
-in float32. They are written to be memory-bound: each public function runs as one jitted
-program (also when called eagerly), sums over the K members are unrolled inside it so that
-XLA fuses them into a single pass over each leaf, and pruning uses a fixed number of
-counting passes instead of a sort.
+in float32. They are written to be memory-bound: sums over the K members are unrolled inside
+jitted programs so that XLA fuses them into a single pass over each leaf, and pruning uses a
+fixed number of counting passes instead of a sort (`_select`). Called eagerly, `ties_merge`
+trims leaves in buckets of ~256 MB grouped by shape, so its memory stays within ~2× the
+input and its compilations are shared by identical layers (`benchmarks/merge_scale.py`).
 
 The functions of stacked members take any pytree of [K, ...] leaves, so K members raveled
 into one [K, P] leaf (`ravel_stacked`) are a valid input too. Averaging and the sign
 statistics then run as one pass over one buffer instead of one small program per leaf,
 which is what reaches copy bandwidth on small adapter sets (see `benchmarks/merge.py`); the
 trim of `ties_merge` then ranks each member's whole vector instead of each leaf (as does
-`magnitude_prune` of one member's raveled [P] vector).
+`magnitude_prune` of one member's raveled [P] vector, and `ties_merge(..., trim='member')`).
+
+The rest of the family is re-exported here: task arithmetic, DARE, DARE-TIES and Model
+Breadcrumbs (`merging_family`), Fisher merging, RegMean and AdaMerging (`merging_learned`).
+`docs/merging.md` lists which reference each option reproduces.
 """
 
 from __future__ import annotations

@@ -135,9 +135,10 @@ def random_prune(
 
   Yu, Yu, Yu, Huang & Li, "Language Models are Super Mario: Absorbing Abilities from
   Homologous Models as a Free Lunch", ICML 2024 (DARE). The same operation as PEFT's
-  `random_pruning(..., rescale=True)` and mergekit's `bernoulli` sparsification (their
-  random streams differ). The mask of leaf j is drawn from `fold_in(key, j)`, so it does
-  not depend on how the other leaves are merged; d = 0 gives zeros.
+  `random_pruning(..., rescale=True)` (random streams differ); mergekit's `dare_*` drop the
+  same way but rescale the kept entries so that the tensor keeps its L1 norm, instead of by
+  1/d. The mask of leaf j is drawn from `fold_in(key, j)`, so it does not depend on how the
+  other leaves are merged; d = 0 gives zeros.
 
   Args:
     key: PRNG key.
@@ -171,7 +172,7 @@ def dare(
   rescale: bool = True,
   scale: float | jax.Array = 1.0,
 ) -> PyTree:
-  r"""DARE + task arithmetic: λ Σ_k random_prune(τ_k), PEFT's and mergekit's `dare_linear`.
+  r"""DARE + task arithmetic: λ Σ_k random_prune(τ_k), PEFT's `dare_linear`.
 
   Yu et al., ICML 2024 (see `random_prune`): dropping 90 % of a fine-tuned delta and
   rescaling the rest keeps its ability, which lets several deltas be summed with less

@@ -54,8 +54,8 @@ def fisher_merge(
     \theta^*_i = \frac{\sum_k w_k (F_{k,i} + \epsilon)\, \theta_{k,i}}
                       {\sum_k w_k (F_{k,i} + \epsilon)}
 
-  Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022 (their
-  Eq. 3, with the diagonal Fisher F_k of each model, e.g. from `diagonal_fisher`). ε keeps
+  Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022, with
+  the diagonal Fisher F_k of each model (e.g. from `diagonal_fisher`). ε keeps
   the quotient defined where every Fisher is 0; there the merge is the w-weighted average.
 
   Args:
