@@ -151,17 +151,31 @@ def random_prune(
   """
   density = validate_density(density)
   leaves, treedef, _ = stacked_leaves(stacked, floating=True)
-  return jax.tree_util.tree_unflatten(treedef, _random_prune(key, leaves, density, rescale))
+  out = [None] * len(leaves)
+  for bucket in buckets(leaves):
+    groups = [[leaves[i] for i in g] for g in bucket]
+    indices = [np.asarray(g, np.uint32) for g in bucket]
+    for group, res in zip(bucket, _random_prune(key, groups, indices, density, rescale)):
+      for i, leaf in zip(group, res):
+        out[i] = leaf
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _random_prune(key, leaves, density: float, rescale: bool) -> list[jax.Array]:
-  out = []
-  for j, leaf in enumerate(leaves):
-    keep = jax.random.bernoulli(jax.random.fold_in(key, j), density, leaf.shape)
-    factor = 1.0 / density if rescale and density > 0 else 1.0
-    out.append(jnp.where(keep, leaf.astype(jnp.float32) * factor, 0.0).astype(leaf.dtype))
-  return out
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _random_prune(key, groups, indices, density: float, rescale: bool) -> list[list[jax.Array]]:
+  # One vmapped draw per group of same-shaped leaves (leaf j's key is fold_in(key, j)).
+  factor = 1.0 / density if rescale and density > 0 else 1.0
+  outs = []
+  for g, idx in zip(groups, indices):
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(idx)
+    keep = jax.vmap(lambda kk, leaf=g[0]: jax.random.bernoulli(kk, density, leaf.shape))(keys)
+    outs.append(
+      [
+        jnp.where(keep[n], leaf.astype(jnp.float32) * factor, 0.0).astype(leaf.dtype)
+        for n, leaf in enumerate(g)
+      ]
+    )
+  return outs
 
 
 def dare(
