@@ -6,9 +6,11 @@ Two member sets, written once to safetensors (8 members each; the first K are us
   B [768, 8]): 294,912 parameters per member;
 - `bert_base`: every BERT-base parameter (`merge_scale.bert_base_shapes`): 109.5 M.
 
-Entries N(0, 0.02²) float32, treated as task vectors. For each set and K in `--members`,
-one fresh process per tool loads the first K members and times three ops tensor by tensor:
-TIES (density 0.2), the uniform average, DARE + task arithmetic (density 0.5):
+Entries N(0, 0.02²) float32, treated as task vectors. For each set and K in `--members`
+(PEFT and mergekit: `--ref_members`; on `bert_base` `--big_ref_members`, default K = 2, 4,
+as mergekit needs minutes per BERT-base TIES here), one fresh process per tool loads the
+first K members and times three ops tensor by tensor: TIES (density 0.2), the uniform
+average, DARE + task arithmetic (density 0.5):
 
 - `moe_adapt`: `ties_merge(density=0.2, keep_rule='floor', zero_sign='positive')` (PEFT's
   settings), `weighted_average`, `dare`, each called eagerly on the whole tree (they jit
@@ -16,10 +18,11 @@ TIES (density 0.2), the uniform average, DARE + task arithmetic (density 0.5):
 - `peft` and `mergekit`: `benchmarks/merge_refs_torch.py` in `--ref_python`'s virtualenv
   (torch at 2 threads).
 
-Each row reports seconds per op (median of `--repeats` after a warm-up), the compile time
-(ours only; torch compiles nothing), the process's peak resident memory (`ru_maxrss`, which
-includes the K members it loaded) and the memory after loading. On `lora`, K = 4, the TIES
-outputs are also compared: ours with PEFT's settings against PEFT, and with mergekit's
+Each row reports seconds per op (median of `--repeats` after a warm-up; on `bert_base` one
+call, torch's without warm-up) in wall and CPU time, the compile time (ours only; torch
+compiles nothing), the process's peak resident memory (`ru_maxrss`, which includes the K
+members it loaded) and the memory after loading. On `lora`, K = 4, the TIES outputs are also
+compared: ours with PEFT's settings against PEFT, and with mergekit's
 (keep_rule='floor_min1') against mergekit (max |difference|).
 
   python benchmarks/merge_refs.py --ref_python=VENV/bin/python --data_dir=/tmp/merge_refs
@@ -103,16 +106,19 @@ def ours(path: str, k: int, repeats: int, compare: str) -> dict:
   }
   rows = {}
   for op, fn in ops.items():
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(stacked))
       times.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
     median = statistics.median(times[1:])
     rows[op] = {
       "median_s": round(median, 4),
+      "cpu_s": round(statistics.median(cpu[1:]), 4),
       "first_s": round(times[0], 4),
       "compile_s": round(times[0] - median, 3),
+      "compile_cpu_s": round(cpu[0] - statistics.median(cpu[1:]), 3),
     }
   out = {
     "tool": "moe_adapt",
@@ -154,6 +160,12 @@ def main() -> None:
   parser.add_argument("--members", type=common.int_list, default=[2, 4, 8])
   parser.add_argument("--tools", default="moe_adapt,peft,mergekit")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--ref_members", type=common.int_list, default=[2, 4, 8], help="K values for PEFT/mergekit"
+  )
+  parser.add_argument(
+    "--big_ref_members", type=common.int_list, default=[2, 4], help="the same on bert_base"
+  )
   parser.add_argument("--timeout_s", type=int, default=900, help="per child process")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--k", type=int, default=0, help=argparse.SUPPRESS)
@@ -177,16 +189,17 @@ def main() -> None:
     repeats = args.repeats if size == "lora" else 1
     for k in args.members:
       compare = os.path.join(args.data_dir, "ties_out") if size == "lora" and k == 4 else ""
-      for tool in [t for t in ("peft", "mergekit") if t in tools] + (
-        ["moe_adapt"] if "moe_adapt" in tools else []
-      ):
+      ref_ks = args.ref_members if size == "lora" else args.big_ref_members
+      refs = [t for t in ("peft", "mergekit") if t in tools and k in ref_ks]
+      for tool in refs + (["moe_adapt"] if "moe_adapt" in tools else []):
         if tool == "moe_adapt":
           cmd = [sys.executable, __file__, f"--child={path}", f"--k={k}"]
           cmd += [f"--repeats={repeats}", f"--compare={compare}"]
         else:
           script = os.path.join(os.path.dirname(__file__), "merge_refs_torch.py")
           cmd = [args.ref_python, script, f"--tool={tool}", f"--data={path}", f"--k={k}"]
-          cmd.append(f"--repeats={repeats}")
+          # bert_base: one timed call, no warm-up (torch compiles nothing; it saves minutes).
+          cmd += [f"--repeats={repeats}", f"--warmup={1 if size == 'lora' else 0}"]
           if compare:
             cmd.append(f"--save_ties={compare}.{tool}")
         row = {"size": size, **run_child(cmd, args.timeout_s)}

@@ -11,8 +11,8 @@ Each op merges tensor by tensor, as both libraries do: PEFT's `merge_utils.ties`
 `GeneralizedTaskArithmeticMerge.merge_group` for `ties`, `task_arithmetic` (weights 1/K)
 and `dare_linear`, with a zero base (the members are task vectors). Density 0.2 for TIES,
 0.5 for DARE; torch at 2 threads. Prints one JSON object: seconds per op (median of
-`--repeats` after one warm-up; torch has no compile step), resident memory after loading
-and at the end (peak, `ru_maxrss`).
+`--repeats` after `--warmup` calls; torch has no compile step) in wall and CPU time,
+resident memory after loading and at the end (peak, `ru_maxrss`).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> None:
   parser.add_argument("--k", type=int, required=True)
   parser.add_argument("--ops", default="ties,average,dare")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
   parser.add_argument("--save_ties", default="", help="write the TIES merge here (safetensors)")
   args = parser.parse_args()
   torch.set_num_threads(2)
@@ -89,13 +90,18 @@ def main() -> None:
   ops = (peft_ops if args.tool == "peft" else mergekit_ops)(args.k)
   rows = {}
   for op in args.ops.split(","):
-    times = []
-    for _ in range(args.repeats + 1):  # the first call is a warm-up
-      t = time.perf_counter()
+    times, cpu = [], []
+    for _ in range(args.warmup + args.repeats):
+      t, c = time.perf_counter(), time.process_time()
       merged = {n: ops[op](ts) for n, ts in members.items()}
       times.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
       del merged
-    rows[op] = {"median_s": round(statistics.median(times[1:]), 4), "first_s": round(times[0], 4)}
+    rows[op] = {
+      "median_s": round(statistics.median(times[args.warmup :]), 4),
+      "cpu_s": round(statistics.median(cpu[args.warmup :]), 4),
+      "first_s": round(times[0], 4),
+    }
   if args.save_ties:
     from safetensors.torch import save_file
 
