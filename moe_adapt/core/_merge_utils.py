@@ -103,6 +103,23 @@ def buckets(leaves: list[jax.Array]) -> list[list[list[int]]]:
   return [*out, current]
 
 
+def in_buckets(program, leaves: list[jax.Array], per_leaf: list[list], *args, **kwargs) -> list:
+  """Runs `program` bucket by bucket (`buckets`) and returns its outputs in leaf order.
+
+  `program(groups, *per_group, *args, **kwargs)` takes the bucket's groups of same-shaped
+  leaves and, for each list in `per_leaf`, the values of each group's leaves (lists like
+  `groups`), and returns one list of outputs per group, one per leaf.
+  """
+  out = [None] * len(leaves)
+  for bucket in buckets(leaves):
+    groups = [[leaves[i] for i in group] for group in bucket]
+    per_group = [[[values[i] for i in group] for group in bucket] for values in per_leaf]
+    for group, results in zip(bucket, program(groups, *per_group, *args, **kwargs)):
+      for i, result in zip(group, results):
+        out[i] = result
+  return out
+
+
 def validate_density(density: float, arg: str = "density") -> float:
   if (
     isinstance(density, bool)

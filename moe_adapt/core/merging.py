@@ -35,9 +35,9 @@ from jax.flatten_util import ravel_pytree
 from moe_adapt.core import _select
 from moe_adapt.core._merge_utils import (
   ZERO_SIGNS,
-  buckets,
   check_floating,
   elect_and_merge,
+  in_buckets,
   leaves_with_names,
   stacked_leaves,
   sum_members,
@@ -279,7 +279,8 @@ def magnitude_prune(tree: PyTree, density: float, *, keep_rule: str = "round") -
   names, leaves, treedef = leaves_with_names(tree, "tree")
   check_floating(names, leaves)
   keeps = _select.keeps([jnp.shape(leaf) for leaf in leaves], density, keep_rule)
-  return jax.tree_util.tree_unflatten(treedef, _magnitude_prune(leaves, keeps))
+  pruned = in_buckets(_magnitude_prune_groups, leaves, [keeps])
+  return jax.tree_util.tree_unflatten(treedef, pruned)
 
 
 def ties_merge(
@@ -340,20 +341,18 @@ def ties_merge(
   if trim == "member":
     merged = _ties_merge_whole(leaves, keeps, scale, zero_sign=zero_sign)
   else:
-    merged = [None] * len(leaves)
-    for bucket in buckets(leaves):
-      groups = [[leaves[i] for i in group] for group in bucket]
-      outs = _ties_merge_groups(groups, [keeps[g[0]] for g in bucket], scale, zero_sign=zero_sign)
-      for group, out in zip(bucket, outs):
-        for i, leaf in zip(group, out):
-          merged[i] = leaf
+    merged = in_buckets(_ties_merge_groups, leaves, [keeps], scale, zero_sign=zero_sign)
   return jax.tree_util.tree_unflatten(treedef, merged)
 
 
 @jax.jit
-def _magnitude_prune(leaves: list[jax.Array], keeps: list[jax.Array]) -> list[jax.Array]:
-  rows = _select.prune_rows([jnp.reshape(leaf, (1, -1)) for leaf in leaves], keeps)
-  return [r.reshape(leaf.shape) for r, leaf in zip(rows, leaves)]
+def _magnitude_prune_groups(
+  groups: list[list[jax.Array]], keeps: list[jax.Array]
+) -> list[list[jax.Array]]:
+  # A group's N same-shaped leaves are pruned as the N rows of one array.
+  rows = [jnp.stack([jnp.reshape(leaf, (-1,)) for leaf in g]) for g in groups]
+  pruned_rows = _select.prune_rows(rows, [k[0] for k in keeps])  # equal within a group
+  return [[r.reshape(leaf.shape) for r, leaf in zip(p, g)] for g, p in zip(groups, pruned_rows)]
 
 
 @functools.partial(jax.jit, static_argnames="zero_sign")
@@ -366,7 +365,7 @@ def _ties_merge_groups(
   k = groups[0][0].shape[0]
   rows = [jnp.concatenate([jnp.reshape(leaf, (k, -1)) for leaf in g]) for g in groups]
   outs = []
-  for g, trimmed in zip(groups, _select.prune_rows(rows, keeps)):
+  for g, trimmed in zip(groups, _select.prune_rows(rows, [kk[0] for kk in keeps])):
     stack = trimmed.reshape(len(g), k, -1)
     merged = elect_and_merge([stack[:, i].astype(jnp.float32) for i in range(k)], zero_sign)
     outs.append(

@@ -20,8 +20,8 @@ import numpy as np
 from moe_adapt.core import _select
 from moe_adapt.core._merge_utils import (
   ZERO_SIGNS,
-  buckets,
   elect_and_merge,
+  in_buckets,
   leaves_with_names,
   like_members,
   stacked_leaves,
@@ -151,23 +151,18 @@ def random_prune(
   """
   density = validate_density(density)
   leaves, treedef, _ = stacked_leaves(stacked, floating=True)
-  out = [None] * len(leaves)
-  for bucket in buckets(leaves):
-    groups = [[leaves[i] for i in g] for g in bucket]
-    indices = [np.asarray(g, np.uint32) for g in bucket]
-    for group, res in zip(bucket, _random_prune(key, groups, indices, density, rescale)):
-      for i, leaf in zip(group, res):
-        out[i] = leaf
+  indices = [np.uint32(i) for i in range(len(leaves))]
+  out = in_buckets(_random_prune, leaves, [indices], key, density, rescale)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _random_prune(key, groups, indices, density: float, rescale: bool) -> list[list[jax.Array]]:
+def _random_prune(groups, indices, key, density: float, rescale: bool) -> list[list[jax.Array]]:
   # One vmapped draw per group of same-shaped leaves (leaf j's key is fold_in(key, j)).
   factor = 1.0 / density if rescale and density > 0 else 1.0
   outs = []
   for g, idx in zip(groups, indices):
-    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(idx)
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.stack(idx))
     keep = jax.vmap(lambda kk, leaf=g[0]: jax.random.bernoulli(kk, density, leaf.shape))(keys)
     outs.append(
       [
@@ -287,15 +282,7 @@ def breadcrumbs(
     top = min(top, n - m)
     upper.append(np.int32(top + m))
     lower.append(np.int32(top))
-  merged = [None] * len(leaves)
-  for bucket in buckets(leaves):
-    groups = [[leaves[i] for i in g] for g in bucket]
-    outs = _breadcrumbs_groups(
-      groups, [upper[g[0]] for g in bucket], [lower[g[0]] for g in bucket], scale
-    )
-    for group, out in zip(bucket, outs):
-      for i, leaf in zip(group, out):
-        merged[i] = leaf
+  merged = in_buckets(_breadcrumbs_groups, leaves, [upper, lower], scale)
   return jax.tree_util.tree_unflatten(treedef, merged)
 
 
@@ -305,8 +292,8 @@ def _breadcrumbs_groups(groups, upper, lower, scale) -> list[list[jax.Array]]:
   # [t, t+m): two selections, one subtraction.
   k = groups[0][0].shape[0]
   rows = [jnp.concatenate([jnp.reshape(leaf, (k, -1)) for leaf in g]) for g in groups]
-  keep_upper = _select.prune_rows(rows, upper)
-  keep_lower = _select.prune_rows(rows, lower)
+  keep_upper = _select.prune_rows(rows, [u[0] for u in upper])  # equal within a group
+  keep_lower = _select.prune_rows(rows, [lo[0] for lo in lower])
   outs = []
   for g, hi, lo in zip(groups, keep_upper, keep_lower):
     kept = (hi.astype(jnp.float32) - lo.astype(jnp.float32)).reshape(len(g), k, -1)
