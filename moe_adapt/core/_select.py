@@ -175,7 +175,7 @@ def _same_dtype_masks(
   num_chunks = int(chunks_per_row.sum())
   first_chunk = np.concatenate([[0], np.cumsum(chunks_per_row)[:-1]]).astype(np.int32)  # [S]
   # seg_of_chunk[t] = the segment whose chunks include t: a running count of segment starts.
-  marks = jnp.zeros((num_chunks,), jnp.int32).at[first_chunk[1:]].add(1)
+  marks = jnp.zeros((num_chunks,), jnp.int32).at[first_chunk[1:]].add(1, mode="drop")
   seg_of_chunk = jnp.cumsum(marks)  # [T], sorted
   chunk_id = lax.iota(jnp.int32, num_chunks)
   offset_of_chunk = ((chunk_id - jnp.asarray(first_chunk)[seg_of_chunk]) * size).astype(jnp.uint32)
