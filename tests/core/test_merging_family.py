@@ -231,3 +231,20 @@ def test_bad_density_and_options():
     merging.breadcrumbs(stacked, density=0.5, top_fraction=2)
   with pytest.raises(ValueError, match=r"granularity='block' is invalid; accepted: task, layer"):
     merging.adamerging(linear_logits, {}, stacked, [np.zeros((1, 2))], granularity="block")
+
+
+def test_bfloat16_members_keep_their_dtype():
+  # bfloat16 members merge like their exact float32 values, rounded once at the end.
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_tree(3, seed=6))
+  wide = jax.tree.map(lambda x: np.asarray(x, np.float32), half)
+  key = jax.random.key(2)
+  cases = [
+    lambda t: merging.task_arithmetic(t, scale=0.5),
+    lambda t: merging.dare_ties(key, t, density=0.5),
+    lambda t: merging.breadcrumbs(t, density=0.5, top_fraction=0.1),
+    lambda t: merging.fisher_merge(t, jax.tree.map(jnp.abs, t)),
+  ]
+  for fn in cases:
+    for g, r in zip(jax.tree.leaves(fn(half)), jax.tree.leaves(fn(wide))):
+      assert g.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=1e-2, atol=1e-2)
