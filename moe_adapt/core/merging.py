@@ -2,17 +2,22 @@
 
 `stacked` is a pytree whose leaves share a leading axis K (one slice per member). All
 functions are pure and jit-able; merged leaves come back in their input dtype, statistics
-in float32. They are written to be memory-bound: each public function runs as one jitted
-program (also when called eagerly), sums over the K members are unrolled inside it so that
-XLA fuses them into a single pass over each leaf, and pruning uses a fixed number of
-counting passes instead of a sort.
+in float32. They are written to be memory-bound: sums over the K members are unrolled inside
+jitted programs so that XLA fuses them into a single pass over each leaf, and pruning uses a
+fixed number of counting passes instead of a sort (`_select`). Called eagerly, `ties_merge`
+trims leaves in buckets of ~256 MB grouped by shape, so its memory stays within ~2× the
+input and its compilations are shared by identical layers (`benchmarks/merge_scale.py`).
 
 The functions of stacked members take any pytree of [K, ...] leaves, so K members raveled
 into one [K, P] leaf (`ravel_stacked`) are a valid input too. Averaging and the sign
 statistics then run as one pass over one buffer instead of one small program per leaf,
 which is what reaches copy bandwidth on small adapter sets (see `benchmarks/merge.py`); the
 trim of `ties_merge` then ranks each member's whole vector instead of each leaf (as does
-`magnitude_prune` of one member's raveled [P] vector).
+`magnitude_prune` of one member's raveled [P] vector, and `ties_merge(..., trim='member')`).
+
+The rest of the family is re-exported here: task arithmetic, DARE, DARE-TIES and Model
+Breadcrumbs (`merging_family`), Fisher merging, RegMean and AdaMerging (`merging_learned`).
+`docs/merging.md` lists which reference each option reproduces.
 """
 
 from __future__ import annotations
@@ -27,41 +32,63 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from moe_adapt.core import _select
+from moe_adapt.core._merge_utils import (
+  ZERO_SIGNS,
+  check_floating,
+  elect_and_merge,
+  in_buckets,
+  leaves_with_names,
+  stacked_leaves,
+  sum_members,
+  validate_choice,
+  validate_density,
+)
+from moe_adapt.core.merging_family import (
+  breadcrumbs,
+  dare,
+  dare_ties,
+  random_prune,
+  stack_members,
+  task_arithmetic,
+  task_vectors,
+)
+from moe_adapt.core.merging_learned import (
+  AdaMergingResult,
+  adamerging,
+  diagonal_fisher,
+  fisher_merge,
+  input_gram,
+  regmean_merge,
+)
+
+# Kept under its old name: tests and benchmarks prune rows directly.
+_prune_rows = _select.prune_rows
+TRIMS = ("leaf", "member")
+
 __all__ = [
+  "AdaMergingResult",
+  "adamerging",
+  "breadcrumbs",
+  "dare",
+  "dare_ties",
+  "diagonal_fisher",
+  "fisher_merge",
+  "input_gram",
   "magnitude_prune",
   "pairwise_sign_disagreement",
+  "random_prune",
   "ravel_stacked",
+  "regmean_merge",
   "sign_disagreement",
+  "stack_members",
+  "task_arithmetic",
+  "task_vectors",
   "ties_merge",
   "weighted_average",
 ]
 
 PyTree = Any
-
-
-def _leaves_with_names(tree: PyTree, arg: str) -> tuple[list[str], list[jax.Array], Any]:
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  if not path_leaves:
-    raise ValueError(f"{arg} has no leaves; accepted: a pytree with at least one array")
-  names = [f"{arg}{jax.tree_util.keystr(path)}" for path, _ in path_leaves]
-  return names, [leaf for _, leaf in path_leaves], treedef
-
-
-def _stacked_leaves(stacked: PyTree, *, floating: bool) -> tuple[list[jax.Array], Any, int]:
-  """Flattens `stacked`, checking that every leaf has the same leading axis K."""
-  names, leaves, treedef = _leaves_with_names(stacked, "stacked")
-  sizes = set()
-  for name, leaf in zip(names, leaves):
-    if jnp.ndim(leaf) < 1:
-      raise ValueError(f"{name} is a scalar; accepted: leaves with a leading member axis K")
-    if floating and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise ValueError(f"{name} has dtype {jnp.result_type(leaf)}; accepted: floating-point leaves")
-    sizes.add(jnp.shape(leaf)[0])
-  if len(sizes) != 1 or 0 in sizes:
-    raise ValueError(
-      f"stacked leaves have leading axes {sorted(sizes)}; accepted: one common size K >= 1"
-    )
-  return leaves, treedef, sizes.pop()
 
 
 def ravel_stacked(stacked: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
@@ -79,7 +106,7 @@ def ravel_stacked(stacked: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyT
   Returns:
     (flat [K, P], unravel: [P] -> pytree like one member).
   """
-  leaves, treedef, _ = _stacked_leaves(stacked, floating=True)
+  leaves, treedef, _ = stacked_leaves(stacked, floating=True)
   _, unravel = ravel_pytree(jax.tree_util.tree_unflatten(treedef, [leaf[0] for leaf in leaves]))
   return jax.vmap(lambda member: ravel_pytree(member)[0])(stacked), unravel
 
@@ -105,17 +132,12 @@ def weighted_average(stacked: PyTree, weights: jax.Array | None = None) -> PyTre
   Returns:
     pytree like one member: leaves [...] in their input dtype.
   """
-  leaves, treedef, k = _stacked_leaves(stacked, floating=True)
+  leaves, treedef, k = stacked_leaves(stacked, floating=True)
   if weights is not None and jnp.shape(weights) != (k,):
     raise ValueError(
       f"weights has shape {jnp.shape(weights)}; accepted: ({k},), one weight per member"
     )
   return jax.tree_util.tree_unflatten(treedef, _weighted_average(leaves, weights))
-
-
-def _sum_members(term, k: int) -> jax.Array:
-  """Σ_{i<k} term(i), unrolled at trace time so XLA fuses it into one elementwise pass."""
-  return functools.reduce(jnp.add, [term(i) for i in range(k)])
 
 
 @jax.jit
@@ -135,7 +157,7 @@ def _weighted_average(leaves: list[jax.Array], weights: jax.Array | None) -> lis
     # A sum unrolled over members inside jit fuses into one elementwise pass. Measured on
     # CPU it is 10× faster than a reduction over the leading axis and, unlike a dot, stays
     # exact float32 (no TF32/bf16 matmul passes) and fast for bfloat16 leaves.
-    return _sum_members(lambda i: w[i] * leaf[i].astype(jnp.float32), k).astype(leaf.dtype)
+    return sum_members(lambda i: w[i] * leaf[i].astype(jnp.float32), k).astype(leaf.dtype)
 
   return [average(leaf) for leaf in leaves]
 
@@ -160,7 +182,7 @@ def sign_disagreement(stacked: PyTree) -> jax.Array:
   Returns:
     float32 scalar in [0, 1].
   """
-  leaves, _, _ = _stacked_leaves(stacked, floating=False)
+  leaves, _, _ = stacked_leaves(stacked, floating=False)
   return _sign_disagreement(leaves)
 
 
@@ -194,7 +216,7 @@ def pairwise_sign_disagreement(stacked: PyTree) -> jax.Array:
   Returns:
     float32 [K, K] with entries in [0, 1].
   """
-  leaves, _, _ = _stacked_leaves(stacked, floating=False)
+  leaves, _, _ = stacked_leaves(stacked, floating=False)
   return _pairwise_sign_disagreement(leaves)
 
 
@@ -228,217 +250,7 @@ def _pack_bits(mask: jax.Array) -> jax.Array:
   return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def _keep_count(size: int, density: float) -> int:
-  """Entries kept in a leaf of `size`: Python round(density·size), at least 1 if density > 0."""
-  if density <= 0.0 or size == 0:
-    return 0
-  return min(size, max(1, round(density * size)))
-
-
-def _magnitude_bits(x: jax.Array) -> jax.Array:
-  """|x| as unsigned integers whose order equals the order of |x| (IEEE, sign bit clear)."""
-  width = jnp.dtype(x.dtype).itemsize * 8
-  uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
-  return lax.bitcast_convert_type(jnp.abs(x), uint)
-
-
-def _digit_bits() -> int:
-  """Bits resolved per pass of the radix search.
-
-  1 bit (one comparison per element and pass) is fastest on CPU, where the search is
-  compute-bound (measured: 4-bit digits are 4× slower there). Accelerators are memory-bound,
-  so 4-bit digits (15 comparisons per element, a quarter of the passes) suit them better.
-  """
-  return 1 if jax.default_backend() == "cpu" else 4
-
-
-def _radix_search(
-  admissible, num_segments: int, dtype, num_bits: int, digit_bits: int, active=True
-) -> jax.Array:
-  """Per segment, the largest unsigned value v with `admissible(v)` true, found MSB first.
-
-  `admissible(candidates)` maps [S, D] candidates to [S, D] booleans and must be monotone
-  in the candidate (true up to some value, false above). Each of ceil(num_bits/digit_bits)
-  steps tries the D = 2^digit_bits − 1 nonzero values of the next digit at once. With
-  `active` false (a traced bool) the loop runs zero steps and returns zeros.
-  """
-  num_steps = -(-num_bits // digit_bits)
-  top_shift = num_steps * digit_bits - digit_bits
-  digits = jnp.arange(1, 2**digit_bits, dtype=dtype)[None, :]
-
-  def refine(step, thr):
-    shift = (top_shift - digit_bits * step).astype(dtype)
-    ok = admissible(thr[:, None] | jnp.left_shift(digits, shift))
-    # Admissibility is monotone in the digit, so the number admissible is the best digit.
-    return thr | jnp.left_shift(jnp.sum(ok, axis=-1).astype(dtype), shift)
-
-  steps = jnp.where(active, num_steps, 0)
-  return lax.fori_loop(0, steps, refine, jnp.zeros((num_segments,), dtype))
-
-
-def _count_true(mask: jax.Array) -> jax.Array:
-  """int32 counts of true entries along the last axis of a boolean [..., C] (16 | C).
-
-  Adds 16 strided slices of the row in uint8 first, then the C/16 partial counts: XLA:CPU
-  vectorises that column sum, while summing the booleans straight into int32 along the
-  row ran ~6× slower (measured on 38M entries).
-  """
-  *lead, c = mask.shape
-  partial = jnp.sum(mask.reshape(*lead, 16, c // 16), axis=-2, dtype=jnp.uint8)
-  return jnp.sum(partial, axis=-1, dtype=jnp.int32)
-
-
-def _chunk_size(shapes: list[tuple[int, int]]) -> int:
-  """The largest power-of-two chunk ≤ 4096 whose row padding stays ≤ 25% of the data."""
-  total = sum(r * n for r, n in shapes)
-  size = 4096
-  while size > 64:
-    padding = sum(r * (-(-n // size) * size - n) for r, n in shapes)
-    if padding <= total // 4:
-      break
-    size //= 2
-  return size
-
-
-def _top_magnitude_masks(
-  rows_list: list[jax.Array], keeps: list[jax.Array], digit_bits: int
-) -> list[jax.Array]:
-  """Boolean [R, n] masks of the keep largest-|x| entries of each row, for every array.
-
-  Every row of every array is a segment with its own threshold: the keep-th largest
-  magnitude, found by a radix search on the bit pattern of |x|, one byte at a time (see
-  `_same_dtype_masks`): memory-bound counting passes instead of a sort. Ties at the
-  threshold go to the lowest index of the row.
-  """
-  bits = [_magnitude_bits(r) for r in rows_list]
-  masks: list[jax.Array | None] = [None] * len(rows_list)
-  for dtype in {b.dtype for b in bits}:
-    group = [i for i, b in enumerate(bits) if b.dtype == dtype]
-    group_masks = _same_dtype_masks([bits[i] for i in group], [keeps[i] for i in group], digit_bits)
-    for i, mask in zip(group, group_masks):
-      masks[i] = mask
-  return masks
-
-
-def _same_dtype_masks(
-  bits: list[jax.Array], keeps: list[jax.Array], digit_bits: int
-) -> list[jax.Array]:
-  """`_top_magnitude_masks` for magnitude bit patterns [R, n] of one unsigned dtype.
-
-  So that the compiled program does not grow with the number of leaves, all arrays are
-  first copied into one [T, C] buffer of chunks (each row zero-padded to a multiple of C),
-  counted per chunk, and the counts added up per segment (row).
-
-  The threshold is found one byte at a time, most significant first. Stage j keeps, per
-  segment, the bytes above it already fixed (prefix P) and the count `n_above` of entries
-  whose higher bytes exceed P; it copies byte j of the entries whose higher bytes equal P
-  into a uint8 buffer (0 elsewhere) and finds the largest byte value b with
-  n_above + #(byte ≥ b) ≥ keep by a radix search over that buffer (candidates are ≥ 1, so
-  the zeros never count). Every counting pass thus reads 1 byte per entry instead of 4
-  (float32): 4 passes over the data plus 31 over bytes. On 2 CPU cores this made
-  `ties_merge` 1.7–4.2× faster than 31 passes over uint32 (K = 2…32 MiniLM- and
-  BERT-base-sized adapter sets); the passes are still bound by XLA:CPU's compare-and-count
-  throughput (~2 GB/s), not by memory.
-
-  The tie-breaking search over the index runs zero steps unless a nonzero magnitude is
-  tied across a segment's boundary, since tied zeros do not change the pruned values.
-  """
-  dtype = bits[0].dtype
-  width = jnp.dtype(dtype).itemsize * 8
-  shapes = [b.shape for b in bits]
-  size = _chunk_size(shapes)
-  chunks_per_row = [-(-n // size) for _, n in shapes]
-  starts = np.cumsum([0] + [r for r, _ in shapes])
-  num_segments = int(starts[-1])
-  # Static maps from each chunk to its segment and to its offset within the segment's row.
-  seg_of_chunk = np.concatenate(
-    [s + np.repeat(np.arange(r), m) for s, (r, _), m in zip(starts, shapes, chunks_per_row)]
-  ).astype(np.int32)
-  offset_of_chunk = np.concatenate(
-    [np.tile(np.arange(m) * size, r) for (r, _), m in zip(shapes, chunks_per_row)]
-  ).astype(np.uint32)
-  chunks = jnp.concatenate(
-    [
-      jnp.pad(b, ((0, 0), (0, m * size - n))).reshape(r * m, size)
-      for b, (r, n), m in zip(bits, shapes, chunks_per_row)
-    ]
-  )[:, None, :]  # [T, 1, C]; the zero padding is never counted (every candidate is > 0)
-  keep = jnp.concatenate([jnp.full((r,), k, jnp.int32) for k, (r, _) in zip(keeps, shapes)])
-
-  def per_segment(predicate, candidates: jax.Array) -> jax.Array:
-    """[S, D] counts per segment of the entries where predicate(candidates) holds."""
-    per_chunk = _count_true(predicate(candidates[seg_of_chunk][:, :, None]))  # [T, D]
-    return jax.ops.segment_sum(
-      per_chunk, seg_of_chunk, num_segments=num_segments, indices_are_sorted=True
-    )
-
-  thr = jnp.zeros((num_segments,), dtype)
-  n_above = jnp.zeros((num_segments,), jnp.int32)  # entries > thr in the bytes fixed so far
-  for shift in range(width - 8, -1, -8):
-    byte = (chunks >> shift).astype(jnp.uint8)
-    if shift + 8 < width:
-      prefix = (thr >> (shift + 8))[seg_of_chunk][:, None, None]
-      byte = jnp.where((chunks >> (shift + 8)) == prefix, byte, jnp.uint8(0))
-    need = keep - n_above
-    best = _radix_search(
-      lambda c, byte=byte, need=need: per_segment(lambda cc: byte >= cc, c) >= need[:, None],
-      num_segments,
-      jnp.uint8,
-      7 if shift + 8 == width else 8,  # the sign bit of |x| is always 0
-      digit_bits,
-    )
-    n_above = n_above + per_segment(lambda cc, byte=byte: byte > cc, best[:, None])[:, 0]
-    thr = thr | (best.astype(dtype) << shift)
-  n_at = per_segment(lambda cc: chunks == cc, thr[:, None])[:, 0]
-  excess = (n_above + n_at > keep) & (thr > 0)
-  room = keep - n_above
-  tied = chunks == thr[seg_of_chunk][:, None, None]  # [T, 1, C]
-  index = (offset_of_chunk[:, None] + np.arange(size, dtype=np.uint32))[:, None, :]
-
-  # Largest p with #(tied entries at index < p) <= room: exactly `room` tied entries.
-  limit = _radix_search(
-    lambda c: per_segment(lambda cc: tied & (index < cc), c) <= room[:, None],
-    num_segments,
-    jnp.uint32,
-    max(1, max(n for _, n in shapes).bit_length()),
-    digit_bits,
-    active=jnp.any(excess),
-  )
-  limit = jnp.where(excess, limit, np.uint32(np.iinfo(np.uint32).max))  # else keep all ties
-  masks = []
-  for b, (r, _), start in zip(bits, shapes, starts):
-    t, p = thr[start : start + r, None], limit[start : start + r, None]
-    row_index = lax.broadcasted_iota(jnp.uint32, b.shape, 1)
-    masks.append((b > t) | ((b == t) & (row_index < p)))
-  return masks
-
-
-@functools.partial(jax.jit, static_argnames="digit_bits")
-def _prune_rows(
-  rows_list: list[jax.Array], keeps: list[jax.Array], digit_bits: int | None = None
-) -> list[jax.Array]:
-  """Prunes each row of every [R, n] array to its keep largest magnitudes.
-
-  Jitted with the keep counts as traced values, so a call outside jit compiles once per
-  tree structure and shapes, whatever the density (inside a caller's jit it is inlined).
-  keep = n keeps everything and keep = 0 nothing, without special cases.
-  """
-  digit_bits = _digit_bits() if digit_bits is None else digit_bits
-  masks = _top_magnitude_masks(rows_list, keeps, digit_bits)
-  return [jnp.where(m, r, jnp.zeros((), r.dtype)) for m, r in zip(masks, rows_list)]
-
-
-def _validate_density(density: float) -> float:
-  if (
-    isinstance(density, bool)
-    or not isinstance(density, int | float | np.floating)
-    or not 0.0 <= density <= 1.0
-  ):
-    raise ValueError(f"density={density!r} is invalid; accepted: a Python float in [0, 1] (static)")
-  return float(density)
-
-
-def magnitude_prune(tree: PyTree, density: float) -> PyTree:
+def magnitude_prune(tree: PyTree, density: float, *, keep_rule: str = "round") -> PyTree:
   r"""Keeps the `density` fraction of largest-magnitude entries in each leaf, zeroes the rest.
 
   .. math::
@@ -454,20 +266,32 @@ def magnitude_prune(tree: PyTree, density: float) -> PyTree:
   Args:
     tree: pytree of floating leaves.
     density: fraction d in [0, 1] to keep, a Python float. Static (it sets m).
+    keep_rule: how m follows from d and the leaf size n: `round` (above; the default),
+      `floor` = int(d·n) (PEFT), `floor_min1` = max(1, int(d·n)) (mergekit), `floor_plus1` =
+      int(d·n) + 1 (the TIES reference code, which also keeps every entry tied with the m-th
+      largest; here ties go to the lowest indices, so the two agree when magnitudes differ).
 
   Returns:
     pytree like `tree`, leaves in their input dtype.
   """
-  density = _validate_density(density)
-  names, leaves, treedef = _leaves_with_names(tree, "tree")
-  for name, leaf in zip(names, leaves):
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise ValueError(f"{name} has dtype {jnp.result_type(leaf)}; accepted: floating-point leaves")
-  keeps = _keeps([jnp.shape(leaf) for leaf in leaves], density)
-  return jax.tree_util.tree_unflatten(treedef, _magnitude_prune(leaves, keeps))
+  density = validate_density(density)
+  validate_choice(keep_rule, "keep_rule", _select.KEEP_RULES)
+  names, leaves, treedef = leaves_with_names(tree, "tree")
+  check_floating(names, leaves)
+  keeps = _select.keeps([jnp.shape(leaf) for leaf in leaves], density, keep_rule)
+  pruned = in_buckets(_magnitude_prune_groups, leaves, [keeps])
+  return jax.tree_util.tree_unflatten(treedef, pruned)
 
 
-def ties_merge(stacked: PyTree, *, density: float, scale: float | jax.Array = 1.0) -> PyTree:
+def ties_merge(
+  stacked: PyTree,
+  *,
+  density: float,
+  scale: float | jax.Array = 1.0,
+  keep_rule: str = "round",
+  zero_sign: str = "zero",
+  trim: str = "leaf",
+) -> PyTree:
   r"""TIES-merging of K task vectors: trim, elect sign, disjoint mean, scale.
 
   For each leaf, with τ̂_k = magnitude_prune(τ_k, density) per member:
@@ -483,52 +307,82 @@ def ties_merge(stacked: PyTree, *, density: float, scale: float | jax.Array = 1.
   deltas and add the result back to the base yourself; applied to raw weights it prunes
   and sign-votes the weights themselves, which is not the method.
 
+  The defaults are this library's; each reference is one setting away. PEFT's
+  `ties` (`merge_utils`): keep_rule='floor', zero_sign='positive'. mergekit's `ties`
+  (equal weights): keep_rule='floor_min1', zero_sign='positive'. The TIES reference code:
+  keep_rule='floor_plus1', zero_sign='majority', trim='member'.
+
   Args:
     stacked: pytree of [K, ...] floating leaves (task vectors).
     density: fraction of each member's leaf to keep in the trim step, a Python float in
       [0, 1]. Static.
     scale: λ, multiplies the merged vector.
+    keep_rule: entries kept out of n per trimmed vector, as in `magnitude_prune`.
+    zero_sign: elected sign where the trimmed members sum to exactly 0: `zero` (nothing
+      agrees, the merge is 0 there; the default), `positive` (+1: PEFT, mergekit) or
+      `majority` (the sign of the sum of the elected signs of the leaf, or of the whole
+      vector with trim='member': the TIES code).
+    trim: `leaf` ranks magnitudes within each leaf of each member (PEFT, mergekit);
+      `member` ranks each member's whole vector, all leaves raveled together (the TIES
+      code; leaves of mixed dtypes are ranked in their promoted dtype).
 
   Returns:
     pytree like one member: leaves [...] in their input dtype.
   """
-  density = _validate_density(density)
-  leaves, treedef, _ = _stacked_leaves(stacked, floating=True)
-  keeps = _keeps([jnp.shape(leaf)[1:] for leaf in leaves], density)
-  merged = _ties_merge(leaves, keeps, scale)
+  density = validate_density(density)
+  validate_choice(keep_rule, "keep_rule", _select.KEEP_RULES)
+  validate_choice(zero_sign, "zero_sign", ZERO_SIGNS)
+  validate_choice(trim, "trim", TRIMS)
+  leaves, treedef, _ = stacked_leaves(stacked, floating=True)
+  sizes = [int(np.prod(jnp.shape(leaf)[1:], dtype=np.int64)) for leaf in leaves]
+  keeps = _select.keeps(
+    [(sum(sizes),)] if trim == "member" else [(n,) for n in sizes], density, keep_rule
+  )
+  if trim == "member":
+    merged = _ties_merge_whole(leaves, keeps, scale, zero_sign=zero_sign)
+  else:
+    merged = in_buckets(_ties_merge_groups, leaves, [keeps], scale, zero_sign=zero_sign)
   return jax.tree_util.tree_unflatten(treedef, merged)
 
 
-def _keeps(shapes: list[tuple[int, ...]], density: float) -> list[np.ndarray]:
-  """Keep counts per member leaf, as int32 scalars that the jitted helpers trace.
-
-  Tracing them (rather than making them static) lets all densities share one compilation.
-  """
-  return [np.int32(_keep_count(int(np.prod(shape, dtype=np.int64)), density)) for shape in shapes]
-
-
 @jax.jit
-def _magnitude_prune(leaves: list[jax.Array], keeps: list[jax.Array]) -> list[jax.Array]:
-  rows = _prune_rows([jnp.reshape(leaf, (1, -1)) for leaf in leaves], keeps)
-  return [r.reshape(leaf.shape) for r, leaf in zip(rows, leaves)]
+def _magnitude_prune_groups(
+  groups: list[list[jax.Array]], keeps: list[jax.Array]
+) -> list[list[jax.Array]]:
+  # A group's N same-shaped leaves are pruned as the N rows of one array.
+  rows = [jnp.stack([jnp.reshape(leaf, (-1,)) for leaf in g]) for g in groups]
+  pruned_rows = _select.prune_rows(rows, [k[0] for k in keeps])  # equal within a group
+  return [[r.reshape(leaf.shape) for r, leaf in zip(p, g)] for g, p in zip(groups, pruned_rows)]
 
 
-@jax.jit
-def _ties_merge(
-  leaves: list[jax.Array], keeps: list[jax.Array], scale: jax.Array
+@functools.partial(jax.jit, static_argnames="zero_sign")
+def _ties_merge_groups(
+  groups: list[list[jax.Array]], keeps: list[jax.Array], scale: jax.Array, *, zero_sign: str
+) -> list[list[jax.Array]]:
+  # Each group's N leaves of one shape [K, ...] are trimmed as one [N·K, n] array of rows and
+  # merged as one [N, K, n] stack: the program's size follows the number of shapes, not of
+  # leaves, and buckets of the same shapes share one compilation.
+  k = groups[0][0].shape[0]
+  rows = [jnp.concatenate([jnp.reshape(leaf, (k, -1)) for leaf in g]) for g in groups]
+  outs = []
+  for g, trimmed in zip(groups, _select.prune_rows(rows, [kk[0] for kk in keeps])):
+    stack = trimmed.reshape(len(g), k, -1)
+    merged = elect_and_merge([stack[:, i].astype(jnp.float32) for i in range(k)], zero_sign)
+    outs.append(
+      [(m * scale).astype(leaf.dtype).reshape(leaf.shape[1:]) for m, leaf in zip(merged, g)]
+    )
+  return outs
+
+
+@functools.partial(jax.jit, static_argnames="zero_sign")
+def _ties_merge_whole(
+  leaves: list[jax.Array], keeps: list[jax.Array], scale: jax.Array, *, zero_sign: str
 ) -> list[jax.Array]:
+  # One [K, P] row per member: ranked, elected and merged as one vector, then split.
   k = leaves[0].shape[0]
-  trimmed_rows = _prune_rows([jnp.reshape(leaf, (k, -1)) for leaf in leaves], keeps)
-
-  def merge(leaf: jax.Array, trimmed: jax.Array) -> jax.Array:
-    members = [trimmed[i].astype(jnp.float32) for i in range(k)]
-    elected = jnp.sign(sum(members))
-    # Zero entries have sign 0 and never match an elected sign of ±1; where the elected
-    # sign is 0 nothing agrees and the result is 0.
-    agree = [(jnp.sign(m) == elected) & (elected != 0) for m in members]
-    count = sum(a.astype(jnp.int32) for a in agree)
-    total = sum(jnp.where(a, m, 0.0) for a, m in zip(agree, members))
-    merged = total / jnp.maximum(count, 1).astype(jnp.float32) * scale
-    return merged.astype(leaf.dtype).reshape(leaf.shape[1:])
-
-  return [merge(leaf, t) for leaf, t in zip(leaves, trimmed_rows)]
+  rows = [jnp.reshape(leaf, (k, -1)) for leaf in leaves]
+  dtype = jnp.result_type(*rows)
+  (flat,) = _select.prune_rows([jnp.concatenate([r.astype(dtype) for r in rows], 1)], keeps)
+  merged = elect_and_merge([flat[i].astype(jnp.float32) for i in range(k)], zero_sign) * scale
+  parts = jnp.split(merged, np.cumsum([r.shape[1] for r in rows])[:-1])
+  return [p.astype(leaf.dtype).reshape(leaf.shape[1:]) for p, leaf in zip(parts, leaves)]

@@ -273,3 +273,104 @@ def test_errors():
     merging.magnitude_prune({"w": np.zeros(3, np.int32)}, 0.5)
   with pytest.raises(ValueError, match="floating-point"):
     merging.weighted_average({"w": np.zeros((2, 3), np.int32)})
+
+
+# ------------------------------------------------- definitional choices: each reference's rule
+
+
+def cancelling_members(seed, shapes):
+  """K = 2 members with distinct magnitudes within each member, cancelling at ~half the places.
+
+  Integers and half-integers, so every sum is exact in float32.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in shapes.items():
+    n = int(np.prod(shape))
+    first = rng.permutation(n) + 1.0
+    first *= rng.choice([-1.0, 1.0], n)
+    second = (rng.permutation(n) + 1.5) * rng.choice([-1.0, 1.0], n)
+    cancel = rng.uniform(size=n) < 0.5
+    second[cancel] = -first[cancel]
+    out[name] = np.stack([first, second]).reshape(2, *shape).astype(np.float32)
+  return out
+
+
+def np_top(row, k):
+  """Mask of the k largest |row| (magnitudes within the row are distinct here)."""
+  mask = np.zeros(row.size, bool)
+  mask[np.argsort(-np.abs(row), kind="stable")[:k]] = True
+  return mask
+
+
+def np_disjoint_mean(trimmed, elected):
+  """PEFT's `disjoint_merge`, mergekit's normalised merge: mean of the elected-sign entries."""
+  agree = np.sign(trimmed) == elected
+  return (trimmed * agree).sum(0) / np.maximum(agree.sum(0), 1)
+
+
+def np_peft_or_mergekit_ties(leaf, density, keep):
+  """PEFT `ties` and mergekit `ties` (unit weights): per-tensor top-k, sum >= 0 elects +1."""
+  rows = leaf.reshape(leaf.shape[0], -1).astype(np.float64)
+  trimmed = np.stack([np.where(np_top(r, keep(density, r.size)), r, 0) for r in rows])
+  elected = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+  return np_disjoint_mean(trimmed, elected).reshape(leaf.shape[1:])
+
+
+def np_ties_code(tree, density):
+  """The TIES reference code on each member's flattened vector (`topk_values_mask` keeps
+  |x| >= the (P - int(d·P))-th smallest; zero sums take the sign of the summed signs)."""
+  leaves = jax.tree.leaves(tree)
+  flat = np.concatenate([x.reshape(x.shape[0], -1) for x in leaves], 1).astype(np.float64)
+  p = flat.shape[1]
+  kth = np.sort(np.abs(flat), axis=1)[:, p - int(density * p) - 1 : p - int(density * p)]
+  trimmed = np.where(np.abs(flat) >= kth, flat, 0)
+  elected = np.sign(trimmed.sum(0))
+  elected[elected == 0] = np.sign(elected.sum())
+  keep = np.where(elected > 0, trimmed > 0, trimmed < 0)
+  merged = (trimmed * keep).sum(0) / np.maximum(keep.sum(0), 1)
+  sizes = np.cumsum([x[0].size for x in leaves])[:-1]
+  return [m.reshape(x.shape[1:]) for m, x in zip(np.split(merged, sizes), leaves)]
+
+
+OPTION_SHAPES = {"a": (6, 5), "b": (7,)}
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.77])
+def test_ties_merge_reproduces_peft_and_mergekit(density):
+  tree = cancelling_members(int(density * 100), OPTION_SHAPES)
+  peft = ties(tree, density=density, keep_rule="floor", zero_sign="positive")
+  mergekit = ties(tree, density=density, keep_rule="floor_min1", zero_sign="positive")
+  for got_p, got_m, leaf in zip(jax.tree.leaves(peft), jax.tree.leaves(mergekit), tree.values()):
+    ref_p = np_peft_or_mergekit_ties(leaf, density, lambda d, n: int(d * n))
+    ref_m = np_peft_or_mergekit_ties(leaf, density, lambda d, n: max(1, int(d * n)))
+    np.testing.assert_allclose(got_p, ref_p, rtol=1e-6)
+    np.testing.assert_allclose(got_m, ref_m, rtol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
+def test_ties_merge_reproduces_the_ties_code(density):
+  tree = cancelling_members(7 + int(density * 100), OPTION_SHAPES)
+  got = ties(tree, density=density, keep_rule="floor_plus1", zero_sign="majority", trim="member")
+  for g, ref in zip(jax.tree.leaves(got), np_ties_code(tree, density)):
+    np.testing.assert_allclose(g, ref, rtol=1e-6)
+
+
+def test_keep_rules_and_zero_signs():
+  x = np.array([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.25], np.float32)
+  for rule, kept in (("round", 4), ("floor", 3), ("floor_min1", 3), ("floor_plus1", 4)):
+    assert np.count_nonzero(prune(x, 0.5, keep_rule=rule)) == kept  # 0.5 · 7 = 3.5
+  assert np.count_nonzero(prune(x, 0.1, keep_rule="floor")) == 0
+  assert np.count_nonzero(prune(x, 0.1, keep_rule="floor_min1")) == 1
+  assert np.count_nonzero(prune(x, 1.0, keep_rule="floor_plus1")) == 7
+  # The cancelled position: 0 by default, the positive member under PEFT's and mergekit's rule.
+  pair = {"w": np.array([[2.0, 1.0], [-2.0, 1.0]], np.float32)}
+  np.testing.assert_array_equal(ties(pair, density=1.0)["w"], [0.0, 1.0])
+  np.testing.assert_array_equal(ties(pair, density=1.0, zero_sign="positive")["w"], [2.0, 1.0])
+  np.testing.assert_array_equal(ties(pair, density=1.0, zero_sign="majority")["w"], [2.0, 1.0])
+  with pytest.raises(ValueError, match=r"keep_rule='ceil' is invalid; accepted: round, floor"):
+    ties(pair, density=0.5, keep_rule="ceil")
+  with pytest.raises(ValueError, match=r"zero_sign=1 is invalid; accepted: zero, positive"):
+    ties(pair, density=0.5, zero_sign=1)
+  with pytest.raises(ValueError, match=r"trim='tensor' is invalid; accepted: leaf, member"):
+    ties(pair, density=0.5, trim="tensor")
