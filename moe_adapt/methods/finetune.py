@@ -50,6 +50,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import stages
 
 PyTree = Any
@@ -541,6 +542,28 @@ def embed(setup: Setup, model: nn.Module, params: PyTree, examples: Examples) ->
   return _batched(model, "features", params, examples, bs, jax.random.key(0))
 
 
+def evaluate_outcomes(
+  setup: Setup,
+  model: nn.Module,
+  params: PyTree,
+  domains: Sequence[str],
+  *,
+  split: str = "test",
+  routing_key: jax.Array | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
+  """`evaluate`'s metrics and the per-example outcomes ({domain: results_lib.outcomes})."""
+  out, per_example = {}, {}
+  for d in domains:
+    ex = getattr(setup.task, split)[d]
+    logits = predict_logits(
+      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
+    )
+    per_example[d] = results_lib.outcomes(logits, ex.labels)
+    out[d] = {"accuracy": results_lib.accuracy(per_example[d])}
+  out["mean"] = {"accuracy": float(np.mean([out[d]["accuracy"] for d in domains]))}
+  return out, per_example
+
+
 def evaluate(
   setup: Setup,
   model: nn.Module,
@@ -551,15 +574,7 @@ def evaluate(
   routing_key: jax.Array | None = None,
 ) -> dict[str, dict[str, float]]:
   """{domain: {'accuracy'}, 'mean': {'accuracy'}} on `split` of `domains` (mean over domains)."""
-  out = {}
-  for d in domains:
-    ex = getattr(setup.task, split)[d]
-    logits = predict_logits(
-      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
-    )
-    out[d] = {"accuracy": float(np.mean(np.argmax(logits, -1) == ex.labels))}
-  out["mean"] = {"accuracy": float(np.mean([out[d]["accuracy"] for d in domains]))}
-  return out
+  return evaluate_outcomes(setup, model, params, domains, split=split, routing_key=routing_key)[0]
 
 
 def param_counts(params: PyTree, *, train_mode: str, inference_params: PyTree) -> dict[str, int]:
@@ -690,7 +705,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   )
   writer = metrics_lib.MetricWriter(workdir)
   backbone = pretrained_backbone(setup, workdir, writer)
-  metrics, counts, step_time = {}, {}, {}
+  metrics, per_example, counts, step_time = {}, {}, {}, {}
   for variant in config.variants:
     kind, train_mode = VARIANTS[variant]
     adapter = adapter_config(config, kind)
@@ -709,7 +724,9 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       lr=variant_lr(config, train_mode),
       batch_size=config.train.batch_size,
     )
-    metrics[variant] = evaluate(setup, model, trained.params, targets)
+    metrics[variant], per_example[variant] = evaluate_outcomes(
+      setup, model, trained.params, targets
+    )
     inference = (
       adapters_lib.merge_lora(trained.params, adapter) if kind == "lora" else trained.params
     )
@@ -729,4 +746,5 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "params": counts,
     "step_time_s": step_time,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }

@@ -115,8 +115,36 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
   _fsync_dir(os.fspath(path.parent))
 
 
+def _format_json(value: Any, indent: str) -> str:
+  """`value` (JSON-compatible) as JSON text, objects indented, lists of scalars on one line."""
+  inner = indent + "  "
+  if isinstance(value, dict) and value:
+    items = [f"{inner}{json.dumps(k)}: {_format_json(v, inner)}" for k, v in value.items()]
+    return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+  if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+    items = [f"{inner}{_format_json(v, inner)}" for v in value]
+    return "[\n" + ",\n".join(items) + f"\n{indent}]"
+  return json.dumps(value)
+
+
+def dumps_json(obj: Any) -> str:
+  """`obj` as JSON: sorted keys, indent 2, each list of scalars on one line.
+
+  One line per list keeps files with per-example outcomes (thousands of 0/1 entries)
+  short and readable. NumPy/JAX scalars and arrays are converted.
+
+  Raises:
+    ValueError: if `obj` is not JSON-serialisable.
+  """
+  try:
+    plain = json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+  except TypeError as e:
+    raise ValueError(str(e)) from e
+  return _format_json(plain, "") + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as JSON (sorted keys, indent 2) with `write_bytes_atomic`.
+  """Writes `obj` as JSON (`dumps_json`: sorted keys, indent 2) with `write_bytes_atomic`.
 
   Args:
     path: the destination file (local or remote); its directory must exist.
@@ -127,8 +155,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     OSError: if the file cannot be written.
   """
   try:
-    text = json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n"
-  except TypeError as e:
+    text = dumps_json(obj)
+  except ValueError as e:
     raise ValueError(f"cannot write {path}: {e}") from e
   write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -143,9 +143,15 @@ def test_write_json_atomic(tmp_path):
   path = tmp_path / "r.json"
   wd.write_json_atomic(path, {"b": np.float32(0.5), "a": [np.int64(1), (2, 3)], "c": np.ones(2)})
   text = path.read_text()
-  assert (
-    text
-    == json.dumps({"a": [1, [2, 3]], "b": 0.5, "c": [1.0, 1.0]}, indent=2, sort_keys=True) + "\n"
+  want = {"a": [1, [2, 3]], "b": 0.5, "c": [1.0, 1.0]}
+  assert json.loads(text) == want
+  # Indented objects, lists of scalars on one line (per-example lists stay short).
+  assert text == '{\n  "a": [\n    1,\n    [2, 3]\n  ],\n  "b": 0.5,\n  "c": [1.0, 1.0]\n}\n'
+  nested = {"z": {"y": [], "x": {}}, "n": float("nan"), "s": ["a", None, True]}
+  wd.write_json_atomic(path, nested)
+  assert path.read_text() == wd.dumps_json(nested)
+  assert json.dumps(json.loads(path.read_text()), sort_keys=True) == json.dumps(
+    nested, sort_keys=True
   )
   wd.write_json_atomic(path, {"x": 1})
   assert json.loads(path.read_text()) == {"x": 1}
