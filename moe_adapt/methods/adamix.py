@@ -3,7 +3,9 @@
 Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptations for
 Parameter-efficient Model Tuning" (EMNLP 2022). The modules are `models.adamix` (kinds
 'adamix' and 'adamix_lora'); training and evaluation use the fine-tuning harness
-(`methods.finetune`). One run trains, on the same data and from the same backbone:
+(`methods.finetune`). One run trains, on the same data and from the same backbone, with
+the same batches in the same order, the same head initialisation and the same dropout and
+routing key streams (`finetune.variant_key`; variants differ only by their definition):
 
 - `adapter`: one bottleneck adapter per block at AdaMix's place (after the FFN output,
   Pfeiffer's) with the same bottleneck — the single module AdaMix is compared with;
@@ -175,6 +177,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
         lr=ft.variant_lr(config, v.train_mode),
         batch_size=config.train.batch_size,
         consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
+        key=ft.variant_key(setup),
       )
       entry = {
         "params": ft.param_counts(

@@ -16,6 +16,8 @@ The `finetune` method compares, in one run on the same data, the variants
 - `houlsby`, `pfeiffer`: bottleneck adapters (two per block / one per block) + head;
 - `lora`: LoRA on `adapter.lora_targets` + head;
 
+paired: the same batches in the same order, the same head initialisation and the same
+dropout streams (`variant_key`), so that their differences carry no batch-order noise;
 with `data.protocol`:
 
 - 'lodo' (leave-domain-out): train on the training splits of every domain but the
@@ -23,8 +25,9 @@ with `data.protocol`:
 - 'pooled' (in-domain): train on the training splits of `data.domains` (all by default)
   and report accuracy on each of their test splits.
 
-Results also carry, per variant, the parameter counts ({total, trainable, inference}) and
-the training cost per step (seconds, measured on a few extra compiled steps).
+Results also carry, per variant, the parameter counts ({total, trainable, inference}),
+the training cost per step (seconds, measured on a few extra compiled steps) and the
+per-example test outcomes (`per_example`, for `launch.collect`'s paired intervals).
 """
 
 from __future__ import annotations
@@ -447,8 +450,13 @@ def train(
   consistency_weight: float = 0.0,
   stage_fields: Mapping[str, Sequence[str]] | None = None,
   time_steps: bool = True,
+  key: jax.Array | None = None,
 ) -> Trained:
   """Trains the `train_mode` part of `params` on `examples` as stage `stage` (resumable).
+
+  `key` (default: the stage's own, `setup.key(stage)`) fixes the batch order and the
+  dropout and routing draws; the compared variants of one run pass the same key
+  (`variant_key`), so that they see the same batches and random streams.
 
   Returns the full params and the seconds per step, timed on `TIMED_STEPS` extra steps of
   the compiled step on a copy of the final state (the copy is discarded); with
@@ -469,7 +477,7 @@ def train(
     batch_size=batch_size,
     consistency_weight=consistency_weight,
   )
-  bound = stages.bind(step_fn, setup.key(stage), *arrays)
+  bound = stages.bind(step_fn, setup.key(stage) if key is None else key, *arrays)
   state = stages.run_stage(
     setup.config,
     workdir,
@@ -688,6 +696,18 @@ def _check_domains(task: Task, name: str, domains: Sequence[str]) -> None:
     raise ValueError(f"{name}={tuple(domains)!r} is invalid; accepted: {', '.join(task.domains)}")
 
 
+def variant_key(setup: Setup) -> jax.Array:
+  """The training key every compared variant of a run shares (paired comparisons).
+
+  Step t of each variant draws its batch indices, dropout and routing keys from
+  `fold_in(variant_key, t)`: on the same training set the variants see the same batches
+  in the same order, and the same dropout masks wherever their modules coincide (e.g. the
+  backbone of a frozen-backbone variant). With the shared initialisation key
+  (`setup.key('init')`) they also start from the same head.
+  """
+  return setup.key("variants")
+
+
 def variant_lr(config, train_mode: str) -> float:
   """`train.lr_full` for full fine-tuning, `train.lr` otherwise."""
   return config.train.lr_full if train_mode == "all" else config.train.lr
@@ -723,6 +743,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       steps=config.train.steps,
       lr=variant_lr(config, train_mode),
       batch_size=config.train.batch_size,
+      key=variant_key(setup),
     )
     metrics[variant], per_example[variant] = evaluate_outcomes(
       setup, model, trained.params, targets

@@ -357,6 +357,8 @@ def test_cli_reports_merged_random_and_fixed_routing(main_run):
 
   assert set(results["step_time_s"]) == set(VARIANTS)
   assert all(t > 0 for t in results["step_time_s"].values())
+  # Per-example outcomes of every variant but the averaged random routing.
+  configs_util.check_per_example(results, {*VARIANTS, "adamix_fixed"})
 
 
 @pytest.mark.slow
