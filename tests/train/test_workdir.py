@@ -200,3 +200,16 @@ def test_other_processes_leave_the_files_to_process_zero(tmp_path, monkeypatch):
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(1))
   with pytest.raises(wd.WorkdirError, match=r"could not be prepared by process 0"):
     wd.prepare_workdir(tmp_path / "run", CONFIG)
+
+
+def test_finished_results_is_read_only(tmp_path):
+  assert wd.finished_results(tmp_path / "absent", {"a": 1}) is None
+  assert not (tmp_path / "absent").exists()
+  wd.prepare_workdir(tmp_path, {"a": 1})
+  assert wd.finished_results(tmp_path, {"a": 1}) is None  # not finished
+  wd.write_json_atomic(tmp_path / wd.RESULTS_FILE, {"metrics": {}})
+  before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+  assert wd.finished_results(tmp_path, {"a": 1}) == {"metrics": {}}
+  with pytest.raises(wd.ConfigMismatchError, match="a: stored=1 new=2"):
+    wd.finished_results(tmp_path, {"a": 2})
+  assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
