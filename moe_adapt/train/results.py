@@ -54,10 +54,3 @@ def outcomes(predictions: Any, labels: Any) -> dict[str, list[int]]:
 def accuracy(entry: Mapping[str, Any]) -> float:
   """The accuracy of a per-example entry (mean of its `correct` list)."""
   return float(np.mean(entry["correct"]))
-
-
-def domain_outcomes(
-  per_domain: Mapping[str, tuple[Any, Any]],
-) -> dict[str, dict[str, list[int]]]:
-  """{domain: outcomes(predictions, labels)} from {domain: (predictions, labels)}."""
-  return {d: outcomes(p, y) for d, (p, y) in per_domain.items()}
