@@ -1,7 +1,8 @@
 r"""Result tables of a sweep: mean ± std over seeds per setting, variant and target domain.
 
   python -m launch.collect --sweep_dir=runs/mdmoe_ablations [--out=DIR] [--metric=accuracy] \
-      [--select_over=meta.inner_lr --selection=train_domain_val|oracle] [--variants=erm,meta_dmoe]
+      [--select_over=meta.inner_lr --selection=train_domain_val|oracle] [--variants=erm,meta_dmoe] \
+      [--baseline=erm|none] [--bootstrap_samples=2000] [--bootstrap_seed=0]
 
 reads every run's spec.json, config.json and results.json (see `launch.sweep`)
 and writes `results.md`, `results.csv`, `results.tex` and one `plot_<key>.png`
@@ -13,6 +14,15 @@ except the seed and the target domains) × the variants each run reports
 the mean ± sample std over seeds; for `mean`, each seed's metric is first
 averaged over all target domains, so only seeds with every domain count. Runs
 with one target each (leave-one-domain-out) and runs with several targets mix.
+
+Significance: each variant is compared with the method's main baseline (`BASELINES`,
+or `--baseline`; `--baseline=none` turns it off) on the runs' per-example outcomes
+(results.json `per_example`, accuracy only): the difference of the variant's and the
+baseline's accuracy, paired within each run (same seed, same test examples), averaged
+over seeds, with a 95 % interval from a two-stage paired bootstrap — seeds resampled,
+then test examples within each seed (`launch.significance` states the scheme). The
+Markdown and LaTeX tables mark a cell whose interval excludes 0 with `*` and list the
+differences and intervals in a second table. A baseline that no run reports is an error.
 
 Model selection (`--select_over=k1,k2`): per setting of the other keys and
 variant, only the best setting of k1, k2 is kept, chosen by
@@ -38,6 +48,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from launch import significance
+from launch.significance import Diff
+
 SPEC_FILE = "spec.json"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -48,6 +61,20 @@ SOURCE_VAL = "source_val"
 DEFAULT = "(default)"  # A swept key a run neither overrides nor records in config.json.
 SELECTIONS = ("train_domain_val", "oracle")
 MISSING = "–"
+PER_EXAMPLE = "per_example"  # results.json key (moe_adapt.train.results.PER_EXAMPLE)
+NO_BASELINE = "none"
+SIGNIFICANT = "*"
+# The main baseline of each method: what its variants' differences are measured against.
+BASELINES = {
+  "meta_dmoe": "erm",
+  "co_tuning": "fine_tune",
+  "muka": "vanilla_kd",
+  "adamix": "adapter",
+  "finetune": "full",
+  "adapter_soup": "all",
+  "adapter_experts": "erm",
+  "cotuned_teachers": "vanilla_kd_from_fine_tune",
+}
 
 
 class Record(NamedTuple):
@@ -75,6 +102,7 @@ class Row(NamedTuple):
   cells: dict[str, Cell]
   val: Cell | None = None  # Source-domain validation metric, when the runs report one.
   selected: tuple[tuple[str, Any], ...] = ()  # The chosen values of `--select_over` keys.
+  diffs: Mapping[str, Diff] | None = None  # Column -> paired difference to the baseline.
 
 
 class Table(NamedTuple):
@@ -86,6 +114,7 @@ class Table(NamedTuple):
   rows: tuple[Row, ...]
   selected_keys: tuple[str, ...] = ()
   notes: tuple[str, ...] = ()
+  baseline: str | None = None  # The variant the rows' `diffs` are measured against.
 
 
 # ----------------------------------------------------------------------------
@@ -191,12 +220,86 @@ def _number(value: Any) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def resolve_baseline(records: Sequence[Record], requested: str = "") -> str | None:
+  """The variant differences are measured against, or None for no comparison.
+
+  Args:
+    records: from `load_records`.
+    requested: `--baseline`: a variant, 'none', or '' for the method's entry in BASELINES
+      (None when the runs' method has none, or the runs mix methods).
+
+  Raises:
+    ValueError: the baseline (requested, or the method's) is run by no finished run.
+  """
+  if requested == NO_BASELINE:
+    return None
+  done = [r.results for r in records if r.results is not None]
+  found = sorted({v for res in done for v in res.get("metrics", {})})
+  if requested:
+    baseline, where = requested, f"--baseline={requested!r}"
+  else:
+    methods = {res.get("method") for res in done}
+    if len(methods) != 1 or next(iter(methods)) not in BASELINES:
+      return None
+    method = next(iter(methods))
+    baseline = BASELINES[method]
+    where = (
+      f"--baseline (default: {baseline!r}, the main baseline of method {method!r} in "
+      "launch.collect.BASELINES)"
+    )
+  if done and baseline not in found:
+    raise ValueError(
+      f"{where} names a variant that no run reports; accepted: {', '.join(found)}, or "
+      f"{NO_BASELINE!r} for no comparison"
+    )
+  return baseline
+
+
+def _paired_diffs(record: Record, variant: str, baseline: str) -> dict[str, np.ndarray]:
+  """Domain -> [n] per-example differences variant − baseline of one run ({} if not stored)."""
+  stored = record.results.get(PER_EXAMPLE) or {}
+  ours, theirs = stored.get(variant) or {}, stored.get(baseline) or {}
+  out = {}
+  for domain in sorted(set(ours) & set(theirs)):
+    a, b = ours[domain].get("correct"), theirs[domain].get("correct")
+    if a is None or b is None:
+      continue
+    if len(a) != len(b) or not a:
+      raise ValueError(
+        f"run {record.name}: per_example of {variant!r} and {baseline!r} on {domain!r} do not "
+        f"pair up ({len(a)} vs {len(b)} examples)"
+      )
+    out[domain] = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return out
+
+
+def _row_diffs(
+  seeds: Mapping[Any, Mapping[str, np.ndarray]],
+  domains: Sequence[str],
+  *,
+  key: tuple,
+  num_samples: int,
+  seed: int,
+) -> dict[str, Diff]:
+  """Column -> Diff over the seeds that have the column's domains (all of them for 'mean')."""
+  out = {}
+  for column, needed in [*((d, (d,)) for d in domains), (MEAN, tuple(domains))]:
+    per_seed = [[ds[d] for d in needed] for ds in seeds.values() if all(d in ds for d in needed)]
+    if per_seed:
+      rng = significance.rng_for(*key, column, seed=seed)
+      out[column] = significance.paired_bootstrap(per_seed, num_samples=num_samples, rng=rng)
+  return out
+
+
 def aggregate(
   records: Sequence[Record],
   *,
   metric: str = "accuracy",
   keys: Sequence[str] | None = None,
   variants: Sequence[str] | None = None,
+  baseline: str | None = None,
+  bootstrap_samples: int = significance.DEFAULT_SAMPLES,
+  bootstrap_seed: int = 0,
 ) -> Table:
   """Groups finished runs by `keys` and computes mean ± std over seeds.
 
@@ -205,13 +308,19 @@ def aggregate(
     metric: the per-domain metric, e.g. 'accuracy'.
     keys: the keys that make a row (default `swept_keys(records)`).
     variants: variants to report, in this order (default: all, sorted).
+    baseline: the variant to compare every other one with (see `resolve_baseline`), or
+      None; differences need per-example outcomes and `metric='accuracy'`.
+    bootstrap_samples: replicates of the paired bootstrap.
+    bootstrap_seed: fixes the bootstrap draws.
 
   Returns:
     A Table with a row per (setting, variant), sorted by setting then variant;
-    columns are the target domains (natural order) and 'mean'.
+    columns are the target domains (natural order) and 'mean'; rows carry their
+    paired differences to `baseline` where the runs store per-example outcomes.
 
   Raises:
-    ValueError: no run has results, `metric` or a variant appears in none.
+    ValueError: no run has results, `metric` or a variant appears in none, or the
+      per-example outcomes of a variant and the baseline do not pair up.
   """
   keys = tuple(swept_keys(records) if keys is None else keys)
   done = [r for r in records if r.results is not None]
@@ -224,14 +333,24 @@ def aggregate(
   if unknown:
     raise ValueError(f"variants {unknown} appear in no run; accepted: {', '.join(sorted(found))}")
 
+  if baseline is not None and baseline not in found:
+    raise ValueError(f"baseline={baseline!r} appears in no run; accepted: {', '.join(found)}")
+  compare = baseline is not None and metric == "accuracy"
+
   # (setting, variant) -> seed -> domain -> values, and seed -> source-val values.
   per_seed: dict[tuple, dict[Any, dict[str, list[float]]]] = {}
   per_seed_val: dict[tuple, dict[Any, list[float]]] = {}
+  # (setting, variant) -> seed -> domain -> [n] paired differences to the baseline.
+  per_seed_diff: dict[tuple, dict[Any, dict[str, np.ndarray]]] = {}
   metrics_seen = set()
   for r in done:
     setting = tuple((k, setting_value(r, k)) for k in keys)
     seed = r.results.get("seed", r.overrides.get(SEED_KEY))
     for variant in variants:
+      if compare and variant != baseline:
+        diffs = _paired_diffs(r, variant, baseline)
+        if diffs:
+          per_seed_diff.setdefault((setting, variant), {}).setdefault(seed, {}).update(diffs)
       for domain, values in r.results.get("metrics", {}).get(variant, {}).items():
         if domain == MEAN or not isinstance(values, Mapping):
           continue
@@ -267,14 +386,30 @@ def aggregate(
       cells[MEAN] = _cell([np.mean([ds[d] for d in domains]) for ds in complete])
     val = per_seed_val.get((setting, variant))
     val_cell = _cell([float(np.mean(v)) for v in val.values()]) if val else None
-    rows.append(Row(setting, variant, cells, val_cell))
+    diffs = _row_diffs(
+      per_seed_diff.get((setting, variant), {}),
+      domains,
+      key=(setting, variant),
+      num_samples=bootstrap_samples,
+      seed=bootstrap_seed,
+    )
+    rows.append(Row(setting, variant, cells, val_cell, (), diffs))
   rows.sort(key=lambda row: ([_value_order(v) for _, v in row.setting], order[row.variant]))
 
   notes = [f"{len(records)} runs: {len(done)} with results, {len(records) - len(done)} without."]
   fixed = fixed_overrides(records)
   if fixed:
     notes.append("Fixed overrides: " + ", ".join(f"{k}={show(v)}" for k, v in fixed.items()) + ".")
-  return Table(metric, keys, (*domains, MEAN), tuple(rows), (), tuple(notes))
+  if baseline is not None and not compare:
+    notes.append(f"No differences to {baseline}: paired intervals are for metric=accuracy only.")
+  elif compare and not per_seed_diff:
+    notes.append(
+      f"No differences to {baseline}: no run stores per-example outcomes of it and another "
+      f"variant (results.json '{PER_EXAMPLE}')."
+    )
+  return Table(
+    metric, keys, (*domains, MEAN), tuple(rows), (), tuple(notes), baseline if compare else None
+  )
 
 
 def select_models(
@@ -357,8 +492,19 @@ def _row_n(row: Row) -> int:
   return max(cell.n for cell in row.cells.values())
 
 
-def format_cell(cell: Cell | None, *, row_n: int, scale: float, digits: int, pm: str = "±") -> str:
-  """`'82.0 ± 2.0'`; no ± for one seed; `' (n=2)'` when fewer seeds than the row has."""
+def format_cell(
+  cell: Cell | None,
+  *,
+  row_n: int,
+  scale: float,
+  digits: int,
+  pm: str = "±",
+  mark: str = "",
+) -> str:
+  """`'82.0 ± 2.0'`; no ± for one seed; `' (n=2)'` when fewer seeds than the row has.
+
+  `mark` (e.g. the significance mark) is appended when given.
+  """
   if cell is None:
     return MISSING
   text = f"{cell.mean * scale:.{digits}f}"
@@ -366,7 +512,36 @@ def format_cell(cell: Cell | None, *, row_n: int, scale: float, digits: int, pm:
     text += f" {pm} {cell.std * scale:.{digits}f}"
   if cell.n != row_n:
     text += f" (n={cell.n})"
-  return text
+  return f"{text} {mark}" if mark else text
+
+
+def format_diff(diff: Diff | None, *, scale: float, digits: int, mark: str = SIGNIFICANT) -> str:
+  """`'+3.0 [+1.2, +4.9] *'`: mean difference, interval, `mark` when it excludes 0."""
+  if diff is None:
+    return MISSING
+  f = lambda v: f"{v * scale:+.{digits}f}"
+  text = f"{f(diff.mean)} [{f(diff.low)}, {f(diff.high)}]"
+  return f"{text} {mark}" if diff.significant else text
+
+
+def _mark(row: Row, column: str, mark: str) -> str:
+  diff = (row.diffs or {}).get(column)
+  return mark if diff is not None and diff.significant else ""
+
+
+def _compared(table: Table) -> list[Row]:
+  """The rows that carry differences to the baseline."""
+  return [row for row in table.rows if row.diffs]
+
+
+def _significance_caption(table: Table, scale: float) -> str:
+  times = f" (×{scale:g})" if scale != 1 else ""
+  seeds = max(d.n for row in _compared(table) for d in row.diffs.values())
+  return (
+    f"Difference to {table.baseline}{times}: mean over seeds of the paired accuracy "
+    f"difference [95 % interval: paired bootstrap over test examples and {seeds} seeds]; "
+    f"{SIGNIFICANT} = the interval excludes 0 (also marked in the table above)."
+  )
 
 
 def _header(table: Table) -> list[str]:
@@ -389,19 +564,36 @@ def _caption(table: Table, scale: float) -> str:
 
 
 def to_markdown(table: Table, *, scale: float = 100.0, digits: int = 1) -> str:
-  """The table in GitHub Markdown, preceded by its caption and notes."""
+  """The table in GitHub Markdown, preceded by its caption and notes.
+
+  With differences to a baseline, cells whose interval excludes 0 carry `*`, and a second
+  table lists the differences and their intervals.
+  """
   esc = lambda s: s.replace("|", r"\|")
   header = _header(table)
   n_text = len(header) - len(table.columns) - 1
+  rule = "|" + "|".join([" --- "] * n_text + [" ---: "] * (len(table.columns) + 1)) + "|"
   lines = [_caption(table, scale), *table.notes, ""]
   lines.append("| " + " | ".join(esc(h) for h in header) + " |")
-  lines.append("|" + "|".join([" --- "] * n_text + [" ---: "] * (len(table.columns) + 1)) + "|")
+  lines.append(rule)
   for row in table.rows:
     n = _row_n(row)
     cells = [
-      format_cell(row.cells.get(c), row_n=n, scale=scale, digits=digits) for c in table.columns
+      format_cell(
+        row.cells.get(c), row_n=n, scale=scale, digits=digits, mark=_mark(row, c, SIGNIFICANT)
+      )
+      for c in table.columns
     ]
     lines.append("| " + " | ".join(esc(c) for c in [*_text_cells(row), *cells, str(n)]) + " |")
+  compared = _compared(table)
+  if compared:
+    lines += ["", _significance_caption(table, scale), ""]
+    lines.append("| " + " | ".join(esc(h) for h in header) + " |")
+    lines.append(rule)
+    for row in compared:
+      n = max(d.n for d in row.diffs.values())
+      cells = [format_diff(row.diffs.get(c), scale=scale, digits=digits) for c in table.columns]
+      lines.append("| " + " | ".join(esc(c) for c in [*_text_cells(row), *cells, str(n)]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -409,12 +601,21 @@ def to_csv(table: Table) -> str:
   """Long format, unscaled and at full precision: one line per row and column."""
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow([*table.keys, *table.selected_keys, "variant", "column", "mean", "std", "n"])
+  header = [*table.keys, *table.selected_keys, "variant", "column", "mean", "std", "n"]
+  diff_fields = ("diff", "diff_low", "diff_high", "diff_n", "significant")
+  writer.writerow([*header, *diff_fields] if table.baseline else header)
   for row in table.rows:
     for column in table.columns:
       cell = row.cells.get(column)
-      if cell is not None:
-        writer.writerow([*_text_cells(row), column, repr(cell.mean), repr(cell.std), cell.n])
+      if cell is None:
+        continue
+      line = [*_text_cells(row), column, repr(cell.mean), repr(cell.std), cell.n]
+      if table.baseline:
+        d = (row.diffs or {}).get(column)
+        line += (
+          [repr(d.mean), repr(d.low), repr(d.high), d.n, int(d.significant)] if d else [""] * 5
+        )
+      writer.writerow(line)
   return buf.getvalue()
 
 
@@ -437,16 +638,33 @@ def to_latex(table: Table, *, scale: float = 100.0, digits: int = 1) -> str:
   lines.append(r"\toprule")
   lines.append(" & ".join(_latex_escape(h) for h in header) + r" \\")
   lines.append(r"\midrule")
+  mark = f"$^{{{SIGNIFICANT}}}$"
   for row in table.rows:
     n = _row_n(row)
     cells = [
-      format_cell(row.cells.get(c), row_n=n, scale=scale, digits=digits, pm=r"$\pm$")
+      format_cell(
+        row.cells.get(c), row_n=n, scale=scale, digits=digits, pm=r"$\pm$", mark=_mark(row, c, mark)
+      )
       for c in table.columns
     ]
     texts = [_latex_escape(t) for t in _text_cells(row)]
     lines.append(" & ".join([*texts, *(c.replace(MISSING, "--") for c in cells), str(n)]) + r" \\")
   lines.append(r"\bottomrule")
   lines.append(r"\end{tabular}")
+  compared = _compared(table)
+  if compared:
+    lines += ["", f"% {_significance_caption(table, scale)}"]
+    lines.append(r"\begin{tabular}{" + "l" * n_text + "r" * (len(table.columns) + 1) + "}")
+    lines += [r"\toprule", " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for row in compared:
+      n = max(d.n for d in row.diffs.values())
+      cells = [
+        format_diff(row.diffs.get(c), scale=scale, digits=digits, mark=mark).replace(MISSING, "--")
+        for c in table.columns
+      ]
+      texts = [_latex_escape(t) for t in _text_cells(row)]
+      lines.append(" & ".join([*texts, *cells, str(n)]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
   return "\n".join(lines) + "\n"
 
 
@@ -589,6 +807,19 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--lower_is_better", action="store_true", help="e.g. for a loss or an ECE")
   parser.add_argument("--scale", type=float, default=100.0, help="display factor (default 100)")
   parser.add_argument("--digits", type=int, default=1, help="displayed decimals (default 1)")
+  parser.add_argument(
+    "--baseline",
+    default="",
+    help="variant to compare every other one with (default: the method's main baseline, "
+    f"launch.collect.BASELINES; '{NO_BASELINE}': no comparison)",
+  )
+  parser.add_argument(
+    "--bootstrap_samples",
+    type=int,
+    default=significance.DEFAULT_SAMPLES,
+    help=f"paired bootstrap replicates (default {significance.DEFAULT_SAMPLES})",
+  )
+  parser.add_argument("--bootstrap_seed", type=int, default=0, help="fixes the bootstrap draws")
   return parser
 
 
@@ -597,8 +828,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.digits < 0:
       raise ValueError(f"--digits={args.digits} is invalid; accepted: an integer >= 0")
+    if args.bootstrap_samples < 1:
+      raise ValueError(
+        f"--bootstrap_samples={args.bootstrap_samples} is invalid; accepted: an integer >= 1"
+      )
     records = load_records(args.sweep_dir)
-    table = aggregate(records, metric=args.metric, variants=_split(args.variants) or None)
+    table = aggregate(
+      records,
+      metric=args.metric,
+      variants=_split(args.variants) or None,
+      baseline=resolve_baseline(records, args.baseline),
+      bootstrap_samples=args.bootstrap_samples,
+      bootstrap_seed=args.bootstrap_seed,
+    )
     table = select_models(
       table,
       over=_split(args.select_over),

@@ -225,6 +225,7 @@ def run(config, workdir: str, *, overwrite: bool = False, smoke_test: bool = Fal
   # Imported here so that `--help` and flag errors stay fast.
   from moe_adapt import methods
   from moe_adapt.train import workdir as workdir_lib
+  from moe_adapt.train import workdir_lock
 
   method = methods.get_method(config.method)
   method.validate_config(config)
@@ -235,19 +236,28 @@ def run(config, workdir: str, *, overwrite: bool = False, smoke_test: bool = Fal
   # Data-dependent checks (domains, sizes, files) run before anything is
   # written, so a corrected command can reuse the same workdir.
   setup = method.make_setup(config)
-  path = workdir_lib.prepare_workdir(workdir, config.to_dict(), overwrite=overwrite)
-  stored = workdir_lib.read_results(path)
-  if stored is not None:
-    _announce(f"{path} already holds results; nothing to do.")
-    return stored
-  _announce(f"training; workdir {path}")
-  start = time.time()
-  results = method.run(config, str(path), setup=setup)
-  results["wall_time_s"] = round(time.time() - start, 2)
-  import jax
+  if not overwrite:
+    # Read-only: a finished run, or a workdir of another config, is answered before the
+    # lock is taken, so that such a command changes nothing in the workdir.
+    stored = workdir_lib.finished_results(workdir, config.to_dict())
+    if stored is not None:
+      _announce(f"{workdir} already holds results; nothing to do.")
+      return stored
+  # One process per workdir: a second command on it refuses before it writes anything.
+  with workdir_lock.lock(workdir):
+    path = workdir_lib.prepare_workdir(workdir, config.to_dict(), overwrite=overwrite)
+    stored = workdir_lib.read_results(path)
+    if stored is not None:
+      _announce(f"{path} already holds results; nothing to do.")
+      return stored
+    _announce(f"training; workdir {path}")
+    start = time.time()
+    results = method.run(config, str(path), setup=setup)
+    results["wall_time_s"] = round(time.time() - start, 2)
+    import jax
 
-  if jax.process_index() == 0:
-    workdir_lib.write_json_atomic(path / "results.json", results)
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomic(path / "results.json", results)
   return results
 
 

@@ -110,7 +110,7 @@ CASES = {
   ),
   "finetune": Case(
     ("--config=configs/finetune.py:digits,tiny", *VIT, "--config.variants=('lora',)"),
-    ("save:pretrain:2", "write:lora:4", "call:moe_adapt.methods.finetune:evaluate:1"),
+    ("save:pretrain:2", "write:lora:4", "call:moe_adapt.methods.finetune:evaluate_outcomes:1"),
   ),
   "adamix": Case(
     ("--config=configs/adamix.py:digits,tiny", *VIT, "--config.variants=('adamix','adapter')"),
@@ -119,7 +119,7 @@ CASES = {
       "save:adamix:2",
       # Inside `adamix.evaluate_mixture` (random routing x2, merged, fixed), before the
       # variant's entry of the evaluation cache is written.
-      "call:moe_adapt.methods.finetune:evaluate:3",
+      "call:moe_adapt.methods.finetune:evaluate_outcomes:3",
       "write:adapter:4",
     ),
   ),
@@ -138,7 +138,7 @@ CASES = {
       "save:zero_shot_head_rot75:2",
       # The 8th of 17 cached evaluations: 2 novel-domain ones and the zero-shot head's
       # are cached before it, the in-domain study is under way.
-      "call:moe_adapt.methods.adapter_soup:accuracy:8",
+      "call:moe_adapt.methods.adapter_soup:evaluate_outcomes:8",
     ),
   ),
 }

@@ -3,7 +3,9 @@
 Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptations for
 Parameter-efficient Model Tuning" (EMNLP 2022). The modules are `models.adamix` (kinds
 'adamix' and 'adamix_lora'); training and evaluation use the fine-tuning harness
-(`methods.finetune`). One run trains, on the same data and from the same backbone:
+(`methods.finetune`). One run trains, on the same data and from the same backbone, with
+the same batches in the same order, the same head initialisation and the same dropout and
+routing key streams (`finetune.variant_key`; variants differ only by their definition):
 
 - `adapter`: one bottleneck adapter per block at AdaMix's place (after the FFN output,
   Pfeiffer's) with the same bottleneck — the single module AdaMix is compared with;
@@ -43,6 +45,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import workdir as workdir_lib
 
 
@@ -111,7 +114,12 @@ def evaluate_mixture(
   *,
   key: jax.Array,
 ) -> dict[str, Any]:
-  """Merged, fixed-expert and single-random-choice evaluations of a trained mixture."""
+  """Merged, fixed-expert and single-random-choice evaluations of a trained mixture.
+
+  Returns {'merged', 'fixed', 'random': metrics, 'spread': [mean accuracy per random
+  choice], 'per_example': {'merged', 'fixed': {domain: outcomes}}} (the random choices
+  are averaged, so they have no per-example 0/1 outcome).
+  """
   n = setup.config.eval.routing_samples
 
   def model(mode: str):
@@ -125,11 +133,14 @@ def evaluate_mixture(
   mean_random = {
     d: {"accuracy": float(np.mean([c[d]["accuracy"] for c in choices]))} for d in (*domains, "mean")
   }
+  merged, merged_outcomes = ft.evaluate_outcomes(setup, model("merged"), params, domains)
+  fixed, fixed_outcomes = ft.evaluate_outcomes(setup, model("fixed"), params, domains)
   return {
-    "merged": ft.evaluate(setup, model("merged"), params, domains),
-    "fixed": ft.evaluate(setup, model("fixed"), params, domains),
+    "merged": merged,
+    "fixed": fixed,
     "random": mean_random,
     "spread": [c["mean"]["accuracy"] for c in choices],
+    "per_example": {"merged": merged_outcomes, "fixed": fixed_outcomes},
   }
 
 
@@ -146,7 +157,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   # Evaluations are cached per variant: a resumed run neither retrains nor re-evaluates.
   cache_path = workdir_lib.as_path(workdir) / EVAL_CACHE
   cache = workdir_lib.read_json(cache_path) if cache_path.is_file() else {}
-  metrics, spread = {}, {}
+  metrics, spread, per_example = {}, {}, {}
   for name in config.variants:
     v = VARIANTS[name]
     if name not in cache:
@@ -166,6 +177,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
         lr=ft.variant_lr(config, v.train_mode),
         batch_size=config.train.batch_size,
         consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
+        key=ft.variant_key(setup),
       )
       entry = {
         "params": ft.param_counts(
@@ -180,16 +192,23 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
           setup, adapter, trained.params, targets, key=setup.key("routing_eval")
         )
       else:
-        entry["eval"] = {"merged": ft.evaluate(setup, model, trained.params, targets)}
+        merged, outcomes = ft.evaluate_outcomes(setup, model, trained.params, targets)
+        entry["eval"] = {"merged": merged, "per_example": {"merged": outcomes}}
       cache[name] = entry
       if jax.process_index() == 0:
         workdir_lib.write_json_atomic(cache_path, cache)
     entry = cache[name]
     metrics[name] = entry["eval"]["merged"]
+    # Caches written before per-example outcomes existed have none: reported without.
+    outcomes = entry["eval"].get("per_example", {})
+    if "merged" in outcomes:
+      per_example[name] = outcomes["merged"]
     if "random" in entry["eval"]:
       metrics[f"{name}_random"] = entry["eval"]["random"]
       metrics[f"{name}_fixed"] = entry["eval"]["fixed"]
       spread[name] = entry["eval"]["spread"]
+      if "fixed" in outcomes:
+        per_example[f"{name}_fixed"] = outcomes["fixed"]
   writer.close()
   results = {
     "method": "adamix",
@@ -203,6 +222,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "step_time_s": {n: cache[n]["step_time_s"] for n in config.variants},
     "routing_spread": spread,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }
   if spread and jax.process_index() == 0:
     plot_routing_spread([results], workdir_lib.as_path(workdir) / SPREAD_PLOT)

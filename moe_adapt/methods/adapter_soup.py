@@ -38,7 +38,10 @@ d) Pruning (their Alg. 2 and 4): magnitude pruning of each adapter (head dense) 
    deltas from the shared initialisation (`ties_<s>`).
 
 Every accuracy is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
-nothing twice. Plots go to `<workdir>/plots/`.
+nothing twice for its accuracies; the per-example outcomes of the reported variants
+(results.json `per_example`) are kept in memory, so a resumed run evaluates the reported
+variants whose accuracy it read from the cache once more to recover them. Plots go to
+`<workdir>/plots/`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
@@ -597,10 +601,10 @@ def eval_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Exampl
   return {d: setup.task.test[d] for d in domains}
 
 
-def accuracy(setup: ft.Setup, model, params: PyTree, examples: ft.Examples) -> float:
-  """Top-1 accuracy of `model` with `params` on `examples` (eval mode)."""
+def evaluate_outcomes(setup: ft.Setup, model, params: PyTree, examples: ft.Examples) -> dict:
+  """Per-example outcomes (`results_lib.outcomes`) of `model` with `params` on `examples`."""
   logits = ft.predict_logits(model, params, examples, batch_size=setup.config.eval_batch_size)
-  return float(np.mean(np.argmax(logits, -1) == examples.labels))
+  return results_lib.outcomes(logits, examples.labels)
 
 
 def selection_sample(setup: ft.Setup, domain: str) -> ft.Examples:
@@ -764,6 +768,8 @@ class Soup:
     init_adapters: the shared initial adapter weights (no head).
     tests: domain -> test examples evaluated (`eval_subsets`).
     cache: the accuracies computed so far.
+    outcomes: '<domain>|<what>' -> per-example outcomes evaluated in this process.
+    per_example: variant -> domain -> per-example outcomes of what the results report.
   """
 
   setup: ft.Setup
@@ -775,6 +781,8 @@ class Soup:
   init_adapters: PyTree
   tests: Mapping[str, ft.Examples]
   cache: EvalCache
+  outcomes: dict[str, dict] = dataclasses.field(default_factory=dict)
+  per_example: dict[str, dict] = dataclasses.field(default_factory=dict)
 
   def index(self, members: Sequence[str]) -> np.ndarray:
     """Stack indices of `members`, ascending."""
@@ -808,23 +816,49 @@ class Soup:
     # the subset's uniform average (0·x only adds exact zeros).
     return self.params(merging.weighted_average(self.stacked, self.weights(members)))
 
-  def accuracy(self, domain: str, what: str, params_fn: Callable[[], PyTree], *, plain=False):
-    """Cached accuracy on `domain`'s test examples of the params `params_fn()` builds."""
-    model = self.model_plain if plain else self.model
-    return self.cache.get(
-      domain, what, lambda: accuracy(self.setup, model, params_fn(), self.tests[domain])
-    )
+  def accuracy(
+    self,
+    domain: str,
+    what: str,
+    params_fn: Callable[[], PyTree],
+    *,
+    plain: bool = False,
+    variant: str | None = None,
+  ) -> float:
+    """Cached accuracy on `domain`'s test examples of the params `params_fn()` builds.
 
-  def single_accuracy(self, domain: str, adapter: str) -> float:
+    With `variant`, its per-example outcomes go into `per_example[variant][domain]`
+    (evaluated again when the accuracy came from an earlier process's cache).
+    """
+    model = self.model_plain if plain else self.model
+    key = f"{domain}|{what}"
+
+    def outcomes() -> dict:
+      self.outcomes[key] = evaluate_outcomes(self.setup, model, params_fn(), self.tests[domain])
+      return self.outcomes[key]
+
+    value = self.cache.get(domain, what, lambda: results_lib.accuracy(outcomes()))
+    if variant is not None:
+      self.per_example.setdefault(variant, {})[domain] = self.outcomes.get(key) or outcomes()
+    return value
+
+  def single_accuracy(self, domain: str, adapter: str, *, variant: str | None = None) -> float:
     """Accuracy on `domain` of `adapter`'s trained params as they are (no averaging)."""
     i = self.names.index(adapter)
     return self.accuracy(
-      domain, f"adapter:{adapter}", lambda: self.params(_member(self.stacked, i))
+      domain,
+      f"adapter:{adapter}",
+      lambda: self.params(_member(self.stacked, i)),
+      variant=variant,
     )
 
-  def mix_accuracy(self, domain: str, members: Sequence[str]) -> float:
+  def mix_accuracy(
+    self, domain: str, members: Sequence[str], *, variant: str | None = None
+  ) -> float:
     """Accuracy on `domain` of the uniform mixture of `members`."""
-    return self.accuracy(domain, f"mix:{self.key(members)}", lambda: self.mixture(members))
+    return self.accuracy(
+      domain, f"mix:{self.key(members)}", lambda: self.mixture(members), variant=variant
+    )
 
 
 def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir, writer) -> dict:
@@ -848,7 +882,7 @@ def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir,
   selections, step_time = {}, {}
   for t in targets:
     candidates = [d for d in soup.names if d != t]
-    singles = {d: soup.single_accuracy(t, d) for d in candidates}
+    singles = {d: soup.single_accuracy(t, d, variant=f"single_{d}") for d in candidates}
     for d, acc in singles.items():
       singles_by_adapter.setdefault(d, {})[t] = acc
     cand_emb = {d: embeddings[d] for d in candidates}
@@ -870,8 +904,8 @@ def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir,
       ("clustering", clu.selected),
       ("all", candidates),
     ):
-      per_target[name][t] = soup.mix_accuracy(t, members)
-    per_target["best_single"][t] = singles[best]
+      per_target[name][t] = soup.mix_accuracy(t, members, variant=name)
+    per_target["best_single"][t] = soup.single_accuracy(t, best, variant="best_single")
     # The zero-shot backbone head: the frozen backbone, a head on the candidates' data.
     stage = f"zero_shot_head_{t}"
     head = ft.train(
@@ -889,7 +923,7 @@ def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir,
     )
     step_time[stage] = head.step_time_s
     per_target["zero_shot"][t] = soup.accuracy(
-      t, "zero_shot", lambda head=head: head.params, plain=True
+      t, "zero_shot", lambda head=head: head.params, plain=True, variant="zero_shot"
     )
     selections[t] = {
       "candidates": candidates,
@@ -921,7 +955,7 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
   records, own_acc, greedy = [], {}, {}
   for d in study:
     own = soup.names.index(d)
-    own_acc[d] = soup.single_accuracy(d, d)
+    own_acc[d] = soup.single_accuracy(d, d, variant="own")
     own_tree = _member(fsd_stacked, own)
     others = [x for x in soup.names if x != d]
     for members in enumerate_mixtures(
@@ -948,7 +982,9 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
     chosen = [[d, *(soup.names[j] for j in order[: size - 1])] for size in range(1, k + 1)]
     greedy[d] = {
       "order": [soup.names[j] for j in order],
-      "accuracy": [soup.mix_accuracy(d, m) for m in chosen],
+      "accuracy": [
+        soup.mix_accuracy(d, m, variant=f"greedy_{size}") for size, m in enumerate(chosen, 1)
+      ],
       "fsd": [float(merging.sign_disagreement(soup.subset(fsd_stacked, m))) for m in chosen],
     }
 
@@ -1054,14 +1090,20 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
         d,
         f"prune{tag}:{d}",
         lambda i=i, pruned=pruned: soup.params({**_member(pruned, i), **_member(heads, i)}),
+        variant=f"prune_own_{tag}",
       )
       per.setdefault(f"prune_{tag}", {})[d] = soup.accuracy(
-        d, f"prune{tag}:{everyone}", lambda pruned=pruned: average(pruned)
+        d, f"prune{tag}:{everyone}", lambda pruned=pruned: average(pruned), variant=f"prune_{tag}"
       )
       per.setdefault(f"prune_fsd_{tag}", {})[d] = soup.accuracy(
-        d, f"prunefsd{tag}:{everyone}", lambda layered=layered: average(layered)
+        d,
+        f"prunefsd{tag}:{everyone}",
+        lambda layered=layered: average(layered),
+        variant=f"prune_fsd_{tag}",
       )
-      per.setdefault(f"ties_{tag}", {})[d] = soup.accuracy(d, f"ties{tag}:{everyone}", ties)
+      per.setdefault(f"ties_{tag}", {})[d] = soup.accuracy(
+        d, f"ties{tag}:{everyone}", ties, variant=f"ties_{tag}"
+      )
     fsd_stats[tag] = {
       "magnitude": fsd_of(pruned),
       "highest_fsd_layers": fsd_of(layered),
@@ -1214,6 +1256,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "step_time_s": step_time,
     "notes": {"best_single": BEST_SINGLE_NOTE},
     "metrics": {**novel["metrics"], **study["metrics"], **pruning["metrics"]},
+    # Aggregates over several mixtures (mix_size_*) have no per-example outcomes.
+    results_lib.PER_EXAMPLE: soup.per_example,
     "selections": novel["selections"],
     "fsd_matrix": {"domains": list(domains.adapters), "values": study["fsd_matrix"].tolist()},
     "in_domain": study["summary"],

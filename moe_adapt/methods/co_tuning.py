@@ -65,6 +65,7 @@ from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
@@ -1082,12 +1083,13 @@ def make_target_predict(setup: Setup) -> Callable:
   return predict
 
 
-def evaluate_target(setup: Setup, predict: Callable, state: PyTree) -> dict:
-  """Accuracy and ECE of the target head on the target test (and val) split."""
+def evaluate_target_outcomes(setup: Setup, predict: Callable, state: PyTree) -> tuple[dict, dict]:
+  """`evaluate_target`'s metrics and the per-example outcomes on the target test split."""
   test = setup.task.target_test
   probs = predict(state, test.x)
+  outcomes = results_lib.outcomes(probs, test.y)
   out = {
-    "accuracy": float(np.mean(np.argmax(probs, -1) == test.y)),
+    "accuracy": results_lib.accuracy(outcomes),
     "ece": float(
       core.calibration.expected_calibration_error(
         probs, test.y, num_bins=setup.config.calibration.num_bins
@@ -1097,7 +1099,12 @@ def evaluate_target(setup: Setup, predict: Callable, state: PyTree) -> dict:
   val = setup.task.target_val
   if len(val.y):
     out["val_accuracy"] = float(np.mean(np.argmax(predict(state, val.x), -1) == val.y))
-  return out
+  return out, outcomes
+
+
+def evaluate_target(setup: Setup, predict: Callable, state: PyTree) -> dict:
+  """Accuracy and ECE of the target head on the target test (and val) split."""
+  return evaluate_target_outcomes(setup, predict, state)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -1302,7 +1309,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   step_fn = make_finetune_step(setup, tx)
   start = finetune_start(setup, source)
   predict = make_target_predict(setup)
-  metrics = {}
+  metrics, per_example = {}, {}
   for variant in config.variants:
     state = finetune_variant(
       setup,
@@ -1315,7 +1322,9 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       tx=tx,
       writer=writer,
     )
-    metrics[variant] = {task.target_domain: evaluate_target(setup, predict, state)}
+    result, outcomes = evaluate_target_outcomes(setup, predict, state)
+    metrics[variant] = {task.target_domain: result}
+    per_example[variant] = {task.target_domain: outcomes}
     metrics[variant]["mean"] = {"accuracy": metrics[variant][task.target_domain]["accuracy"]}
   writer.close()
 
@@ -1338,4 +1347,5 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "source_calibration": calibration,
     "relationships": relationship_info,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }

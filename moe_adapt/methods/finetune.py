@@ -16,6 +16,8 @@ The `finetune` method compares, in one run on the same data, the variants
 - `houlsby`, `pfeiffer`: bottleneck adapters (two per block / one per block) + head;
 - `lora`: LoRA on `adapter.lora_targets` + head;
 
+paired: the same batches in the same order, the same head initialisation and the same
+dropout streams (`variant_key`), so that their differences carry no batch-order noise;
 with `data.protocol`:
 
 - 'lodo' (leave-domain-out): train on the training splits of every domain but the
@@ -23,8 +25,9 @@ with `data.protocol`:
 - 'pooled' (in-domain): train on the training splits of `data.domains` (all by default)
   and report accuracy on each of their test splits.
 
-Results also carry, per variant, the parameter counts ({total, trainable, inference}) and
-the training cost per step (seconds, measured on a few extra compiled steps).
+Results also carry, per variant, the parameter counts ({total, trainable, inference}),
+the training cost per step (seconds, measured on a few extra compiled steps) and the
+per-example test outcomes (`per_example`, for `launch.collect`'s paired intervals).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from moe_adapt.methods import _checks
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import stages
 
 PyTree = Any
@@ -483,8 +487,13 @@ def train(
   consistency_weight: float = 0.0,
   stage_fields: Mapping[str, Sequence[str]] | None = None,
   time_steps: bool = True,
+  key: jax.Array | None = None,
 ) -> Trained:
   """Trains the `train_mode` part of `params` on `examples` as stage `stage` (resumable).
+
+  `key` (default: the stage's own, `setup.key(stage)`) fixes the batch order and the
+  dropout and routing draws; the compared variants of one run pass the same key
+  (`variant_key`), so that they see the same batches and random streams.
 
   Returns the full params and the seconds per step, timed on `TIMED_STEPS` extra steps of
   the compiled step on a copy of the final state (the copy is discarded); with
@@ -505,7 +514,7 @@ def train(
     batch_size=batch_size,
     consistency_weight=consistency_weight,
   )
-  bound = stages.bind(step_fn, setup.key(stage), *arrays)
+  bound = stages.bind(step_fn, setup.key(stage) if key is None else key, *arrays)
   state = stages.run_stage(
     setup.config,
     workdir,
@@ -578,6 +587,28 @@ def embed(setup: Setup, model: nn.Module, params: PyTree, examples: Examples) ->
   return _batched(model, "features", params, examples, bs, jax.random.key(0))
 
 
+def evaluate_outcomes(
+  setup: Setup,
+  model: nn.Module,
+  params: PyTree,
+  domains: Sequence[str],
+  *,
+  split: str = "test",
+  routing_key: jax.Array | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
+  """`evaluate`'s metrics and the per-example outcomes ({domain: results_lib.outcomes})."""
+  out, per_example = {}, {}
+  for d in domains:
+    ex = getattr(setup.task, split)[d]
+    logits = predict_logits(
+      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
+    )
+    per_example[d] = results_lib.outcomes(logits, ex.labels)
+    out[d] = {"accuracy": results_lib.accuracy(per_example[d])}
+  out["mean"] = {"accuracy": float(np.mean([out[d]["accuracy"] for d in domains]))}
+  return out, per_example
+
+
 def evaluate(
   setup: Setup,
   model: nn.Module,
@@ -588,15 +619,7 @@ def evaluate(
   routing_key: jax.Array | None = None,
 ) -> dict[str, dict[str, float]]:
   """{domain: {'accuracy'}, 'mean': {'accuracy'}} on `split` of `domains` (mean over domains)."""
-  out = {}
-  for d in domains:
-    ex = getattr(setup.task, split)[d]
-    logits = predict_logits(
-      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
-    )
-    out[d] = {"accuracy": float(np.mean(np.argmax(logits, -1) == ex.labels))}
-  out["mean"] = {"accuracy": float(np.mean([out[d]["accuracy"] for d in domains]))}
-  return out
+  return evaluate_outcomes(setup, model, params, domains, split=split, routing_key=routing_key)[0]
 
 
 def param_counts(params: PyTree, *, train_mode: str, inference_params: PyTree) -> dict[str, int]:
@@ -710,6 +733,18 @@ def _check_domains(task: Task, name: str, domains: Sequence[str]) -> None:
     raise ValueError(f"{name}={tuple(domains)!r} is invalid; accepted: {', '.join(task.domains)}")
 
 
+def variant_key(setup: Setup) -> jax.Array:
+  """The training key every compared variant of a run shares (paired comparisons).
+
+  Step t of each variant draws its batch indices, dropout and routing keys from
+  `fold_in(variant_key, t)`: on the same training set the variants see the same batches
+  in the same order, and the same dropout masks wherever their modules coincide (e.g. the
+  backbone of a frozen-backbone variant). With the shared initialisation key
+  (`setup.key('init')`) they also start from the same head.
+  """
+  return setup.key("variants")
+
+
 def variant_lr(config, train_mode: str) -> float:
   """`train.lr_full` for full fine-tuning, `train.lr` otherwise."""
   return config.train.lr_full if train_mode == "all" else config.train.lr
@@ -727,7 +762,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   )
   writer = metrics_lib.MetricWriter(workdir)
   backbone = pretrained_backbone(setup, workdir, writer)
-  metrics, counts, step_time = {}, {}, {}
+  metrics, per_example, counts, step_time = {}, {}, {}, {}
   for variant in config.variants:
     kind, train_mode = VARIANTS[variant]
     adapter = adapter_config(config, kind)
@@ -745,8 +780,11 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       steps=config.train.steps,
       lr=variant_lr(config, train_mode),
       batch_size=config.train.batch_size,
+      key=variant_key(setup),
     )
-    metrics[variant] = evaluate(setup, model, trained.params, targets)
+    metrics[variant], per_example[variant] = evaluate_outcomes(
+      setup, model, trained.params, targets
+    )
     inference = (
       adapters_lib.merge_lora(trained.params, adapter) if kind == "lora" else trained.params
     )
@@ -766,4 +804,5 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "params": counts,
     "step_time_s": step_time,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }

@@ -71,6 +71,7 @@ from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
@@ -785,28 +786,40 @@ def _predict(setup: Setup, model: DropoutClassifier, variables: dict, x: np.ndar
   return np.concatenate(out)[: len(x)]
 
 
+def evaluate_student_outcomes(setup: Setup, variables: dict) -> tuple[dict, dict]:
+  """`evaluate_student`'s metrics and per-example outcomes ({'union', 'subset_k'}: outcomes)."""
+  y = setup.test.y
+  pred = _predict(setup, setup.student_model, variables, setup.test.x)
+  per_example = {"union": results_lib.outcomes(pred, y)}
+  for k, chunk in enumerate(setup.chunks):
+    mask = np.isin(y, chunk)
+    per_example[f"subset_{k}"] = results_lib.outcomes(pred[mask], y[mask])
+  out = {name: {"accuracy": results_lib.accuracy(o)} for name, o in per_example.items()}
+  out["mean"] = {"accuracy": out["union"]["accuracy"]}
+  return out, per_example
+
+
 def evaluate_student(setup: Setup, variables: dict) -> dict:
   """Accuracy over the union labels and on each teacher's label set (test split).
 
   With overlapping label sets the subsets overlap (a shared class counts in both).
   """
-  y = setup.test.y
-  pred = _predict(setup, setup.student_model, variables, setup.test.x)
-  out = {"union": {"accuracy": float(np.mean(pred == y))}}
-  for k, chunk in enumerate(setup.chunks):
-    mask = np.isin(y, chunk)
-    out[f"subset_{k}"] = {"accuracy": float(np.mean(pred[mask] == y[mask]))}
-  out["mean"] = {"accuracy": out["union"]["accuracy"]}
-  return out
+  return evaluate_student_outcomes(setup, variables)[0]
+
+
+def evaluate_teacher_outcomes(setup: Setup, k: int, variables: dict) -> tuple[dict, dict]:
+  """`evaluate_teacher`'s metrics and per-example outcomes ({'subset_k': outcomes})."""
+  chunk = np.asarray(setup.chunks[k])
+  mask = np.isin(setup.test.y, chunk)
+  pred = _predict(setup, setup.teacher_models[k], variables, setup.test.x[mask])
+  outcomes = results_lib.outcomes(chunk[pred], setup.test.y[mask])
+  acc = results_lib.accuracy(outcomes)
+  return {f"subset_{k}": {"accuracy": acc}, "mean": {"accuracy": acc}}, {f"subset_{k}": outcomes}
 
 
 def evaluate_teacher(setup: Setup, k: int, variables: dict) -> dict:
   """Teacher k's accuracy on the test examples of its own classes (argmax over them)."""
-  chunk = np.asarray(setup.chunks[k])
-  mask = np.isin(setup.test.y, chunk)
-  pred = _predict(setup, setup.teacher_models[k], variables, setup.test.x[mask])
-  acc = float(np.mean(chunk[pred] == setup.test.y[mask]))
-  return {f"subset_{k}": {"accuracy": acc}, "mean": {"accuracy": acc}}
+  return evaluate_teacher_outcomes(setup, k, variables)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -856,11 +869,12 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   start = mesh_lib.replicate(start, setup.mesh)
   step_fn = make_student_step(setup, tx)
   rep = mesh_lib.replicated(setup.mesh)
-  metrics = {}
+  metrics, per_example = {}, {}
   for variant in config.variants:
     if variant == "teachers":
       for k, variables in enumerate(teachers):
-        metrics[f"teacher_{k}"] = evaluate_teacher(setup, k, variables)
+        name = f"teacher_{k}"
+        metrics[name], per_example[name] = evaluate_teacher_outcomes(setup, k, variables)
       continue
     t = variant_targets(setup, variant, scores)
     arrays = jax.device_put(
@@ -879,7 +893,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       config, workdir, variant, bound, state, config.student.steps, writer=writer, stage_fields={}
     )
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    metrics[variant] = evaluate_student(setup, variables)
+    metrics[variant], per_example[variant] = evaluate_student_outcomes(setup, variables)
   writer.close()
 
   mc, single = scores["mc"], scores["single"]
@@ -900,6 +914,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       "single_mean": [float(v) for v in single.mean(axis=0)],
     },
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }
 
 

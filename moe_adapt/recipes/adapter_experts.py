@@ -60,6 +60,7 @@ from moe_adapt.methods import adapter_soup as soup_lib
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 
 PyTree = Any
 
@@ -422,7 +423,7 @@ def source_samples(setup: Setup) -> list[np.ndarray]:
 
 def weight_space(
   setup: Setup, experts: AdapterExperts, *, outputs: Callable | None = None
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict]:
   """Accuracy of every weight-space variant on every held-out domain, and the selections.
 
   Args:
@@ -432,7 +433,9 @@ def weight_space(
       memoised by the caller; the single experts' accuracies come from its logits.
 
   Returns:
-    (variant -> {domain: {'accuracy', ...}}, domain -> what the greedy soups chose per draw).
+    (variant -> {domain: {'accuracy', ...}}, domain -> what the greedy soups chose per draw,
+    variant -> {domain: per-example outcomes}); the greedy soups, averaged over draws, have
+    no per-example outcomes.
   """
   cfg, h = setup.meta.config, setup.harness
   bs = cfg.eval_batch_size
@@ -456,24 +459,33 @@ def weight_space(
     soups[f"soup_ties_{tag}"] = {**jax.tree.map(jnp.add, init_adapters, merged), **mean_head}
 
   per: dict[str, dict] = {}
+  per_example: dict[str, dict] = {}
   selections: dict[str, list] = {}
   max_size = max(cfg.soup.greedy_sizes)
   for d_idx, domain in enumerate(setup.meta.targets):
     x, y = meta_dmoe.whole_domain(setup.meta.splits[domain])
     examples = ft.Examples((x.astype(np.float32),), y.astype(np.int32))
 
-    def accuracy(tree: PyTree, examples=examples) -> float:
+    def soup_outcomes(tree: PyTree, examples=examples) -> dict[str, list[int]]:
       logits = ft.predict_logits(experts.model, experts.params(tree), examples, batch_size=bs)
-      return float(np.mean(np.argmax(logits, -1) == examples.labels))
+      return results_lib.outcomes(logits, examples.labels)
+
+    def accuracy(tree: PyTree) -> float:
+      return results_lib.accuracy(soup_outcomes(tree))
+
+    def record(name: str, outcomes: dict, domain: str = domain, **extra) -> float:
+      acc = results_lib.accuracy(outcomes)
+      per.setdefault(name, {})[domain] = {"accuracy": acc, **extra}
+      per_example.setdefault(name, {})[domain] = outcomes
+      return acc
 
     for name, tree in soups.items():
-      per.setdefault(name, {})[domain] = {"accuracy": accuracy(tree)}
+      record(name, soup_outcomes(tree))
     single_logits = np.asarray(outputs(x)[1])  # [N, M, C]
-    singles = [float(np.mean(np.argmax(lg, -1) == y)) for lg in single_logits]
-    for k, acc in enumerate(singles):
-      per.setdefault(f"expert_{k}", {})[domain] = {"accuracy": acc}
+    single_outcomes = [results_lib.outcomes(lg, y) for lg in single_logits]
+    singles = [record(f"expert_{k}", o) for k, o in enumerate(single_outcomes)]
     best = int(np.argmax(singles))
-    per.setdefault("best_single_oracle", {})[domain] = {"accuracy": singles[best], "expert": best}
+    record("best_single_oracle", single_outcomes[best], expert=best)
 
     # Greedy soups from each of Meta-DMoE's unlabeled support draws (images only).
     by_members: dict[tuple[int, ...], float] = {(k,): acc for k, acc in enumerate(singles)}
@@ -502,7 +514,7 @@ def weight_space(
     per_domain["mean"] = {
       "accuracy": float(np.mean([per_domain[d]["accuracy"] for d in setup.meta.targets]))
     }
-  return per, selections
+  return per, selections, per_example
 
 
 # ----------------------------------------------------------------------------
@@ -591,7 +603,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   metrics = meta_dmoe.evaluate_with(
     meta, outputs, trained.aggregator["params"], trained.student, trained.meta
   )
-  soups, selections = weight_space(setup, experts, outputs=outputs)
+  soups, selections, per_example = weight_space(setup, experts, outputs=outputs)
   metrics.update(soups)
   return {
     "method": "adapter_experts",
@@ -602,6 +614,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "super_domains": [list(g) for g in meta.super_domains],
     "adapter_kind": config.adapter.kind,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
     "params": param_counts(setup, experts),
     "meta_step_ms": time_meta_step(setup, trained.meta, feats),
     "feature_cache_s": round(feature_time, 2),

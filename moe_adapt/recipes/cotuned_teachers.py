@@ -43,6 +43,7 @@ from moe_adapt import data, models
 from moe_adapt.methods import _checks, co_tuning, muka
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
+from moe_adapt.train import results as results_lib
 from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
@@ -317,8 +318,8 @@ def _logits_batch(model: muka.DropoutClassifier, variables: dict, xb: jax.Array)
   return model.apply(variables, xb, train=False)
 
 
-def concat_teachers_accuracy(setup: Setup, teachers: Sequence[dict]) -> float:
-  """Test accuracy of argmax over the teachers' concatenated logits (no student, no labels)."""
+def concat_teachers_outcomes(setup: Setup, teachers: Sequence[dict]) -> dict[str, list[int]]:
+  """Per-example test outcomes of argmax over the teachers' concatenated logits."""
   st = setup.student
   x, bs = st.test.x, setup.config.eval_batch_size
   logits = []
@@ -326,8 +327,12 @@ def concat_teachers_accuracy(setup: Setup, teachers: Sequence[dict]) -> float:
     model = st.teacher_models[k]
     out = [np.asarray(_logits_batch(model, variables, xb)) for xb in _eval_batches(x, bs)]
     logits.append(np.concatenate(out)[: len(x)])
-  pred = np.argmax(np.concatenate(logits, axis=1), axis=-1)
-  return float(np.mean(pred == st.test.y))
+  return results_lib.outcomes(np.concatenate(logits, axis=1), st.test.y)
+
+
+def concat_teachers_accuracy(setup: Setup, teachers: Sequence[dict]) -> float:
+  """Test accuracy of argmax over the teachers' concatenated logits (no student, no labels)."""
+  return results_lib.accuracy(concat_teachers_outcomes(setup, teachers))
 
 
 def owner_rate(setup: Setup, confidences: np.ndarray) -> float:
@@ -422,6 +427,12 @@ def _with_domain(metrics: dict, domain: str) -> dict:
   return {domain: {"accuracy": metrics["union"]["accuracy"]}, **metrics}
 
 
+def _student_results(st: muka.Setup, variables: dict, domain: str) -> tuple[dict, dict]:
+  """A student's metrics and per-example outcomes, each with `<domain>` = the union's."""
+  metrics, outcomes = muka.evaluate_student_outcomes(st, variables)
+  return _with_domain(metrics, domain), {domain: outcomes["union"], **outcomes}
+
+
 # ----------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------
@@ -443,7 +454,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     len(st.test.y),
   )
   writer = metrics_lib.MetricWriter(workdir)
-  metrics, diagnostics = {}, {}
+  metrics, diagnostics, per_example = {}, {}, {}
 
   # 1-2. The shared source model, its calibration, the relationships.
   source = co_tuning.pretrained_source(union, workdir, writer)
@@ -476,7 +487,8 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       )
       variables = teacher_variables(state)
       teachers_by_variant.setdefault(variant, []).append(variables)
-      metrics[f"teacher_{k}_{variant}"] = muka.evaluate_teacher(st, k, variables)
+      name = f"teacher_{k}_{variant}"
+      metrics[name], per_example[name] = muka.evaluate_teacher_outcomes(st, k, variables)
       _save_partial(workdir, metrics)
 
   # 4-5. Teacher scores, then the students (all from one start, one compiled step).
@@ -488,8 +500,10 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     scores_dir = workdir_lib.as_path(workdir) / f"scores_{t_variant}"
     scores_dir.mkdir(parents=True, exist_ok=True)
     scores = muka.teacher_scores(st, teachers, str(scores_dir))
-    concat = {"accuracy": concat_teachers_accuracy(setup, teachers)}
+    outcomes = concat_teachers_outcomes(setup, teachers)
+    concat = {"accuracy": results_lib.accuracy(outcomes)}
     metrics[f"teachers_concat_{t_variant}"] = {domain: concat, "mean": dict(concat)}
+    per_example[f"teachers_concat_{t_variant}"] = {domain: outcomes}
     diagnostics[t_variant] = {
       "mc_selects_owner": owner_rate(setup, scores["mc"]),
       "single_selects_owner": owner_rate(setup, scores["single"]),
@@ -507,9 +521,8 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
         targets,
         writer,
       )
-      metrics[f"{variant}_from_{t_variant}"] = _with_domain(
-        muka.evaluate_student(st, variables), domain
-      )
+      name = f"{variant}_from_{t_variant}"
+      metrics[name], per_example[name] = _student_results(st, variables, domain)
       _save_partial(workdir, metrics)
   for variant in config.student.variants:
     if variant in ORACLE_VARIANTS:
@@ -517,7 +530,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       variables = train_student(
         setup, workdir, f"student_{variant}", student_step, student_init, x, targets, writer
       )
-      metrics[variant] = _with_domain(muka.evaluate_student(st, variables), domain)
+      metrics[variant], per_example[variant] = _student_results(st, variables, domain)
       _save_partial(workdir, metrics)
 
   # 6. co_tuning's single-task models on the union, with the same labels (last: the
@@ -542,8 +555,9 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
         writer=writer,
         stage=f"union_{variant}",
       )
-      result = co_tuning.evaluate_target(union, predict, state)
+      result, outcomes = co_tuning.evaluate_target_outcomes(union, predict, state)
       metrics[f"union_{variant}"] = {domain: result, "mean": {"accuracy": result["accuracy"]}}
+      per_example[f"union_{variant}"] = {domain: outcomes}
       _save_partial(workdir, metrics)
 
   writer.close()
@@ -567,4 +581,5 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "source_calibration": calibration,
     "confidences": diagnostics,
     "metrics": metrics,
+    results_lib.PER_EXAMPLE: per_example,
   }

@@ -30,6 +30,8 @@ from etils import epath
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 PREVIOUS_PREFIX = "previous-"
+# The lock of the process using the workdir (`workdir_lock`): never moved aside.
+LOCK_FILE = "LOCK.json"
 # Written into previous-<time>/ on object stores, which have no empty folders: it makes
 # the folder exist before the old entries are renamed into it.
 MOVED_NOTE = "MOVED_ASIDE.txt"
@@ -115,8 +117,36 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
   _fsync_dir(os.fspath(path.parent))
 
 
+def _format_json(value: Any, indent: str) -> str:
+  """`value` (JSON-compatible) as JSON text, objects indented, lists of scalars on one line."""
+  inner = indent + "  "
+  if isinstance(value, dict) and value:
+    items = [f"{inner}{json.dumps(k)}: {_format_json(v, inner)}" for k, v in value.items()]
+    return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+  if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+    items = [f"{inner}{_format_json(v, inner)}" for v in value]
+    return "[\n" + ",\n".join(items) + f"\n{indent}]"
+  return json.dumps(value)
+
+
+def dumps_json(obj: Any) -> str:
+  """`obj` as JSON: sorted keys, indent 2, each list of scalars on one line.
+
+  One line per list keeps files with per-example outcomes (thousands of 0/1 entries)
+  short and readable. NumPy/JAX scalars and arrays are converted.
+
+  Raises:
+    ValueError: if `obj` is not JSON-serialisable.
+  """
+  try:
+    plain = json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+  except TypeError as e:
+    raise ValueError(str(e)) from e
+  return _format_json(plain, "") + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as JSON (sorted keys, indent 2) with `write_bytes_atomic`.
+  """Writes `obj` as JSON (`dumps_json`: sorted keys, indent 2) with `write_bytes_atomic`.
 
   Args:
     path: the destination file (local or remote); its directory must exist.
@@ -127,8 +157,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     OSError: if the file cannot be written.
   """
   try:
-    text = json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n"
-  except TypeError as e:
+    text = dumps_json(obj)
+  except ValueError as e:
     raise ValueError(f"cannot write {path}: {e}") from e
   write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -217,8 +247,10 @@ def _utc_stamp() -> str:
 
 
 def _move_contents_aside(path: epath.Path) -> epath.Path | None:
-  """Moves every entry of `path` except older `previous-*` folders into `previous-<time>/`."""
-  entries = [p for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX)]
+  """Moves every entry of `path` but older `previous-*` folders and the lock aside."""
+  entries = [
+    p for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX) and p.name != LOCK_FILE
+  ]
   if not entries:
     return None
   stamp = _utc_stamp()
@@ -290,6 +322,61 @@ def prepare_workdir(
   return native_path(path)
 
 
+def _holds_config(path: epath.Path, where: str, new: dict) -> bool:
+  """Whether `path` holds config `new` (True) or nothing of a run (False); read-only.
+
+  Raises:
+    ConfigMismatchError: it holds another config.
+    WorkdirError: it holds run outputs but no config.json.
+  """
+  config_path = path / CONFIG_FILE
+  if config_path.exists():
+    stored = read_json(config_path)
+    if stored == new:
+      return True
+    diff = config_diff(stored if isinstance(stored, Mapping) else {}, new)
+    lines = "\n".join(f"  {k}: stored={a!r} new={b!r}" for k, a, b in diff)
+    raise ConfigMismatchError(
+      f"{where} holds a run with a different config ({len(diff)} differing keys):\n{lines}\n"
+      "Pass --overwrite to start over (the old contents are moved to "
+      f"{path}/{PREVIOUS_PREFIX}<time>/, nothing is deleted), or choose another --workdir."
+    )
+  found = [name for name in _RUN_ARTEFACTS if (path / name).exists()]
+  if found:
+    raise WorkdirError(
+      f"{where} holds run outputs ({', '.join(found)}) but no {CONFIG_FILE}, so they cannot "
+      "be matched to this config. Pass --overwrite to move them aside, or choose another "
+      "--workdir."
+    )
+  return False
+
+
+def finished_results(workdir: str | os.PathLike, config: Mapping) -> dict | None:
+  """The stored results of a finished run of `config` in `workdir`, else None; read-only.
+
+  Lets a command answer a finished run, or refuse a workdir of another config, before it
+  takes the workdir's lock (`workdir_lock`), so that such a command changes nothing.
+
+  Raises:
+    ConfigMismatchError: the workdir holds a run of another config.
+    WorkdirError: it holds run outputs but no config.json, or a file is not valid JSON.
+    ValueError: `config` is not JSON-serialisable.
+  """
+  path = as_path(workdir)
+  try:
+    new = to_json_compatible(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config is not JSON-serialisable: {e}") from e
+  try:
+    if not path.is_dir() and is_local(path):
+      return None
+  except OSError:
+    return None
+  if not _holds_config(path, f"workdir={os.fspath(workdir)!r}", new):
+    return None
+  return read_results(path)
+
+
 def _prepare(path: epath.Path, workdir: Any, new: dict, *, overwrite: bool) -> None:
   """The file operations of `prepare_workdir` (process 0 only)."""
   where = f"workdir={os.fspath(workdir)!r}"
@@ -308,25 +395,8 @@ def _prepare(path: epath.Path, workdir: Any, new: dict, *, overwrite: bool) -> N
       _move_contents_aside(path)
     except OSError as e:
       raise WorkdirError(f"{where}: cannot move its contents aside: {e}") from e
-  elif config_path.exists():
-    stored = read_json(config_path)
-    if stored == new:
-      return
-    diff = config_diff(stored if isinstance(stored, Mapping) else {}, new)
-    lines = "\n".join(f"  {k}: stored={a!r} new={b!r}" for k, a, b in diff)
-    raise ConfigMismatchError(
-      f"{where} holds a run with a different config ({len(diff)} differing keys):\n{lines}\n"
-      "Pass --overwrite to start over (the old contents are moved to "
-      f"{path}/{PREVIOUS_PREFIX}<time>/, nothing is deleted), or choose another --workdir."
-    )
-  else:
-    found = [name for name in _RUN_ARTEFACTS if (path / name).exists()]
-    if found:
-      raise WorkdirError(
-        f"{where} holds run outputs ({', '.join(found)}) but no {CONFIG_FILE}, so they cannot "
-        "be matched to this config. Pass --overwrite to move them aside, or choose another "
-        "--workdir."
-      )
+  elif _holds_config(path, where, new):
+    return
   try:
     write_json_atomic(config_path, new)
   except OSError as e:

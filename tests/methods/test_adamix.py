@@ -34,6 +34,7 @@ import pytest
 from moe_adapt import main as main_lib
 from moe_adapt.methods import adamix
 from moe_adapt.methods import finetune as ft
+from moe_adapt.train import workdir_lock
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -179,12 +180,13 @@ def _metric_lines(workdir) -> list[dict]:
 
 
 def _tree_listing(path) -> dict:
-  """Relative path -> (size, mtime_ns) of every file under `path`."""
+  """Relative path -> (size, mtime_ns) of every file under `path` but the workdir lock
+  (which every start that runs writes and empties)."""
   path = pathlib.Path(path)
   return {
     str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
     for p in sorted(path.rglob("*"))
-    if p.is_file()
+    if p.is_file() and p.name != workdir_lock.LOCK_FILE
   }
 
 
@@ -358,6 +360,8 @@ def test_cli_reports_merged_random_and_fixed_routing(main_run):
 
   assert set(results["step_time_s"]) == set(VARIANTS)
   assert all(t > 0 for t in results["step_time_s"].values())
+  # Per-example outcomes of every variant but the averaged random routing.
+  configs_util.check_per_example(results, {*VARIANTS, "adamix_fixed"})
 
 
 @pytest.mark.slow

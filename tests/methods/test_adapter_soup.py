@@ -285,6 +285,8 @@ def test_cli_results(cli_run):
     domains = ["rot75"] if variant in soup.NOVEL_VARIANTS or variant in singles else DOMAINS
     assert set(per) == {*domains, "mean"}, variant
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in per.values())
+  # Per-example outcomes of every variant but the aggregates over several mixtures.
+  configs_util.check_per_example(r, {v for v in r["metrics"] if not v.startswith("mix_size_")})
   m = r["metrics"]
   assert m["best_single"]["rot75"]["accuracy"] == max(m[s]["rot75"]["accuracy"] for s in singles)
   sel = r["selections"]["rot75"]

@@ -108,6 +108,7 @@ def test_cli_run_reports_every_variant(runs):
     assert 0.0 <= acc <= 1.0 and per_domain["mean"]["accuracy"] == acc
     assert round(acc * test_size) == pytest.approx(acc * test_size, abs=1e-6)  # k / N
     assert 0.0 <= per_domain["rot45"]["ece"] <= 1.0
+  configs_util.check_per_example(results, VARIANTS)
   # Tiny preset: 10 training images per target class, all kept at rate 1; at most 4
   # validation images per class (the tiny domains hold fewer of some classes).
   assert results["num_examples"]["target_train"] == 40

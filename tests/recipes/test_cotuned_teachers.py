@@ -25,6 +25,7 @@ import pytest
 from moe_adapt import data, models
 from moe_adapt.methods import co_tuning, muka
 from moe_adapt.recipes import cotuned_teachers as recipe
+from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 600
@@ -109,6 +110,7 @@ def test_cli_reports_every_variant(cli_runs):
       assert m["union"]["accuracy"] == acc
       assert {"subset_0", "subset_1"} <= set(m)
   assert set(metrics["teacher_1_fine_tune"]) == {"subset_1", "mean"}
+  configs_util.check_per_example(results, expected)
   labeled = results["num_examples"]["labeled_per_teacher"]
   assert sum(labeled) == results["num_examples"]["labeled"]
   for diag in results["confidences"].values():

@@ -143,9 +143,15 @@ def test_write_json_atomic(tmp_path):
   path = tmp_path / "r.json"
   wd.write_json_atomic(path, {"b": np.float32(0.5), "a": [np.int64(1), (2, 3)], "c": np.ones(2)})
   text = path.read_text()
-  assert (
-    text
-    == json.dumps({"a": [1, [2, 3]], "b": 0.5, "c": [1.0, 1.0]}, indent=2, sort_keys=True) + "\n"
+  want = {"a": [1, [2, 3]], "b": 0.5, "c": [1.0, 1.0]}
+  assert json.loads(text) == want
+  # Indented objects, lists of scalars on one line (per-example lists stay short).
+  assert text == '{\n  "a": [\n    1,\n    [2, 3]\n  ],\n  "b": 0.5,\n  "c": [1.0, 1.0]\n}\n'
+  nested = {"z": {"y": [], "x": {}}, "n": float("nan"), "s": ["a", None, True]}
+  wd.write_json_atomic(path, nested)
+  assert path.read_text() == wd.dumps_json(nested)
+  assert json.dumps(json.loads(path.read_text()), sort_keys=True) == json.dumps(
+    nested, sort_keys=True
   )
   wd.write_json_atomic(path, {"x": 1})
   assert json.loads(path.read_text()) == {"x": 1}
@@ -194,3 +200,16 @@ def test_other_processes_leave_the_files_to_process_zero(tmp_path, monkeypatch):
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(1))
   with pytest.raises(wd.WorkdirError, match=r"could not be prepared by process 0"):
     wd.prepare_workdir(tmp_path / "run", CONFIG)
+
+
+def test_finished_results_is_read_only(tmp_path):
+  assert wd.finished_results(tmp_path / "absent", {"a": 1}) is None
+  assert not (tmp_path / "absent").exists()
+  wd.prepare_workdir(tmp_path, {"a": 1})
+  assert wd.finished_results(tmp_path, {"a": 1}) is None  # not finished
+  wd.write_json_atomic(tmp_path / wd.RESULTS_FILE, {"metrics": {}})
+  before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+  assert wd.finished_results(tmp_path, {"a": 1}) == {"metrics": {}}
+  with pytest.raises(wd.ConfigMismatchError, match="a: stored=1 new=2"):
+    wd.finished_results(tmp_path, {"a": 2})
+  assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
