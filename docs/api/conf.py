@@ -39,13 +39,13 @@ nitpick_ignore_regex = [
   (
     r"py:.*",
     r"(jax|jnp|np|numpy|optax|flax|nn|chex|ml_collections|orbax|tfds|tensorflow_datasets"
-    r"|absl|tokenizers|safetensors|etils|sklearn|scipy|matplotlib|tqdm|utils)(\..*)?",
+    r"|absl|tokenizers|safetensors|etils|sklearn|scipy|matplotlib|tqdm|utils|grain)(\..*)?",
   ),
   (r"py:.*", r"(collections\.abc|typing|types|pathlib|os|dataclasses|concurrent)\..*"),
   (r"py:.*", r"(PyTree|LossFn|Any|Callable|Sequence|Mapping|Iterator|Iterable|Path)"),
   # A fragment of the field annotations that tfds.core.BuilderConfig contributes to
   # data.tfds_builders.BenchmarkConfig's signature.
-  (r"py:class", r"dict\[str"),
+  (r"py:class", r"(dict|tuple)\[str"),
 ]
 
 exclude_patterns = ["_build"]

@@ -3,7 +3,7 @@ r"""Streaming input with grain over TFDS array_record: datasets that do not fit 
 The in-memory benchmarks (`get_benchmark`) hold every image as float32 on the host and the
 device. This module instead reads examples from disk as they are needed
 (`tfds.data_source`, random access into array_record files, no TensorFlow), decodes and
-augments them on the fly, and batches them with grain:
+augments them on the fly, and batches them with grain::
 
   source = streaming.open_split("mock_domainnet/...", split="train", data_dir=root,
                                 domain_key="domain", domains=("clipart", "painting"))

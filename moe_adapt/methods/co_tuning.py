@@ -549,7 +549,8 @@ class SourceModel:
       the head (kernel [D, C_s], bias [C_s]) is the checkpoint's classification head.
     class_names: the C_s source class names (config.json's id2label / label_names, else
       `source_<j>`).
-    mean, std: [C] per-channel input normalisation, applied to images in [0, 1].
+    mean: [C] per-channel input mean, subtracted from images in [0, 1].
+    std: [C] per-channel input standard deviation, dividing them after.
   """
 
   architecture: str
