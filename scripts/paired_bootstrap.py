@@ -38,14 +38,24 @@ def load(sweep_dir: str, match: str) -> list[dict]:
   return runs
 
 
-def paired(runs, variant, baseline, *, reps, seed):
+def paired(runs, variant, baseline, *, reps, seed, diffs=None):
   """(per-seed differences [S], mean difference, (low, high)) in accuracy points."""
+  if diffs is None:
+    diffs = _diffs(runs, variant, baseline)
+  return _bootstrap(diffs, reps=reps, seed=seed)
+
+
+def _diffs(runs, variant, baseline):
   diffs = []  # [S][D] arrays of per-example differences
   for r in runs:
     pe = r["per_example"]
     diffs.append(
       [outcomes(pe[variant][d]) - outcomes(pe[baseline][d]) for d in r["target_domains"]]
     )
+  return diffs
+
+
+def _bootstrap(diffs, *, reps, seed):
   per_seed = np.array([np.mean([d.mean() for d in ds]) for ds in diffs])
   rng = np.random.default_rng(seed)
   stats = np.empty(reps)
@@ -58,15 +68,38 @@ def paired(runs, variant, baseline, *, reps, seed):
   return 100 * per_seed, 100 * per_seed.mean(), (100 * low, 100 * high)
 
 
+def compare_runs(path_a: str, path_b: str, variant: str, *, reps: int, seed: int) -> str:
+  """`variant` of run A minus the same variant of run B (same seed and data: an ablation)."""
+  a, b = (json.loads(pathlib.Path(p).read_text()) for p in (path_a, path_b))
+  diffs = [
+    [
+      outcomes(a["per_example"][variant][d]) - outcomes(b["per_example"][variant][d])
+      for d in a["target_domains"]
+    ]
+  ]
+  _, mean, (low, high) = paired([{}], variant, variant, reps=reps, seed=seed, diffs=diffs)
+  return f"{variant}: {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sweep_dir", required=True)
+  parser.add_argument("--sweep_dir", default="")
   parser.add_argument("--baseline", default="erm_continued")
   parser.add_argument("--variants", default="", help="comma-separated (default: all)")
   parser.add_argument("--match", default="", help="only results.json whose path contains this")
   parser.add_argument("--reps", type=int, default=2000)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--compare_runs",
+    default="",
+    help="A,B: two results.json of the same seed; prints --variants of A minus B",
+  )
   args = parser.parse_args()
+  if args.compare_runs:
+    a, b = args.compare_runs.split(",")
+    for v in (args.variants or "meta_dmoe").split(","):
+      print(compare_runs(a, b, v, reps=args.reps, seed=args.seed))
+    return
   runs = load(args.sweep_dir, args.match)
   seeds = [r["seed"] for r in runs]
   variants = args.variants.split(",") if args.variants else list(runs[0]["per_example"])
