@@ -372,7 +372,7 @@ def test_experts_and_student_start_from_the_one_backbone(setups):
   experts = jax.device_get(meta_dmoe.init_experts(setup, tx, backbone))
   student = jax.device_get(meta_dmoe.init_student(setup, tx, backbone))
   for k in range(setup.num_experts):
-    expert_k = jax.tree.map(lambda a, k=k: a[k], experts)
+    expert_k = {p: jax.tree.map(lambda a, k=k: a[k], experts[p]) for p in ("params", "batch_stats")}
     for part in ("params", "batch_stats"):
       for a, b in zip(jax.tree.leaves(expert_k[part]), jax.tree.leaves(backbone[part])):
         np.testing.assert_array_equal(a, b)
