@@ -51,7 +51,7 @@ DIVERGE_FLAGS = [
   "--config.checkpoint_every=1",
 ]
 STAGES = {
-  "backbone": 4,
+  "shared_backbone": 4,
   "experts": 4,
   "aggregator": 4,
   "student": 4,
@@ -397,7 +397,7 @@ def test_killed_run_resumes_to_the_uninterrupted_results(runs, ref):
   assert resumed.returncode == 0, resumed.stderr[-5000:]
 
   # Finished stages are restored, not run again; meta resumes from a checkpoint.
-  for stage in ("backbone", "experts", "aggregator", "student"):
+  for stage in ("shared_backbone", "experts", "aggregator", "student"):
     assert f"{stage}:" not in resumed.stderr, f"stage {stage} ran again"
   after_kill = _metric_lines(resumed.workdir)[runs["lines_at_kill"] :]
   assert {r["stage"] for r in after_kill} == {"meta", "erm_continued"}

@@ -1091,7 +1091,7 @@ def select_on_sources(
 # The config fields each reusable stage depends on (see train/stage_cache.py);
 # meta-training and its control, the last stages, are what ablations vary and are never shared.
 STAGE_FIELDS = {
-  "backbone": ("seed", "data", "model", "backbone", "num_devices"),
+  "shared_backbone": ("seed", "data", "model", "backbone", "num_devices"),
   "experts": ("seed", "data", "model", "backbone", "experts", "num_devices"),
   "aggregator": (
     "seed",
@@ -1134,7 +1134,7 @@ def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=S
   """The shared starting point of every expert and the student: {'params', 'batch_stats'}.
 
   Loaded from `backbone.checkpoint` when set (shapes checked), otherwise ERM on the pooled
-  source domains (stage 'backbone', the analogue of the paper's ImageNet pre-training),
+  source domains (stage 'shared_backbone', the analogue of the paper's ImageNet pre-training),
   written to `<workdir>/backbone.msgpack` for reuse.
   """
   template = init_model(setup, jax.random.fold_in(setup.key("init"), 2))
@@ -1146,7 +1146,7 @@ def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=S
   state = stages.run_stage(
     config,
     workdir,
-    "backbone",
+    "shared_backbone",
     make_student_step(setup, tx, stage="backbone"),
     state,
     config.backbone.steps,
