@@ -1,6 +1,6 @@
 r"""Meta-DMoE (Zhong et al., NeurIPS 2022) on the embedded domain-shift benchmarks.
 
-Run (the embedded default: 141 CPU-seconds, so under 3 minutes on 2 quiet CPU cores;
+Run (the embedded default: 92 s on 2 quiet CPU cores with an empty compilation cache;
 about 30 minutes wall-clock on cores shared by a dozen other jobs):
 
   moe-adapt --config=configs/meta_dmoe.py:digits_rot --workdir=runs/meta_dmoe_digits
@@ -11,8 +11,7 @@ controls (`erm_continued`, content-free adaptation targets) and the source-side
 selection beside `meta_dmoe`; `--config.backbone.checkpoint=<file>` reuses a backbone.
 
 Other presets (Fashion-MNIST needs `apt-get install dataset-fashion-mnist`; fmnist_shift
-took 52 minutes per run with six to eight runs sharing 2 loaded cores; quiet time not
-measured):
+took 52 minutes per run with six to eight runs sharing 2 loaded cores):
 
   moe-adapt --config=configs/meta_dmoe.py:fmnist_rot   --workdir=runs/mdmoe_fmnist_rot
   moe-adapt --config=configs/meta_dmoe.py:fmnist_shift --workdir=runs/mdmoe_fmnist_shift
