@@ -11,7 +11,7 @@ controls (`erm_continued`, content-free adaptation targets) and the source-side
 selection beside `meta_dmoe`; `--config.backbone.checkpoint=<file>` reuses a backbone.
 
 Other presets (Fashion-MNIST needs `apt-get install dataset-fashion-mnist`; fmnist_shift
-took 52 minutes per run with six to eight runs sharing 2 loaded cores):
+takes 171 s on 2 quiet cores):
 
   moe-adapt --config=configs/meta_dmoe.py:fmnist_rot   --workdir=runs/mdmoe_fmnist_rot
   moe-adapt --config=configs/meta_dmoe.py:fmnist_shift --workdir=runs/mdmoe_fmnist_shift
@@ -192,7 +192,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 128
     c.checkpoint_every = 1000
   else:
-    # Sized so that three seeds finish within an hour on 2 shared, loaded CPU cores.
+    # Sized so that three seeds finish within an hour on 2 shared, heavily loaded CPU
+    # cores (171 s per run on 2 quiet cores).
     c.backbone.steps = 600
     c.experts.steps = 150
     c.aggregator.pretrain_steps = 500
