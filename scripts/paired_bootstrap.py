@@ -68,17 +68,24 @@ def _bootstrap(diffs, *, reps, seed):
   return 100 * per_seed, 100 * per_seed.mean(), (100 * low, 100 * high)
 
 
-def compare_runs(path_a: str, path_b: str, variant: str, *, reps: int, seed: int) -> str:
-  """`variant` of run A minus the same variant of run B (same seed and data: an ablation)."""
-  a, b = (json.loads(pathlib.Path(p).read_text()) for p in (path_a, path_b))
-  diffs = [
-    [
-      outcomes(a["per_example"][variant][d]) - outcomes(b["per_example"][variant][d])
-      for d in a["target_domains"]
-    ]
-  ]
-  _, mean, (low, high) = paired([{}], variant, variant, reps=reps, seed=seed, diffs=diffs)
-  return f"{variant}: {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+def compare_runs(pairs: list[tuple[str, str]], variant: str, *, reps: int, seed: int) -> str:
+  """`variant` of run A minus the same variant of run B, over (A, B) pairs of the same seed.
+
+  An ablation: A and B differ in one setting and share the seed (hence the test data and
+  its order); the bootstrap resamples the pairs (seeds) and the examples within them.
+  """
+  diffs = []
+  for path_a, path_b in pairs:
+    a, b = (json.loads(pathlib.Path(p).read_text()) for p in (path_a, path_b))
+    diffs.append(
+      [
+        outcomes(a["per_example"][variant][d]) - outcomes(b["per_example"][variant][d])
+        for d in a["target_domains"]
+      ]
+    )
+  per_seed, mean, (low, high) = _bootstrap(diffs, reps=reps, seed=seed)
+  seeds_txt = ", ".join(f"{x:+.1f}" for x in per_seed)
+  return f"{variant}: per seed {seeds_txt}; mean {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def main() -> None:
@@ -92,13 +99,13 @@ def main() -> None:
   parser.add_argument(
     "--compare_runs",
     default="",
-    help="A,B: two results.json of the same seed; prints --variants of A minus B",
+    help="A,B[;A,B...]: results.json pairs of the same seed; --variants of A minus B",
   )
   args = parser.parse_args()
   if args.compare_runs:
-    a, b = args.compare_runs.split(",")
+    pairs = [tuple(pair.split(",")) for pair in args.compare_runs.split(";")]
     for v in (args.variants or "meta_dmoe").split(","):
-      print(compare_runs(a, b, v, reps=args.reps, seed=args.seed))
+      print(compare_runs(pairs, v, reps=args.reps, seed=args.seed))
     return
   runs = load(args.sweep_dir, args.match)
   seeds = [r["seed"] for r in runs]
