@@ -50,14 +50,25 @@ DIVERGE_FLAGS = [
   "--config.experts.lr=1e30",  # Adam's first update is ~lr·sign(g): the next loss is NaN.
   "--config.checkpoint_every=1",
 ]
-STAGES = {"experts": 4, "aggregator": 4, "student": 4, "meta": META_STEPS}
+STAGES = {
+  "shared_backbone": 4,
+  "experts": 4,
+  "aggregator": 4,
+  "student": 4,
+  "meta": META_STEPS,
+  "erm_continued": META_STEPS,
+}
 VARIANTS = (
   "erm",
+  "erm_continued",
   "expert_average",
   "aggregator_head",
   "aggregator_pretrained",
   "meta_unadapted",
   "meta_dmoe",
+  "meta_dmoe_target_zeros",
+  "meta_dmoe_target_source_mean",
+  "meta_dmoe_target_shuffled",
 )
 RUN_TIMEOUT_S = 900
 
@@ -399,10 +410,10 @@ def test_killed_run_resumes_to_the_uninterrupted_results(runs, ref):
   assert resumed.returncode == 0, resumed.stderr[-5000:]
 
   # Finished stages are restored, not run again; meta resumes from a checkpoint.
-  for stage in ("experts", "aggregator", "student"):
+  for stage in ("shared_backbone", "experts", "aggregator", "student"):
     assert f"{stage}:" not in resumed.stderr, f"stage {stage} ran again"
   after_kill = _metric_lines(resumed.workdir)[runs["lines_at_kill"] :]
-  assert {r["stage"] for r in after_kill} == {"meta"}
+  assert {r["stage"] for r in after_kill} == {"meta", "erm_continued"}
   first = after_kill[0]["step"]
   assert first >= KILL_AT_STEP and first % CHECKPOINT_EVERY == 0, first
   assert first <= runs["meta_step_at_kill"] + 1

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
+from flax import serialization
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -94,9 +96,53 @@ def validate_config(config) -> None:
     group, _, field = name.rpartition(".")
     value = config[group][field] if group else config[field]
     positive_int(name, value)
-  for name in ("experts.lr", "aggregator.lr", "student.lr", "meta.inner_lr", "meta.student_lr"):
+  for name in (
+    "experts.lr",
+    "aggregator.lr",
+    "student.lr",
+    "meta.inner_lr",
+    "meta.student_lr",
+    "backbone.lr",
+  ):
     group, field = name.split(".")
     positive_float(name, config[group][field])
+  for name in ("backbone.steps", "backbone.batch_size", "selection.meta_checkpoints"):
+    _checks.integer(config, name, 1)
+  _checks.integer(config, "meta.inner_lr_dim", 1)
+  _checks.integer(config, "meta.steps_per_epoch", 0)
+  _checks.number(config, "meta.lr_decay", low=0.0, high=1.0, high_open=False)
+  _checks.number(config, "meta.logits_weight", low=0.0)
+  for name in (
+    "model.shared_init",
+    "meta.mask_in_domain_expert",
+    "meta.first_order",
+    "meta.remat",
+  ):
+    if not isinstance(_checks.field(config, name), bool):
+      raise ValueError(
+        f"{name}={_checks.field(config, name)!r} is invalid; accepted: True or False"
+      )
+  if not isinstance(config.backbone.checkpoint, str):
+    raise ValueError(
+      f"backbone.checkpoint={config.backbone.checkpoint!r} is invalid; accepted: a path "
+      "(a file written by meta_dmoe.save_backbone) or '' (train the backbone stage)"
+    )
+  factors = config.selection.inner_lr_factors
+  if (
+    isinstance(factors, str)
+    or not isinstance(factors, tuple | list)
+    or not factors
+    or not all(isinstance(f, int | float) and not isinstance(f, bool) and f > 0 for f in factors)
+  ):
+    raise ValueError(
+      f"selection.inner_lr_factors={factors!r} is invalid; accepted: a non-empty tuple of "
+      "numbers > 0 (multiples of the meta-trained inner step size)"
+    )
+  if config.selection.meta_checkpoints > config.meta.steps:
+    raise ValueError(
+      f"selection.meta_checkpoints={config.selection.meta_checkpoints} exceeds "
+      f"meta.steps={config.meta.steps}; accepted: 1..{config.meta.steps}"
+    )
   if not isinstance(config.meta.aggregator_lr, (int, float)) or config.meta.aggregator_lr < 0:
     raise ValueError(
       f"meta.aggregator_lr={config.meta.aggregator_lr!r} is invalid; accepted: a number >= 0"
@@ -152,7 +198,16 @@ class Setup:
 
   def key(self, stage: str) -> jax.Array:
     """The PRNG key of a stage; steps fold their index into it."""
-    stage_ids = {"init": 0, "experts": 1, "aggregator": 2, "student": 3, "meta": 4, "adapt": 5}
+    stage_ids = {
+      "init": 0,
+      "experts": 1,
+      "aggregator": 2,
+      "student": 3,
+      "meta": 4,
+      "adapt": 5,
+      "backbone": 6,
+      "select": 7,
+    }
     return jax.random.fold_in(jax.random.key(self.config.seed), stage_ids[stage])
 
   def batch_sharding(self, ndim: int, leading: int = 0) -> NamedSharding:
@@ -304,13 +359,88 @@ def _stack_map(setup: Setup) -> Callable:
 # ----------------------------------------------------------------------------
 
 
-def init_experts(setup: Setup, tx: optax.GradientTransformation) -> PyTree:
-  """Stacked expert variables [E, ...] and their optimiser state."""
-  sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
-  keys = jax.random.split(setup.key("init"), setup.num_experts)
-  variables = jax.vmap(lambda k: setup.model.init(k, sample, train=False))(keys)
+def init_experts(
+  setup: Setup, tx: optax.GradientTransformation, backbone: PyTree | None = None
+) -> PyTree:
+  """Stacked expert variables [E, ...] and their optimiser state.
+
+  With `backbone` ({'params', 'batch_stats'} of one model) every expert starts from
+  those weights (the paper: one ImageNet network fine-tuned per super-domain);
+  without, each from its own random initialisation (the `model.shared_init=False`
+  ablation).
+  """
+  if backbone is None:
+    sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
+    keys = jax.random.split(setup.key("init"), setup.num_experts)
+    variables = jax.vmap(lambda k: setup.model.init(k, sample, train=False))(keys)
+  else:
+    variables = jax.tree.map(lambda a: jnp.broadcast_to(a, (setup.num_experts, *a.shape)), backbone)
   params, stats = variables["params"], variables.get("batch_stats", {})
   return {"params": params, "batch_stats": stats, "opt_state": tx.init(params)}
+
+
+# ----------------------------------------------------------------------------
+# Stage 0: the shared backbone (ERM on the pooled sources), saved and loaded
+# ----------------------------------------------------------------------------
+
+
+def init_model(setup: Setup, key: jax.Array) -> PyTree:
+  """{'params', 'batch_stats'} of one randomly initialised student-architecture model."""
+  sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
+  variables = setup.model.init(key, sample, train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def init_student(setup: Setup, tx: optax.GradientTransformation, backbone: PyTree) -> PyTree:
+  """The ERM student's initial state: a copy of `backbone` ({'params', 'batch_stats'}).
+
+  A copy, on the mesh: the student's step donates its state, and the backbone also
+  starts the experts.
+  """
+  state = {**backbone, "opt_state": tx.init(backbone["params"])}
+  return jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
+
+
+def save_backbone(path: str, variables: PyTree) -> None:
+  """Writes {'params', 'batch_stats'} as a msgpack file that `load_backbone` reads."""
+  blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
+  epath.Path(path).write_bytes(blob)
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v) for path, v in flat}
+
+
+def load_backbone(path: str, template: PyTree) -> PyTree:
+  """Reads a `save_backbone` file and checks it against `template` (the model's variables).
+
+  Raises:
+    ValueError: naming the first parameter (in the model's order) that is missing from
+      the file or whose shape differs, or the first one the model does not have.
+  """
+  file = epath.Path(path)
+  if not file.exists():
+    raise ValueError(
+      f"backbone.checkpoint={path!r} does not exist; accepted: a file written by "
+      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run)"
+    )
+  loaded = serialization.msgpack_restore(file.read_bytes())
+  want, got = _flat_shapes(template), _flat_shapes(loaded)
+  for name, shape in want.items():
+    if name not in got:
+      raise ValueError(f"backbone.checkpoint={path!r} lacks parameter {name!r} (shape {shape})")
+    if tuple(got[name]) != tuple(shape):
+      raise ValueError(
+        f"backbone.checkpoint={path!r}: parameter {name!r} has shape {tuple(got[name])}, "
+        f"the model expects {tuple(shape)}"
+      )
+  extra = [n for n in got if n not in want]
+  if extra:
+    raise ValueError(
+      f"backbone.checkpoint={path!r} has parameter {extra[0]!r}, which the model does not have"
+    )
+  return serialization.from_state_dict(template, loaded)
 
 
 def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
@@ -406,12 +536,15 @@ def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
   return stages.bind(jax.jit(step, donate_argnums=0), setup.y, feats)
 
 
-def make_student_step(setup: Setup, tx) -> Callable:
-  """ERM on all source data (BatchNorm in training mode)."""
-  cfg = setup.config.student
+def make_student_step(setup: Setup, tx, *, stage: str = "student") -> Callable:
+  """ERM on all source data (BatchNorm in training mode).
+
+  `stage` ('student' or 'backbone') picks the config group (batch size) and the key.
+  """
+  cfg = setup.config[stage]
 
   def step(state, step, x, y):
-    key = jax.random.fold_in(setup.key("student"), step)
+    key = jax.random.fold_in(setup.key(stage), step)
     idx = jax.random.randint(key, (cfg.batch_size,), 0, y.shape[0])
     xb = setup.constrain(x[idx])
 
@@ -437,44 +570,69 @@ def make_student_step(setup: Setup, tx) -> Callable:
 # ----------------------------------------------------------------------------
 
 
-def make_losses(setup: Setup) -> tuple[Callable, Callable]:
-  """(inner_loss, outer_loss) in the `core.meta` signature `fn(params, batch, context)`.
+def inner_lr(config, feature_dim: int) -> float:
+  """The inner step size α for features of size D = `feature_dim`.
 
-  params: the student's {'backbone', 'head'}; context: the aggregator's params.
-  inner batch: {'x', 'tokens' [S, E, D], 'mask' [E], 'batch_stats'};
-  outer batch: {'x', 'y', 'batch_stats'}. BatchNorm statistics ride in the
-  batch: they are frozen (not adapted, no gradient).
+  The distillation loss is a mean over the D feature coordinates, so its gradient, and
+  the step it makes at a fixed α, shrink as 1/D. `meta.inner_lr` is the step size at
+  D = `meta.inner_lr_dim` (the official 3e-4 is for ResNet-50's 2048), and α ∝ D keeps
+  the step of each coordinate's squared error the same at any D:
+  α = meta.inner_lr · D / meta.inner_lr_dim.
+  """
+  return config.meta.inner_lr * feature_dim / config.meta.inner_lr_dim
+
+
+def make_losses(setup: Setup) -> tuple[Callable, Callable]:
+  """(inner_loss, outer_loss) in the `core.meta` signature `fn(theta_e, batch, context)`.
+
+  Only the feature extractor θ_e (the student's 'backbone' params) is adapted, in every
+  distillation mode (the paper and the official code adapt `student.features`); the
+  classifier θ_c and the aggregator φ ride in `context = {'head', 'aggregator'}`, so they
+  get the outer gradient (θ_c directly, φ through the inner step) but no inner step.
+  inner batch: {'x', 'tokens' [S, E, D], 'mask' [E], 'batch_stats'} and optionally
+  'target' [S, D], a distillation target that replaces the aggregated feature (the
+  content-free controls); outer batch: {'x', 'y', 'batch_stats'}. BatchNorm statistics
+  ride in the batch: they are frozen (not adapted, no gradient).
   """
   model, agg_model = setup.model, setup.agg_model
   distill = setup.config.meta.distill
+  w_features = 0.0 if distill == "logits" else 1.0
+  w_logits = {"features": 0.0, "logits": 1.0, "both": setup.config.meta.logits_weight}[distill]
 
-  def inner_loss(params, batch, context):
-    variables = {"params": params, "batch_stats": batch["batch_stats"]}
-    feats = model.apply(variables, batch["x"], train=False, method=models.Classifier.features)
-    target = agg_model.apply(
-      {"params": context},
-      batch["tokens"],
-      batch["mask"],
-      method=models.AggregatorClassifier.aggregate,
-    )
+  def features(theta_e, batch):
+    variables = {"params": {"backbone": theta_e}, "batch_stats": batch["batch_stats"]}
+    return model.apply(variables, batch["x"], train=False, method=models.Classifier.features)
+
+  def classify(head, feats):
+    return model.apply({"params": {"head": head}}, feats, method=models.Classifier.classify)
+
+  def inner_loss(theta_e, batch, context):
+    feats = features(theta_e, batch)
+    if "target" in batch:
+      target = batch["target"]
+    else:
+      target = agg_model.apply(
+        {"params": context["aggregator"]},
+        batch["tokens"],
+        batch["mask"],
+        method=models.AggregatorClassifier.aggregate,
+      )
     loss = 0.0
-    if distill in ("features", "both"):
+    if w_features:
       # In float32 also when the models compute in bfloat16 (model.dtype).
       f32 = jnp.float32
-      loss += core.losses.feature_mse(feats.astype(f32), target.astype(f32)).mean()
-    if distill in ("logits", "both"):
-      # The teacher's logits: the aggregator's pretraining head on the aggregated feature.
+      loss += w_features * core.losses.feature_mse(feats.astype(f32), target.astype(f32)).mean()
+    if w_logits:
+      # The teacher's logits: the aggregator's pretraining head on the target feature.
       teacher = agg_model.apply(
-        {"params": context}, batch["tokens"], batch["mask"], deterministic=True
+        {"params": context["aggregator"]}, target, method=lambda m, f: m.head(f)
       )
-      student = model.apply({"params": params}, feats, method=models.Classifier.classify)
-      loss += core.losses.kl_divergence(teacher, student).mean()
+      student = classify(context["head"], feats)
+      loss += w_logits * core.losses.kl_divergence(teacher, student).mean()
     return loss
 
-  def outer_loss(params, batch, context):
-    del context  # The aggregator reaches the outer loss only through the inner step.
-    variables = {"params": params, "batch_stats": batch["batch_stats"]}
-    logits = model.apply(variables, batch["x"], train=False)
+  def outer_loss(theta_e, batch, context):
+    logits = classify(context["head"], features(theta_e, batch))
     return core.losses.cross_entropy(logits, batch["y"]).mean()
 
   return inner_loss, outer_loss
@@ -485,6 +643,7 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
   cfg = setup.config.meta
   inner_loss, outer_loss = make_losses(setup)
   experts = jnp.arange(setup.num_experts)
+  alpha = inner_lr(setup.config, feats.shape[-1])
 
   def step(state, step, x, y, feats, offsets, sizes, expert_of_domain):
     key = jax.random.fold_in(setup.key("meta"), step)
@@ -506,18 +665,21 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
       "y": y[ep.query_idx],
       "batch_stats": stats,
     }
-    loss, (g_student, g_agg) = core.meta.meta_value_and_grad(
+    student = state["student"]
+    loss, (g_backbone, g_context) = core.meta.meta_value_and_grad(
       outer_loss,
       inner_loss,
-      state["student"],
+      student["backbone"],
       support,
       query,
-      lr=cfg.inner_lr,
+      lr=alpha,
       steps=cfg.inner_steps,
       first_order=cfg.first_order,
-      context=state["aggregator"],
+      context={"aggregator": state["aggregator"], "head": student["head"]},
       remat=cfg.remat,
     )
+    g_student = {"backbone": g_backbone, "head": g_context["head"]}
+    g_agg = g_context["aggregator"]
     upd_s, opt_s = tx_student.update(g_student, state["opt_student"], state["student"])
     upd_a, opt_a = tx_agg.update(g_agg, state["opt_aggregator"], state["aggregator"])
     new = {
@@ -541,40 +703,92 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
   )
 
 
+def make_continued_step(setup: Setup, tx) -> Callable:
+  """The `erm_continued` control: the meta stage without its inner step.
+
+  From the ERM student, CE on the same query batches as `make_meta_step` (the same
+  episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
+  frozen as there: what meta-training adds beyond more supervised steps at a small lr.
+  """
+  cfg = setup.config.meta
+
+  def step(state, step, x, y, offsets, sizes):
+    key = jax.random.fold_in(setup.key("meta"), step)
+    index = setup.index._replace(offsets=offsets, sizes=sizes)
+    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
+    xq = setup.constrain(x[ep.query_idx])
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state["batch_stats"]}
+      logits = setup.model.apply(variables, xq, train=False)
+      return core.losses.cross_entropy(logits, y[ep.query_idx]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {
+      "params": optax.apply_updates(state["params"], updates),
+      "batch_stats": state["batch_stats"],
+      "opt_state": opt_state,
+    }
+    return new, {"loss": loss}
+
+  return stages.bind(
+    jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.index.offsets, setup.index.sizes
+  )
+
+
 # ----------------------------------------------------------------------------
 # Stage 5: test-time adaptation and evaluation
 # ----------------------------------------------------------------------------
 
 
 def make_adapt_fn(setup: Setup) -> Callable:
-  """(student, batch_stats, aggregator, x_support, tokens) -> adapted student params."""
+  """(student, batch_stats, aggregator, x_support, tokens, *, mask, target, lr_factor) ->
+  adapted student params.
+
+  One adaptation of the feature extractor on the unlabeled support x_support [S, ...]
+  with expert tokens [S, E, D]: `mask` [E] (default: every expert, as at test time),
+  `target` [S, D] replaces the aggregated feature (content-free controls), `lr_factor`
+  multiplies the meta-trained step size (source-side selection).
+  """
   cfg = setup.config.meta
   inner_loss, _ = make_losses(setup)
   all_experts = jnp.ones((setup.num_experts,), bool)  # no masking at test time
 
   @jax.jit
-  def adapt(student, stats, aggregator, xs, tokens):
-    batch = {"x": xs, "tokens": tokens, "mask": all_experts, "batch_stats": stats}
-    return core.meta.inner_adapt(
+  def adapt_jit(student, stats, aggregator, xs, tokens, mask, target, lr_factor):
+    batch = {"x": xs, "tokens": tokens, "mask": mask, "batch_stats": stats}
+    if target is not None:
+      batch["target"] = target
+    backbone = core.meta.inner_adapt(
       inner_loss,
-      student,
+      student["backbone"],
       batch,
-      lr=cfg.inner_lr,
+      lr=inner_lr(setup.config, tokens.shape[-1]) * lr_factor,
       steps=cfg.inner_steps,
       first_order=True,  # no meta-gradient needed at test time
-      context=aggregator,
+      context={"aggregator": aggregator, "head": student["head"]},
     )
+    return {**student, "backbone": backbone}
+
+  def adapt(student, stats, aggregator, xs, tokens, *, mask=None, target=None, lr_factor=1.0):
+    mask = all_experts if mask is None else mask
+    return adapt_jit(student, stats, aggregator, xs, tokens, mask, target, lr_factor)
 
   return adapt
 
 
-def _accuracy(predict: Callable, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+def _predictions(predict: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """Predicted classes [N] of `predict(x_batch) -> [B]` over fixed-size batches."""
   preds = [np.asarray(predict(xb)) for xb in _eval_batches(x, batch_size)]
-  return float(np.mean(np.concatenate(preds)[: len(y)] == y))
+  return np.concatenate(preds)[: len(x)]
 
 
-def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> dict:
-  """Accuracy of every variant on every target domain (all of its images)."""
+def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state, **kwargs) -> dict:
+  """Accuracy of every variant on every target domain (all of its images).
+
+  `kwargs` go to `evaluate_with` (`candidates`, `details`).
+  """
   model = setup.model
   head_of_experts = jax.jit(
     lambda heads, f: jax.vmap(
@@ -586,7 +800,12 @@ def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state) -> 
     f = expert_features(setup, experts, x)  # [E, N, D]
     return f, head_of_experts(experts["params"]["head"], f)
 
-  return evaluate_with(setup, expert_outputs, aggregator_pre, student_erm, meta_state)
+  return evaluate_with(setup, expert_outputs, aggregator_pre, student_erm, meta_state, **kwargs)
+
+
+# Adapted variants and what each distils toward; the last three are content-free controls
+# on the meta-trained student (the same support images, step size and draws as meta_dmoe).
+CONTENT_FREE = ("target_zeros", "target_source_mean", "target_shuffled")
 
 
 def evaluate_with(
@@ -595,6 +814,9 @@ def evaluate_with(
   aggregator_pre,
   student_erm,
   meta_state,
+  *,
+  candidates: dict | None = None,
+  details: dict | None = None,
 ) -> dict:
   """`evaluate` with the frozen experts given as a function.
 
@@ -606,6 +828,13 @@ def evaluate_with(
     aggregator_pre: the pretrained aggregator's params.
     student_erm: the ERM student's {'params', 'batch_stats', ...}.
     meta_state: the meta-training state ({'student', 'aggregator', 'batch_stats', ...}).
+    candidates: optional {'meta': [(step, meta_state), ...], 'erm_continued':
+      [(step, {'params', 'batch_stats', ...}), ...]}: checkpoints to choose from on the
+      sources' validation splits (`select_on_sources`); the `erm_continued` variant is
+      reported only when given. Without, `meta_state` and the configured α are used.
+    details: optional dict that receives 'per_example' (variant -> domain -> {'correct'}
+      [N] 0/1 in the domain's fixed order; adapted variants: of the first support draw,
+      with every draw's in 'correct_draws') and 'selection' (what the sources' validation chose).
 
   Returns:
     variant -> {domain: {'accuracy', ...}, 'mean': {'accuracy'}}.
@@ -613,6 +842,7 @@ def evaluate_with(
   cfg = setup.config
   model, agg_model = setup.model, setup.agg_model
   adapt = make_adapt_fn(setup)
+  bs = cfg.eval_batch_size
 
   @jax.jit
   def student_predict(params, stats, xb):
@@ -626,18 +856,46 @@ def evaluate_with(
   agg_predict = jax.jit(
     lambda params, tokens: jnp.argmax(agg_model.apply({"params": params}, tokens), -1)
   )
-
-  variants: dict[str, dict] = {
-    k: {}
-    for k in (
-      "erm",
-      "expert_average",
-      "aggregator_head",
-      "aggregator_pretrained",
-      "meta_unadapted",
-      "meta_dmoe",
+  aggregate = jax.jit(
+    lambda params, tokens: agg_model.apply(
+      {"params": params}, tokens, method=models.AggregatorClassifier.aggregate
     )
-  }
+  )
+
+  def preds_of(params, stats, x):
+    return _predictions(functools.partial(student_predict, params, stats), x, bs)
+
+  sources_val = source_validation(setup, expert_outputs)
+  selection: dict[str, dict] = {}
+  factor_meta = factor_pre = 1.0
+  continued = None
+  if candidates:
+    chosen, selection = select_on_sources(
+      setup, sources_val, aggregator_pre, student_erm, candidates, adapt=adapt, preds_of=preds_of
+    )
+    meta_state, factor_meta, factor_pre, continued = chosen
+  for choice in selection.values():
+    logging.info("selected on the sources' validation splits: %s", choice)
+  meta_student, meta_stats = meta_state["student"], meta_state["batch_stats"]
+  # The content-free 'source mean' target: the mean aggregated feature of the sources'
+  # validation images (one vector for every support image).
+  source_mean = jnp.mean(
+    jnp.concatenate([aggregate(meta_state["aggregator"], v.tokens) for v in sources_val]), 0
+  )
+
+  names = [
+    "erm",
+    "expert_average",
+    "aggregator_head",
+    "aggregator_pretrained",
+    "meta_unadapted",
+    "meta_dmoe",
+    *(f"meta_dmoe_{c}" for c in CONTENT_FREE),
+  ]
+  if continued is not None:
+    names.insert(1, "erm_continued")
+  variants: dict[str, dict] = {k: {} for k in names}
+  per_example: dict[str, dict] = {k: {} for k in names}
   erm_stats = student_erm["batch_stats"]
   for d_idx, domain in enumerate(setup.targets):
     # The whole target domain is predicted (its labels are never used for
@@ -646,42 +904,183 @@ def evaluate_with(
     # official evaluator).
     x_test, y_test = whole_domain(setup.splits[domain])
     f_test, expert_logits = expert_outputs(x_test)  # [E, N, D], [E, N, C]
-    variants["expert_average"][domain] = {
-      "accuracy": float(np.mean(np.asarray(expert_predict(expert_logits)) == y_test))
-    }
     tokens_test = jnp.swapaxes(f_test, 0, 1)
-    variants["aggregator_head"][domain] = {
-      "accuracy": float(np.mean(np.asarray(agg_predict(aggregator_pre, tokens_test)) == y_test))
-    }
 
-    def acc_of(params, stats, x=x_test, y=y_test):
-      return _accuracy(functools.partial(student_predict, params, stats), x, y, cfg.eval_batch_size)
+    def record(name, preds, draws=None, domain=domain, y=y_test):
+      correct = (preds == y).astype(int)
+      entry = {"correct": correct.tolist()}
+      if draws is not None:
+        entry["correct_draws"] = [(p == y).astype(int).tolist() for p in draws]
+        variants[name][domain] = {
+          "accuracy": float(np.mean([np.mean(p == y) for p in draws])),
+          "accuracy_per_draw": [float(np.mean(p == y)) for p in draws],
+        }
+      else:
+        variants[name][domain] = {"accuracy": float(np.mean(correct))}
+      per_example[name][domain] = entry
 
-    variants["erm"][domain] = {"accuracy": acc_of(student_erm["params"], erm_stats)}
-    variants["meta_unadapted"][domain] = {
-      "accuracy": acc_of(meta_state["student"], meta_state["batch_stats"])
-    }
+    record("expert_average", np.asarray(expert_predict(expert_logits)))
+    record("aggregator_head", _predictions_tokens(agg_predict, aggregator_pre, tokens_test, bs))
+    record("erm", preds_of(student_erm["params"], erm_stats, x_test))
+    if continued is not None:
+      record("erm_continued", preds_of(continued["params"], continued["batch_stats"], x_test))
+    record("meta_unadapted", preds_of(meta_student, meta_stats, x_test))
 
-    pool, f_pool = x_test, f_test
-    runs = {"aggregator_pretrained": [], "meta_dmoe": []}
+    runs: dict[str, list] = {k: [] for k in names if k == "aggregator_pretrained" or "dmoe" in k}
     for r in range(cfg.adapt.repeats):
       key = jax.random.fold_in(jax.random.fold_in(setup.key("adapt"), d_idx), r)
-      idx = np.asarray(jax.random.permutation(key, len(pool))[: cfg.adapt.support_size])
-      xs, tokens = pool[idx], jnp.swapaxes(f_pool[:, idx], 0, 1)
-      adapted = adapt(student_erm["params"], erm_stats, aggregator_pre, xs, tokens)
-      runs["aggregator_pretrained"].append(acc_of(adapted, erm_stats))
+      idx = np.asarray(jax.random.permutation(key, len(x_test))[: cfg.adapt.support_size])
+      xs, tokens = x_test[idx], tokens_test[idx]
       adapted = adapt(
-        meta_state["student"], meta_state["batch_stats"], meta_state["aggregator"], xs, tokens
+        student_erm["params"], erm_stats, aggregator_pre, xs, tokens, lr_factor=factor_pre
       )
-      runs["meta_dmoe"].append(acc_of(adapted, meta_state["batch_stats"]))
-    for name, accs in runs.items():
-      variants[name][domain] = {"accuracy": float(np.mean(accs)), "accuracy_per_draw": accs}
+      runs["aggregator_pretrained"].append(preds_of(adapted, erm_stats, x_test))
+      agg = meta_state["aggregator"]
+      aggregated = aggregate(agg, tokens)
+      targets = {
+        "meta_dmoe": None,
+        "meta_dmoe_target_zeros": jnp.zeros_like(aggregated),
+        "meta_dmoe_target_source_mean": jnp.broadcast_to(source_mean, aggregated.shape),
+        # Every support image gets another image's aggregated feature.
+        "meta_dmoe_target_shuffled": jnp.roll(aggregated, 1, axis=0),
+      }
+      for name, target in targets.items():
+        adapted = adapt(
+          meta_student, meta_stats, agg, xs, tokens, target=target, lr_factor=factor_meta
+        )
+        runs[name].append(preds_of(adapted, meta_stats, x_test))
+    for name, draws in runs.items():
+      record(name, draws[0], draws)
 
   for per_domain in variants.values():
     per_domain["mean"] = {
       "accuracy": float(np.mean([per_domain[d]["accuracy"] for d in setup.targets]))
     }
+  if details is not None:
+    details["per_example"] = per_example
+    details["selection"] = selection
   return variants
+
+
+def _predictions_tokens(predict: Callable, params, tokens: jax.Array, batch_size: int):
+  """`predict(params, tokens_batch)` over fixed-size batches of tokens [N, E, D] -> [N]."""
+  n = tokens.shape[0]
+  out = []
+  for start in range(0, n, batch_size):
+    tb = tokens[start : start + batch_size]
+    if tb.shape[0] < batch_size:
+      tb = jnp.concatenate([tb, jnp.zeros((batch_size - tb.shape[0], *tb.shape[1:]), tb.dtype)])
+    out.append(np.asarray(predict(params, tb)))
+  return np.concatenate(out)[:n]
+
+
+class SourceVal(NamedTuple):
+  """One source domain's validation split, as seen by source-side selection."""
+
+  x: np.ndarray  # [N, H, W, C]
+  y: np.ndarray  # [N]
+  tokens: jax.Array  # [N, E, D] every expert's features
+  mask: jax.Array  # [E] bool: all but the expert whose super-domain holds this domain
+  support: np.ndarray  # [k] indices of the unlabeled adaptation support
+
+
+def source_validation(setup: Setup, expert_outputs: Callable) -> list[SourceVal]:
+  """The sources' validation splits (never trained on), one leave-one-out episode each.
+
+  Each source domain plays an unseen target: its own expert is masked (as in
+  meta-training), k of its validation images are the unlabeled support, and all of them
+  are predicted. Target data is not touched.
+  """
+  out = []
+  for i, domain in enumerate(setup.sources):
+    split = setup.splits[domain].val
+    feats, _ = expert_outputs(split.x)
+    k = min(setup.config.adapt.support_size, len(split.y))
+    key = jax.random.fold_in(setup.key("select"), i)
+    support = np.asarray(jax.random.permutation(key, len(split.y))[:k])
+    mask = jnp.arange(setup.num_experts) != setup.expert_of_domain[i]
+    out.append(SourceVal(split.x, split.y, jnp.swapaxes(feats, 0, 1), mask, support))
+  return out
+
+
+def select_on_sources(
+  setup: Setup,
+  sources_val: list[SourceVal],
+  aggregator_pre,
+  student_erm,
+  candidates: dict,
+  *,
+  adapt: Callable,
+  preds_of: Callable,
+):
+  """Chooses checkpoints and the inner step size on the sources' validation splits.
+
+  meta_dmoe: the meta checkpoint and the factor of `selection.inner_lr_factors` (× the
+  meta-trained α) with the best mean accuracy over the leave-one-source-out episodes
+  (adapted as at test time, the episode's own expert masked); aggregator_pretrained: the
+  factor likewise, for the ERM student; erm_continued: the checkpoint with the best mean
+  source-validation accuracy (no adaptation). Ties go to the earlier candidate.
+
+  Returns:
+    ((meta_state, factor_meta, factor_pretrained, continued_state), selection dict).
+  """
+  factors = tuple(float(f) for f in setup.config.selection.inner_lr_factors)
+
+  def adapted_score(student, stats, aggregator, factor):
+    accs = []
+    for v in sources_val:
+      xs, tokens = v.x[v.support], v.tokens[v.support]
+      params = adapt(student, stats, aggregator, xs, tokens, mask=v.mask, lr_factor=factor)
+      accs.append(np.mean(preds_of(params, stats, v.x) == v.y))
+    return float(np.mean(accs))
+
+  def plain_score(params, stats):
+    return float(np.mean([np.mean(preds_of(params, stats, v.x) == v.y) for v in sources_val]))
+
+  def best(scores: dict):
+    return max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+
+  meta_scores = {
+    (step, f): adapted_score(m["student"], m["batch_stats"], m["aggregator"], f)
+    for step, m in candidates["meta"]
+    for f in factors
+  }
+  m_step, m_factor = best(meta_scores)
+  pre_scores = {
+    f: adapted_score(student_erm["params"], student_erm["batch_stats"], aggregator_pre, f)
+    for f in factors
+  }
+  p_factor = best(pre_scores)
+  alpha = inner_lr(setup.config, sources_val[0].tokens.shape[-1])
+  selection = {
+    "meta_dmoe": {
+      "checkpoint_step": m_step,
+      "inner_lr_factor": m_factor,
+      "inner_lr": alpha * m_factor,
+      "source_val_accuracy": meta_scores[(m_step, m_factor)],
+      "scores": {f"step{s}_x{f:g}": v for (s, f), v in meta_scores.items()},
+    },
+    "aggregator_pretrained": {
+      "inner_lr_factor": p_factor,
+      "inner_lr": alpha * p_factor,
+      "source_val_accuracy": pre_scores[p_factor],
+      "scores": {f"x{f:g}": v for f, v in pre_scores.items()},
+    },
+  }
+  continued = None
+  if candidates.get("erm_continued"):
+    cont_scores = {
+      step: plain_score(c["params"], c["batch_stats"]) for step, c in candidates["erm_continued"]
+    }
+    c_step = best(cont_scores)
+    continued = dict(candidates["erm_continued"])[c_step]
+    selection["erm_continued"] = {
+      "checkpoint_step": c_step,
+      "source_val_accuracy": cont_scores[c_step],
+      "scores": {f"step{s}": v for s, v in cont_scores.items()},
+    }
+  meta_state = dict(candidates["meta"])[m_step]
+  return (meta_state, m_factor, p_factor, continued), selection
 
 
 # ----------------------------------------------------------------------------
@@ -690,19 +1089,21 @@ def evaluate_with(
 
 
 # The config fields each reusable stage depends on (see train/stage_cache.py);
-# meta-training, the last stage, is what ablations vary and is never shared.
+# meta-training and its control, the last stages, are what ablations vary and are never shared.
 STAGE_FIELDS = {
-  "experts": ("seed", "data", "model", "experts", "num_devices"),
+  "shared_backbone": ("seed", "data", "model", "backbone", "num_devices"),
+  "experts": ("seed", "data", "model", "backbone", "experts", "num_devices"),
   "aggregator": (
     "seed",
     "data",
     "model",
+    "backbone",
     "experts",
     "aggregator",
     "eval_batch_size",
     "num_devices",
   ),
-  "student": ("seed", "data", "model", "student", "num_devices"),
+  "student": ("seed", "data", "model", "backbone", "student", "num_devices"),
 }
 
 
@@ -712,6 +1113,50 @@ class Trained(NamedTuple):
   aggregator: PyTree  # {'params', 'opt_state'}
   student: PyTree  # the ERM student: {'params', 'batch_stats', 'opt_state'}
   meta: PyTree  # {'student', 'aggregator', 'batch_stats', 'opt_student', 'opt_aggregator'}
+  # `evaluate_with`'s candidates: {'meta': [(step, state)], 'erm_continued': [(step, state)]}
+  candidates: dict | None = None
+
+
+def meta_schedule(config, lr: float, setup: Setup) -> optax.Schedule:
+  """The meta stage's learning rate: ×`meta.lr_decay` after every epoch (official code).
+
+  An epoch is `meta.steps_per_epoch` episodes, or (0) as many as the pooled source
+  training set holds: ⌊N_src / (support + query)⌋ (the official epoch is one pass).
+  """
+  cfg = config.meta
+  per_epoch = cfg.steps_per_epoch or max(
+    1, int(setup.y.shape[0]) // (cfg.support_size + cfg.query_size)
+  )
+  return optax.exponential_decay(lr, per_epoch, cfg.lr_decay, staircase=True)
+
+
+def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=STAGE_FIELDS):
+  """The shared starting point of every expert and the student: {'params', 'batch_stats'}.
+
+  Loaded from `backbone.checkpoint` when set (shapes checked), otherwise ERM on the pooled
+  source domains (stage 'shared_backbone', the analogue of the paper's ImageNet pre-training),
+  written to `<workdir>/backbone.msgpack` for reuse.
+  """
+  template = init_model(setup, jax.random.fold_in(setup.key("init"), 2))
+  if config.backbone.checkpoint:
+    loaded = load_backbone(config.backbone.checkpoint, template)
+    return mesh_lib.replicate(loaded, setup.mesh)
+  tx = optax.adam(config.backbone.lr)
+  state = mesh_lib.replicate({**template, "opt_state": tx.init(template["params"])}, setup.mesh)
+  state = stages.run_stage(
+    config,
+    workdir,
+    "shared_backbone",
+    make_student_step(setup, tx, stage="backbone"),
+    state,
+    config.backbone.steps,
+    writer=writer,
+    stage_fields=stage_fields,
+  )
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  if jax.process_index() == 0:
+    save_backbone(f"{workdir}/backbone.msgpack", variables)
+  return variables
 
 
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
@@ -726,9 +1171,14 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   logging.info("super-domains: %s", setup.super_domains)
   writer = metrics_lib.MetricWriter(workdir)
 
+  # 0. The shared backbone (unless the independent-initialisation ablation).
+  backbone = None
+  if config.model.shared_init:
+    backbone = train_backbone(config, workdir, setup, writer=writer)
+
   # 1. Experts.
   tx = optax.adam(config.experts.lr)
-  experts = mesh_lib.replicate(init_experts(setup, tx), setup.mesh)
+  experts = mesh_lib.replicate(init_experts(setup, tx, backbone), setup.mesh)
   experts = stages.run_stage(
     config,
     workdir,
@@ -741,11 +1191,20 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   )
   feats = expert_features(setup, experts, np.asarray(setup.x))  # [E, N_src, D], cached
 
-  trained = train_from_features(config, workdir, setup, feats, writer=writer)
+  trained = train_from_features(config, workdir, setup, feats, writer=writer, backbone=backbone)
   writer.close()
 
-  # 5. Adaptation and evaluation.
-  metrics = evaluate(setup, experts, trained.aggregator["params"], trained.student, trained.meta)
+  # 5. Selection on the sources, adaptation and evaluation.
+  details: dict = {}
+  metrics = evaluate(
+    setup,
+    experts,
+    trained.aggregator["params"],
+    trained.student,
+    trained.meta,
+    candidates=trained.candidates,
+    details=details,
+  )
   return {
     "method": "meta_dmoe",
     "benchmark": config.data.benchmark,
@@ -753,8 +1212,38 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "source_domains": list(setup.sources),
     "target_domains": list(setup.targets),
     "super_domains": [list(g) for g in setup.super_domains],
+    "inner_lr": inner_lr(config, int(feats.shape[-1])),
     "metrics": metrics,
+    "selection": details["selection"],
+    "per_example": details["per_example"],
   }
+
+
+def _segments(config) -> list[tuple[str, int, int]]:
+  """(stage suffix, first step, last step) of the meta stage's selection checkpoints."""
+  n, steps = config.selection.meta_checkpoints, config.meta.steps
+  ends = [steps * (i + 1) // n for i in range(n)]
+  starts = [0, *ends[:-1]]
+  return [("" if n == 1 else f"_{i + 1}of{n}", a, b) for i, (a, b) in enumerate(zip(starts, ends))]
+
+
+def _run_segments(config, workdir, stage, step_fn, state, *, writer, stage_fields, keep):
+  """Runs `stage` in `selection.meta_checkpoints` segments; returns (state, [(step, kept)])."""
+  kept = []
+  for suffix, start, end in _segments(config):
+    state = stages.run_stage(
+      config,
+      workdir,
+      stage + suffix,
+      lambda st, i, start=start: step_fn(st, i + start),
+      state,
+      end - start,
+      writer=writer,
+      stage_fields=stage_fields,
+    )
+    # Copies: the next segment's step donates `state`.
+    kept.append((end, jax.tree.map(jnp.copy, keep(state))))
+  return state, kept
 
 
 def train_from_features(
@@ -765,8 +1254,9 @@ def train_from_features(
   *,
   writer: metrics_lib.MetricWriter | None,
   stage_fields: dict[str, tuple[str, ...]] = STAGE_FIELDS,
+  backbone: PyTree | None = None,
 ) -> Trained:
-  """Stages 2-4 (aggregator, ERM student, meta-training) driven by cached expert features.
+  """Stages 2-4 (aggregator, ERM student, meta-training and its control) on cached features.
 
   Args:
     config: the run's config (the fields `validate_config` checks).
@@ -776,6 +1266,8 @@ def train_from_features(
       (`setup.x`), from any kind of expert; D must be the student's feature size.
     writer: where the stages' metrics go.
     stage_fields: the config fields each shareable stage depends on (stage cache).
+    backbone: the shared starting point of the student ({'params', 'batch_stats'}); when
+      None and `model.shared_init`, the backbone stage is run (or loaded) here.
   """
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
@@ -795,18 +1287,13 @@ def train_from_features(
     stage_fields=stage_fields,
   )
 
-  # 3. ERM student.
+  # 3. ERM student, from the shared backbone (or, as an ablation, a random initialisation).
+  if backbone is None and config.model.shared_init:
+    backbone = train_backbone(config, workdir, setup, writer=writer, stage_fields=stage_fields)
+  if backbone is None:
+    backbone = init_model(setup, jax.random.fold_in(setup.key("init"), 1))
   tx = optax.adam(config.student.lr)
-  sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
-  variables = setup.model.init(jax.random.fold_in(setup.key("init"), 1), sample, train=False)
-  student = mesh_lib.replicate(
-    {
-      "params": variables["params"],
-      "batch_stats": variables["batch_stats"],
-      "opt_state": tx.init(variables["params"]),
-    },
-    setup.mesh,
-  )
+  student = init_student(setup, tx, backbone)
   student = stages.run_stage(
     config,
     workdir,
@@ -818,8 +1305,10 @@ def train_from_features(
     stage_fields=stage_fields,
   )
 
-  # 4. Meta-training from the pretrained aggregator and the ERM student.
-  tx_s, tx_a = optax.adam(config.meta.student_lr), optax.adam(config.meta.aggregator_lr)
+  # 4. Meta-training from the pretrained aggregator and the ERM student, the lrs decayed
+  # per epoch; checkpoints at `selection.meta_checkpoints` points are kept for selection.
+  tx_s = optax.adam(meta_schedule(config, config.meta.student_lr, setup))
+  tx_a = optax.adam(meta_schedule(config, config.meta.aggregator_lr, setup))
   meta = mesh_lib.replicate(
     {
       "student": student["params"],
@@ -833,14 +1322,35 @@ def train_from_features(
   # The initial state is built from arrays the earlier stages own; copy so that
   # donation inside the meta loop never invalidates them (they are evaluated later).
   meta = jax.tree.map(jnp.copy, meta)
-  meta = stages.run_stage(
+  meta, meta_kept = _run_segments(
     config,
     workdir,
     "meta",
     make_meta_step(setup, tx_s, tx_a, feats),
     meta,
-    config.meta.steps,
     writer=writer,
     stage_fields=stage_fields,
+    keep=lambda st: {k: st[k] for k in ("student", "aggregator", "batch_stats")},
   )
-  return Trained(aggregator, student, meta)
+
+  # 4'. The erm_continued control: the same query batches, lr and schedule, no inner step.
+  continued = jax.tree.map(
+    jnp.copy,
+    {
+      "params": student["params"],
+      "batch_stats": student["batch_stats"],
+      "opt_state": tx_s.init(student["params"]),
+    },
+  )
+  _, continued_kept = _run_segments(
+    config,
+    workdir,
+    "erm_continued",
+    make_continued_step(setup, tx_s),
+    continued,
+    writer=writer,
+    stage_fields=stage_fields,
+    keep=lambda st: {k: st[k] for k in ("params", "batch_stats")},
+  )
+  candidates = {"meta": meta_kept, "erm_continued": continued_kept}
+  return Trained(aggregator, student, meta, candidates)

@@ -12,7 +12,9 @@ that parameters after a step differ exactly by lr × (gradient difference) (Adam
 a float-rounding-level gradient into a full-size update wherever a gradient is ~0).
 """
 
+import dataclasses
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_adapt import models
 from moe_adapt.methods import meta_dmoe
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
@@ -320,3 +323,164 @@ def test_seed_changes_data_partition_init_and_batches(setups, expert_runs):
   # Same initial state, other seed: other batches, hence another first loss.
   losses_seed1, _ = _expert_run(s1, tx, init0)
   assert losses_seed1[0] != runs[1][0][0]
+
+
+# ----------------------------------------------------------------------------- premises
+
+
+@pytest.mark.parametrize(
+  "name", ["model.shared_init", "meta.mask_in_domain_expert", "meta.first_order", "meta.remat"]
+)
+@pytest.mark.parametrize("value", ["yes", 1, 0])
+def test_non_boolean_switches_are_rejected_naming_the_field(name, value):
+  # The mask was read by truthiness: 'no' (a non-empty string) switched masking on.
+  # A config built in Python without type safety (the CLI's overrides keep a field's type).
+  config = ml_collections.ConfigDict(tiny_config().to_dict(), type_safe=False)
+  config = configs_util.with_overrides(config, **{name: value})
+  match = re.escape(f"{name}={value!r} is invalid; accepted: True or False")
+  with pytest.raises(ValueError, match=match):
+    meta_dmoe.validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "name, value, match",
+  [
+    ("selection.inner_lr_factors", (), r"selection\.inner_lr_factors=\(\) is invalid"),
+    ("selection.inner_lr_factors", (1.0, 0.0), r"accepted: a non-empty tuple of numbers > 0"),
+    ("selection.meta_checkpoints", 9, r"selection\.meta_checkpoints=9 exceeds meta\.steps=4"),
+    ("meta.lr_decay", 1.5, r"meta\.lr_decay=1\.5 is invalid; accepted: a number in \(0, 1\]"),
+    ("meta.logits_weight", -1.0, r"meta\.logits_weight=-1\.0 is invalid"),
+    ("meta.inner_lr_dim", 0, r"meta\.inner_lr_dim=0 is invalid"),
+    ("backbone.steps", 0, r"backbone\.steps=0 is invalid"),
+    ("backbone.checkpoint", None, r"backbone\.checkpoint=None is invalid; accepted: a path"),
+  ],
+)
+def test_premise_fields_are_validated(name, value, match):
+  with pytest.raises(ValueError, match=match):
+    meta_dmoe.validate_config(tiny_config(**{name: value}))
+
+
+def test_inner_lr_grows_with_the_feature_size():
+  config = tiny_config(**{"meta.inner_lr": 3e-4, "meta.inner_lr_dim": 2048})
+  assert meta_dmoe.inner_lr(config, 2048) == pytest.approx(3e-4)
+  assert meta_dmoe.inner_lr(config, 128) == pytest.approx(3e-4 / 16)
+
+
+def test_experts_and_student_start_from_the_one_backbone(setups):
+  setup, tx = setups[0, 1], optax.adam(1e-3)
+  backbone = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(7)))
+  experts = jax.device_get(meta_dmoe.init_experts(setup, tx, backbone))
+  student = jax.device_get(meta_dmoe.init_student(setup, tx, backbone))
+  for k in range(setup.num_experts):
+    expert_k = {p: jax.tree.map(lambda a, k=k: a[k], experts[p]) for p in ("params", "batch_stats")}
+    for part in ("params", "batch_stats"):
+      for a, b in zip(jax.tree.leaves(expert_k[part]), jax.tree.leaves(backbone[part])):
+        np.testing.assert_array_equal(a, b)
+  for part in ("params", "batch_stats"):
+    for a, b in zip(jax.tree.leaves(student[part]), jax.tree.leaves(backbone[part])):
+      np.testing.assert_array_equal(a, b)
+  # The ablation: independent initialisations, no two experts alike.
+  independent = jax.device_get(meta_dmoe.init_experts(setup, tx))
+  kernels = [a for a in jax.tree.leaves(independent["params"]) if a.ndim > 2]
+  assert not np.array_equal(kernels[0][0], kernels[0][1])
+
+
+def test_backbone_checkpoint_round_trip_and_shape_check(setups, tmp_path):
+  setup = setups[0, 1]
+  variables = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(1)))
+  path = str(tmp_path / "backbone.msgpack")
+  meta_dmoe.save_backbone(path, variables)
+  template = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(2)))
+  loaded = meta_dmoe.load_backbone(path, template)
+  _assert_trees_close(loaded, variables)
+
+  # A model of another width: the first parameter (in the model's order) whose shape
+  # differs is named, with both shapes.
+  other = models.Classifier(
+    backbone=models.get_backbone("convnet", width=4, feature_dim=16), num_classes=10
+  )
+  sample = jnp.zeros((1, *setup.benchmark.input_shape))
+  other_vars = dict(other.init(jax.random.key(0), sample, train=False))
+  want = meta_dmoe._flat_shapes(other_vars)
+  got = meta_dmoe._flat_shapes(variables)
+  first = next(n for n in want if got.get(n) != want[n])
+  with pytest.raises(
+    ValueError,
+    match=rf"parameter '{re.escape(first)}' has shape {re.escape(str(got[first]))}, "
+    rf"the model expects {re.escape(str(want[first]))}",
+  ):
+    meta_dmoe.load_backbone(path, other_vars)
+  with pytest.raises(ValueError, match=r"backbone\.checkpoint='.*nope' does not exist"):
+    meta_dmoe.load_backbone(str(tmp_path / "nope"), template)
+
+
+def _inner_inputs(setup):
+  student = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(0)))
+  d = setup.config.model.options.feature_dim
+  tokens = jax.random.normal(jax.random.key(1), (8, setup.num_experts, d))
+  agg = setup.agg_model.init(jax.random.key(2), tokens[:1])["params"]
+  return student, agg, np.asarray(setup.x[:8]), tokens
+
+
+@pytest.mark.parametrize("distill", ["features", "logits", "both"])
+def test_the_inner_step_adapts_only_the_feature_extractor(setups, distill):
+  setup = dataclasses.replace(
+    setups[0, 1], config=tiny_config(**{"meta.distill": distill, "meta.inner_lr": 1.0})
+  )
+  student, agg, xs, tokens = _inner_inputs(setup)
+  adapt = meta_dmoe.make_adapt_fn(setup)
+  adapted = jax.device_get(adapt(student["params"], student["batch_stats"], agg, xs, tokens))
+  _assert_trees_close(adapted["head"], student["params"]["head"])  # the head: no inner step
+  moved = [
+    np.abs(a - b).max()
+    for a, b in zip(
+      jax.tree.leaves(adapted["backbone"]), jax.tree.leaves(student["params"]["backbone"])
+    )
+  ]
+  assert max(moved) > 0, "the feature extractor was not adapted"
+
+
+def test_a_target_given_in_the_batch_replaces_the_aggregated_feature(setups):
+  setup = setups[0, 1]
+  student, agg, xs, tokens = _inner_inputs(setup)
+  inner_loss, _ = meta_dmoe.make_losses(setup)
+  mask = jnp.ones((setup.num_experts,), bool)
+  batch = {"x": xs, "tokens": tokens, "mask": mask, "batch_stats": student["batch_stats"]}
+  context = {"aggregator": agg, "head": student["params"]["head"]}
+  target = setup.agg_model.apply(
+    {"params": agg}, tokens, mask, method=models.AggregatorClassifier.aggregate
+  )
+  theta = student["params"]["backbone"]
+  np.testing.assert_allclose(
+    inner_loss(theta, {**batch, "target": target}, context),
+    inner_loss(theta, batch, context),
+    rtol=1e-6,
+  )
+  zeros = inner_loss(theta, {**batch, "target": jnp.zeros_like(target)}, context)
+  assert not np.isclose(zeros, inner_loss(theta, batch, context))
+
+
+def test_meta_segments_cover_the_steps_once():
+  config = tiny_config(**{"meta.steps": 10, "selection.meta_checkpoints": 3})
+  segments = meta_dmoe._segments(config)
+  assert [s for s, _, _ in segments] == ["_1of3", "_2of3", "_3of3"]
+  assert [(a, b) for _, a, b in segments] == [(0, 3), (3, 6), (6, 10)]
+  assert meta_dmoe._segments(tiny_config(**{"selection.meta_checkpoints": 1})) == [("", 0, 4)]
+
+
+@pytest.mark.slow
+def test_run_reports_selection_and_paired_per_example_outcomes(tmp_path):
+  config = tiny_config(**{"meta.steps": 4, "selection.meta_checkpoints": 2})
+  results = meta_dmoe.run(config, str(tmp_path))
+  n = len(meta_dmoe.whole_domain(meta_dmoe.make_setup(config).splits["rot75"])[1])
+  assert set(results["per_example"]) == set(results["metrics"])
+  for variant, per_domain in results["per_example"].items():
+    correct = per_domain["rot75"]["correct"]
+    assert len(correct) == n and set(correct) <= {0, 1}, variant
+    if "correct_draws" not in per_domain["rot75"]:
+      assert np.mean(correct) == pytest.approx(results["metrics"][variant]["rot75"]["accuracy"])
+  chosen = results["selection"]["meta_dmoe"]
+  assert chosen["checkpoint_step"] in (2, 4)
+  assert chosen["inner_lr_factor"] in config.selection.inner_lr_factors
+  assert results["selection"]["erm_continued"]["checkpoint_step"] in (2, 4)
+  assert (tmp_path / "backbone.msgpack").exists()
