@@ -66,7 +66,7 @@ NO_BASELINE = "none"
 SIGNIFICANT = "*"
 # The main baseline of each method: what its variants' differences are measured against.
 BASELINES = {
-  "meta_dmoe": "erm",
+  "meta_dmoe": "erm_continued",  # the step- and lr-matched control (docs/meta_dmoe.md)
   "co_tuning": "fine_tune",
   "muka": "vanilla_kd",
   "adamix": "adapter",

@@ -27,6 +27,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
       "expert_average": "baseline: the experts' predictions averaged",
       "aggregator_head": "baseline: the aggregator's own classifier over the experts",
       "aggregator_pretrained": "ablation: ERM student adapted with the aggregator, no meta",
+      "erm_continued": "control: ERM student trained on the meta stage's batches at its lr",
+      "meta_dmoe_target_zeros": "control: the same adaptation step toward zero features",
+      "meta_dmoe_target_source_mean": "control: adaptation toward the source-mean feature",
+      "meta_dmoe_target_shuffled": "control: adaptation toward another image's features",
     },
   ),
   "adapter_experts": (
