@@ -65,6 +65,7 @@ PER_EXAMPLE = "per_example"  # results.json key (moe_adapt.train.results.PER_EXA
 NO_BASELINE = "none"
 SIGNIFICANT = "*"
 # The main baseline of each method: what its variants' differences are measured against.
+# Runs made before a baseline existed fall back to the one in FALLBACK_BASELINES.
 BASELINES = {
   "meta_dmoe": "erm_continued",  # the step- and lr-matched control (docs/meta_dmoe.md)
   "co_tuning": "fine_tune",
@@ -75,6 +76,7 @@ BASELINES = {
   "adapter_experts": "erm",
   "cotuned_teachers": "vanilla_kd_from_fine_tune",
 }
+FALLBACK_BASELINES = {"meta_dmoe": "erm"}  # Meta-DMoE runs before the erm_continued control
 
 
 class Record(NamedTuple):
@@ -243,6 +245,8 @@ def resolve_baseline(records: Sequence[Record], requested: str = "") -> str | No
       return None
     method = next(iter(methods))
     baseline = BASELINES[method]
+    if done and baseline not in found and FALLBACK_BASELINES.get(method) in found:
+      baseline = FALLBACK_BASELINES[method]
     where = (
       f"--baseline (default: {baseline!r}, the main baseline of method {method!r} in "
       "launch.collect.BASELINES)"
@@ -261,16 +265,30 @@ def _paired_diffs(record: Record, variant: str, baseline: str) -> dict[str, np.n
   ours, theirs = stored.get(variant) or {}, stored.get(baseline) or {}
   out = {}
   for domain in sorted(set(ours) & set(theirs)):
-    a, b = ours[domain].get("correct"), theirs[domain].get("correct")
+    a, b = _outcomes(ours[domain]), _outcomes(theirs[domain])
     if a is None or b is None:
       continue
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or not len(a):
       raise ValueError(
         f"run {record.name}: per_example of {variant!r} and {baseline!r} on {domain!r} do not "
         f"pair up ({len(a)} vs {len(b)} examples)"
       )
-    out[domain] = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    out[domain] = a - b
   return out
+
+
+def _outcomes(entry: Mapping) -> np.ndarray | None:
+  """[n] per-example outcomes in [0, 1]; None if not stored.
+
+  A variant evaluated over several draws (e.g. Meta-DMoE's adaptation on several unlabeled
+  support sets) stores `correct_draws` [draws, n]: its outcome is the mean over draws, so
+  the paired difference equals the difference of the reported accuracies.
+  """
+  if "correct_draws" in entry:
+    return np.mean(np.asarray(entry["correct_draws"], np.float64), axis=0)
+  if "correct" in entry:
+    return np.asarray(entry["correct"], np.float64)
+  return None
 
 
 def _row_diffs(

@@ -179,3 +179,20 @@ def test_collect_baseline_errors(tmp_path):
   )
   with pytest.raises(ValueError, match=r"run r0: per_example of 'adamix' and 'adapter'"):
     collect.aggregate([bad], baseline="adapter")
+
+
+def test_collect_pairs_the_mean_over_draws():
+  """A variant stored with `correct_draws` is compared by its mean over draws."""
+  rng = np.random.default_rng(3)
+  records = []
+  for seed in range(3):
+    base = rng.random(200) < 0.5
+    draws = rng.random((3, 200)) < 0.7  # [draws, n]
+    record = _run(f"r{seed}", seed, {"adapter": base, "adamix": draws[0]})
+    record.results["per_example"]["adamix"]["d"]["correct_draws"] = draws.astype(int).tolist()
+    record.results["metrics"]["adamix"]["d"]["accuracy"] = float(draws.mean())
+    records.append(record)
+  table = collect.aggregate(records, baseline="adapter", bootstrap_samples=200)
+  rows = {row.variant: row for row in table.rows}
+  want = rows["adamix"].cells["d"].mean - rows["adapter"].cells["d"].mean
+  assert rows["adamix"].diffs["d"].mean == pytest.approx(want)
