@@ -743,11 +743,12 @@ def make_continued_step(setup: Setup, tx) -> Callable:
 
 
 def make_adapt_fn(setup: Setup) -> Callable:
-  """(student, batch_stats, aggregator, x_support, tokens, *, mask, target, lr_factor) ->
-  adapted student params.
+  """The test-time adaptation: a function from the student to its adapted params.
 
-  One adaptation of the feature extractor on the unlabeled support x_support [S, ...]
-  with expert tokens [S, E, D]: `mask` [E] (default: every expert, as at test time),
+  `adapt(student, batch_stats, aggregator, x_support, tokens, mask=, target=, lr_factor=)`
+  returns the adapted student params: one adaptation of the feature extractor on the
+  unlabeled support x_support [S, ...] with expert tokens [S, E, D]. `mask` [E] (default:
+  every expert, as at test time),
   `target` [S, D] replaces the aggregated feature (content-free controls), `lr_factor`
   multiplies the meta-trained step size (source-side selection).
   """
