@@ -451,7 +451,11 @@ def test_divergence_stops_with_stage_and_step_and_keeps_a_checkpoint(runs):
   first_bad = min(r["step"] for r in lines if not math.isfinite(r["loss"]))
   assert bad_step == first_bad
   assert not (run.workdir / "results.json").exists()
-  assert sorted(p.name for p in (run.workdir / "checkpoints").iterdir()) == ["experts"]
+  # The finished shared backbone and the diverged stage's last good checkpoint.
+  assert sorted(p.name for p in (run.workdir / "checkpoints").iterdir()) == [
+    "experts",
+    "shared_backbone",
+  ]
 
   # The newest checkpoint is at or before the first non-finite step, restores through
   # the stage's own state structure and holds finite parameters.

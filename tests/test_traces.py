@@ -119,7 +119,7 @@ def test_meta_dmoe_meta_step_and_adapt_trace_once(mdmoe):
   for i in range(STEPS):  # different support images, same shapes; the adapted params fed back
     xs = setup.x[i * k : (i + 1) * k]
     student = adapt(student, state["batch_stats"], state["aggregator"], xs, tokens)
-  assert cache_size(adapt) == 1
+  assert cache_size(adapt.jitted) == 1
 
 
 # ----------------------------------------------------------------------------- Co-Tuning
