@@ -61,7 +61,7 @@ setuptools.setup(
   entry_points={
     "console_scripts": [
       "moe-adapt=moe_adapt.main:entry_point",
-      "moe-adapt-data=moe_adapt.data.fetch:entry_point",
+      "moe-adapt-data=moe_adapt.data.cli:entry_point",
       "moe-adapt-merge=moe_adapt.merge_cli:entry_point",
     ],
   },

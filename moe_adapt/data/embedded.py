@@ -12,11 +12,13 @@ x = embeddings float32 [N, D] (input_shape (D,)). Any vector model (e.g. the `ml
 backbone of `moe_adapt.models`) can then train on it in milliseconds per step, where
 fine-tuning the encoder would not fit a CPU budget.
 
-Encoders: 'minilm' (all-MiniLM-L6-v2, `moe-adapt-data fetch minilm`, D = 384),
+Encoders (`encoder`): 'minilm' (all-MiniLM-L6-v2, `moe-adapt-data fetch minilm`, D = 384),
 'tiny_random' (a 2-layer, 32-wide BERT with fixed random weights, D = 32; for tests and
 smoke runs, needs no download), or the path of a Hugging Face BERT / DistilBERT checkpoint
-directory (config.json + safetensors, read by `moe_adapt.models.checkpoints`; its
-vocabulary must be the base benchmark's WordPiece one, e.g. bert-base-uncased's 30522 ids).
+directory (its vocabulary must be the base benchmark's WordPiece one, e.g.
+bert-base-uncased's 30522 ids). An encoder is a model, and data/ does not import models/:
+the caller passes `encoder_backend=moe_adapt.models.encoders` (the methods do), or any
+object with its four functions (`EncoderBackend`).
 
 The embeddings are stored as .npz under `registry.cache_dir()`, keyed by a hash of (base
 name, its resolved options, the encoder's weights' SHA-256, max_len, the per-class caps,
@@ -26,12 +28,11 @@ runs the encoder; a changed tokenizer, encoder or option gives another file.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,138 +40,38 @@ from moe_adapt.data import fetch, registry
 
 # Bump when a change here changes the embeddings built from the same inputs.
 CODE_VERSION = 1
-ENCODERS = ("minilm", "tiny_random")
-_ENCODERS_ACCEPTED = (
-  f"{', '.join(ENCODERS)}, or a BERT / DistilBERT checkpoint directory (config.json + "
-  "model.safetensors)"
-)
-# Checkpoint architectures (models.checkpoints) whose token ids are WordPiece ids.
-_CHECKPOINT_ARCHITECTURES = ("bert", "distilbert")
 SPLITS = ("train", "val", "test")
-# The tiny test encoder's architecture: MiniLM's vocabulary (any BERT WordPiece id fits).
-_TINY_BERT = dict(
-  vocab_size=30522,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=2,
-  intermediate_size=64,
-)
 
 
-# ----------------------------------------------------------------------------- encoders
+class EncoderBackend(Protocol):
+  """What the wrapper needs of a sentence encoder (`moe_adapt.models.encoders` is one).
 
-
-def _is_checkpoint(name: str) -> bool:
-  """Whether encoder `name` is a checkpoint directory (anything but ENCODERS' names)."""
-  return name not in ENCODERS
-
-
-def _check_encoder(name: Any) -> None:
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"encoder={name!r} is invalid; accepted: {_ENCODERS_ACCEPTED}")
-  if _is_checkpoint(name) and not (Path(name) / "config.json").is_file():
-    raise ValueError(
-      f"encoder={name!r} is unknown (and not a checkpoint directory: no config.json "
-      f"there); accepted: {_ENCODERS_ACCEPTED}"
-    )
-
-
-def _checkpoint_plan(directory: str):
-  """(BertConfig, weight files) of a BERT-family checkpoint directory, from its headers."""
-  from moe_adapt.models import checkpoints, hf_io
-
-  architecture, _, module, _, _ = checkpoints.plan(directory)
-  if architecture not in _CHECKPOINT_ARCHITECTURES:
-    raise ValueError(
-      f"encoder={directory!r} holds a {architecture!r} checkpoint; accepted: "
-      f"{', '.join(_CHECKPOINT_ARCHITECTURES)} (WordPiece token ids, as the text benchmarks')"
-    )
-  return module.config, hf_io.weight_files(directory)
-
-
-def load_encoder(name: str, data_dir: str | None = None) -> tuple[Any, Any, str]:
-  """(BertConfig, encoder params without pooler, SHA-256 of the weights) of encoder `name`.
-
-  Raises:
-    ValueError: an unknown `name`, a checkpoint of another architecture; fetch.ArchiveError
-      when MiniLM is not fetched.
+  `minilm_dir` is MiniLM's extracted directory for encoder 'minilm', else None.
   """
-  _check_encoder(name)
-  if _is_checkpoint(name):
-    from moe_adapt.models import checkpoints
 
-    config, _ = _checkpoint_plan(name)
-    params = checkpoints.load_checkpoint(name).params
-    params = {k: v for k, v in params.items() if k != "pooler"}
-    return config, params, _weights_sha256(name, data_dir)
-  # Imported here: the encoder is a model (a layer above data/), needed only by this
-  # wrapper and only when it actually encodes or hashes weights.
-  import jax
-  import jax.numpy as jnp
+  def check_name(self, name: Any) -> None: ...
 
-  from moe_adapt.models import bert
+  def plan(self, name: str, minilm_dir: Path | None) -> tuple[int, int]:
+    """(embedding width D, vocabulary size), without loading the weights."""
+    ...
 
-  if name == "minilm":
-    files = fetch.minilm_files(data_dir)
-    config, params, _ = bert.load_minilm(data_dir)
-    params = {k: v for k, v in params.items() if k != "pooler"}
-    stat = files.weights.stat()
-    return config, params, _file_sha256(str(files.weights), stat.st_size, stat.st_mtime_ns)
-  config = bert.BertConfig(**_TINY_BERT)
-  module = bert.BertEncoder(config, add_pooler=False)
-  params = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(params):
-    digest.update(np.asarray(leaf, np.float32).tobytes())
-  return config, params, digest.hexdigest()
+  def weights_sha256(self, name: str, minilm_dir: Path | None) -> str: ...
+
+  def encode(
+    self,
+    name: str,
+    minilm_dir: Path | None,
+    token_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    *,
+    batch_size: int,
+  ) -> np.ndarray:
+    """Sentence embeddings float32 [N, D] of token ids and masks [N, T]."""
+    ...
 
 
-@functools.cache
-def _forward_fn(config):
-  """A jitted `(params, ids [B, T], mask [B, T]) -> mean-pooled hidden [B, D]` for `config`."""
-  import jax
-
-  from moe_adapt.models import bert
-
-  module = bert.BertEncoder(config, add_pooler=False)
-
-  @jax.jit
-  def forward(params, ids, mask):
-    hidden = module.apply({"params": params}, ids, mask, deterministic=True).hidden
-    return bert.mean_pool(hidden, mask)
-
-  return forward
-
-
-def encode(
-  config,
-  params,
-  token_ids: np.ndarray,
-  attention_mask: np.ndarray,
-  *,
-  batch_size: int,
-  progress: bool = True,
-) -> np.ndarray:
-  """Mean-pooled last hidden states float32 [N, D] of token ids and masks [N, T].
-
-  Batches have one fixed shape (the last one padded with copies of the first row and
-  cut off afterwards), so the forward pass compiles once.
-  """
-  import tqdm
-
-  n = len(token_ids)
-  forward = _forward_fn(config)
-  out = []
-  for start in tqdm.trange(0, n, batch_size, desc="embedding", disable=not progress or n == 0):
-    ids, mask = token_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-    pad = batch_size - len(ids)
-    if pad:
-      ids = np.concatenate([ids, np.repeat(token_ids[:1], pad, axis=0)])
-      mask = np.concatenate([mask, np.repeat(attention_mask[:1], pad, axis=0)])
-    out.append(np.asarray(forward(params, ids, mask), np.float32))
-  if not out:
-    return np.zeros((0, config.hidden_size), np.float32)
-  return np.concatenate(out)[:n]
+def _minilm_dir(encoder: str, data_dir: str | None) -> Path | None:
+  return fetch.minilm_dir(data_dir) if encoder == "minilm" else None
 
 
 # ---------------------------------------------------------------------------- the wrapper
@@ -199,6 +100,7 @@ def embedded(
   base: str = "newsgroups",
   base_options: Mapping[str, Any] | None = None,
   encoder: str = "minilm",
+  encoder_backend: EncoderBackend | None = None,
   max_len: int | None = None,
   batch_size: int = 64,
   train_per_class: int | None = None,
@@ -212,7 +114,8 @@ def embedded(
     base: a registered text benchmark (newsgroups, tweets_topics, vader_sentiment).
     base_options: its options; '' values mean its default. `data_dir` there also locates
       the MiniLM weights.
-    encoder: one of ENCODERS.
+    encoder: an encoder's name or checkpoint directory (see the module docstring).
+    encoder_backend: what encodes: `moe_adapt.models.encoders` or an `EncoderBackend`.
     max_len: the token length (sets base_options['max_len']); None keeps the base's.
     batch_size: documents per encoder call.
     train_per_class, val_per_class, test_per_class: at most this many documents of each
@@ -229,7 +132,12 @@ def embedded(
   if not isinstance(base_options, Mapping):
     raise ValueError(f"base_options={base_options!r} is invalid; accepted: a dict of options")
   options = {k: v for k, v in dict(base_options).items() if v != ""}
-  _check_encoder(encoder)
+  if encoder_backend is None:
+    raise ValueError(
+      "encoder_backend=None is invalid; accepted: moe_adapt.models.encoders (or an "
+      "EncoderBackend): the encoder is a model, which data/ does not import"
+    )
+  encoder_backend.check_name(encoder)
   if max_len is not None:
     if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < 2:
       raise ValueError(f"max_len={max_len!r} is invalid; accepted: None or an int >= 2")
@@ -255,17 +163,8 @@ def embedded(
       "newsgroups, tweets_topics, vader_sentiment"
     )
   data_dir = options.get("data_dir")
-  vocab_size = _TINY_BERT["vocab_size"]
-  if encoder == "tiny_random":
-    dim = _TINY_BERT["hidden_size"]
-  elif _is_checkpoint(encoder):  # names and shapes checked from the headers, no data read
-    bert_config, _ = _checkpoint_plan(encoder)
-    dim, vocab_size = bert_config.hidden_size, bert_config.vocab_size
-  else:  # MiniLM: read the width from its config without loading the weights
-    from moe_adapt.models import bert
-
-    minilm = bert.BertConfig.from_json(fetch.minilm_files(data_dir).config)
-    dim, vocab_size = minilm.hidden_size, minilm.vocab_size
+  # Read from the headers (checkpoints) or config.json (MiniLM): no weights loaded.
+  dim, vocab_size = encoder_backend.plan(encoder, _minilm_dir(encoder, data_dir))
   resolved = {
     "base": base,
     "base_options": dict(base_bench.options),
@@ -291,7 +190,9 @@ def embedded(
         f"encoder={encoder!r} has vocab_size={vocab_size}, but base {base!r}'s token ids "
         f"reach {top}; accepted: an encoder with the base tokenizer's vocabulary"
       )
-    return _embed_splits(resolved, seed, data_dir, kept, ids, masks, labels, use_cache)
+    return _embed_splits(
+      encoder_backend, resolved, seed, data_dir, kept, ids, masks, labels, use_cache
+    )
 
   return registry.Benchmark(
     name="embedded",
@@ -305,13 +206,14 @@ def embedded(
   )
 
 
-def _embed_splits(resolved, seed, data_dir, kept, ids, masks, labels, use_cache):
+def _embed_splits(backend, resolved, seed, data_dir, kept, ids, masks, labels, use_cache):
   """Embeds the kept documents (or reads the cache) and builds `{domain: DomainSplits}`."""
   all_ids, all_masks = np.concatenate(ids), np.concatenate(masks)
   tokens = hashlib.sha256(all_ids.tobytes() + all_masks.tobytes()).hexdigest()
   x = None
+  minilm_dir = _minilm_dir(resolved["encoder"], data_dir)
   if use_cache:
-    weights_sha = _weights_sha256(resolved["encoder"], data_dir)
+    weights_sha = backend.weights_sha256(resolved["encoder"], minilm_dir)
     key = {
       **{k: v for k, v in resolved.items() if k != "batch_size"},
       "encoder_sha256": weights_sha,
@@ -325,8 +227,9 @@ def _embed_splits(resolved, seed, data_dir, kept, ids, masks, labels, use_cache)
     if stored is not None and str(stored["tokens_sha256"]) == tokens:
       x = stored["x"]
   if x is None:
-    config, params, _ = load_encoder(resolved["encoder"], data_dir)
-    x = encode(config, params, all_ids, all_masks, batch_size=resolved["batch_size"])
+    x = backend.encode(
+      resolved["encoder"], minilm_dir, all_ids, all_masks, batch_size=resolved["batch_size"]
+    )
     if use_cache:
       registry._write_npz_atomic(path, {"x": x, "tokens_sha256": np.asarray(tokens)})
   out, start = {}, 0
@@ -337,33 +240,6 @@ def _embed_splits(resolved, seed, data_dir, kept, ids, masks, labels, use_cache)
   for domain, splits in parts.items():
     out[domain] = registry.DomainSplits(*splits)
   return out
-
-
-def _weights_sha256(encoder: str, data_dir: str | None) -> str:
-  """SHA-256 of the encoder's weights (of MiniLM's file: memoised per path, size, mtime)."""
-  if encoder == "tiny_random":
-    return _tiny_sha256()
-  if _is_checkpoint(encoder):
-    _, files = _checkpoint_plan(encoder)
-    digest = hashlib.sha256()
-    for path in files:
-      stat = path.stat()
-      digest.update(_file_sha256(str(path), stat.st_size, stat.st_mtime_ns).encode())
-    return digest.hexdigest()
-  path = fetch.minilm_files(data_dir).weights
-  stat = path.stat()
-  return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.cache
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-  del size, mtime_ns  # memo key only: a replaced file is hashed again
-  return fetch.sha256_file(path)
-
-
-@functools.cache
-def _tiny_sha256() -> str:
-  return load_encoder("tiny_random")[2]
 
 
 registry.register_benchmark("embedded", embedded)

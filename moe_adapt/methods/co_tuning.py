@@ -63,10 +63,10 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
+from moe_adapt.train import benchmarks, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
-from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
@@ -301,9 +301,7 @@ def make_task(config, *, source_names: Sequence[str] | None = None) -> Task:
   no source domain; otherwise they are `source_<j>` for `model.num_source_classes` classes.
   """
   cfg = config.data
-  # An empty string means the benchmark's default (e.g. data_dir).
-  options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
-  benchmark = data.get_benchmark(cfg.benchmark, **options)
+  benchmark = benchmarks.benchmark(cfg)
   target_domain = cfg.target_domain or benchmark.default_targets[0]
   for field, domain in (
     ("data.source_domain", cfg.source_domain),

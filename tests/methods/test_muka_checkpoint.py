@@ -19,7 +19,7 @@ import safetensors.numpy
 
 from moe_adapt import data
 from moe_adapt.methods import muka
-from moe_adapt.models import bert, checkpoints, hf_io
+from moe_adapt.models import bert, checkpoints, encoders, hf_io
 from tests.data import test_embedded
 from tests.methods import configs_util
 
@@ -48,6 +48,7 @@ def embedded_options(data_dir, encoder) -> dict:
     "base": "newsgroups",
     "base_options": test_embedded.base_options(data_dir),
     "encoder": str(encoder),
+    "encoder_backend": encoders,
     "max_len": 16,
     "train_per_class": 2,
     "val_per_class": 1,

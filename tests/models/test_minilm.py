@@ -23,7 +23,7 @@ REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "data" / "minilm_refer
 @pytest.fixture(scope="module")
 def minilm():
   data_util.require_archive("minilm")  # fetched by the session start; missing = a failure
-  return bert.load_minilm()
+  return bert.load_minilm(fetch.minilm_dir())
 
 
 def test_config_is_minilm(minilm):
