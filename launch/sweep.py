@@ -283,7 +283,7 @@ def check_specs(specs: Sequence[Mapping[str, Any]]) -> None:
   Raises:
     ValueError: naming the run's overrides and what is wrong with them.
   """
-  from moe_adapt import methods  # Deferred: imports JAX.
+  from moe_adapt import methods, recipes  # noqa: F401  Deferred: imports JAX; registers recipes.
 
   modules = {}
   for spec in specs:

@@ -171,7 +171,7 @@ def _first_doc_line(module_name: str) -> str:
 
 def list_text() -> str:
   """The text of `moe-adapt list`: methods, config files with presets, benchmarks."""
-  from moe_adapt import methods
+  from moe_adapt import methods, recipes  # noqa: F401  (recipes: registers them)
   from moe_adapt.data import registry
 
   out = ["Methods (config.method):"]
@@ -223,7 +223,7 @@ def run(config, workdir: str, *, overwrite: bool = False, smoke_test: bool = Fal
   `smoke_test` (a `,tiny` config) adds a line saying that the numbers will mean nothing.
   """
   # Imported here so that `--help` and flag errors stay fast.
-  from moe_adapt import methods
+  from moe_adapt import methods, recipes  # noqa: F401  (recipes: registers them)
   from moe_adapt.train import workdir as workdir_lib
   from moe_adapt.train import workdir_lock
 

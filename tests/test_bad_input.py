@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moe_adapt import core, data, methods
+from moe_adapt import core, data, methods, recipes  # noqa: F401  (registers the recipes)
 from moe_adapt import main as main_lib
 from moe_adapt.methods import adapter_soup
 from moe_adapt.train import workdir as workdir_lib

@@ -131,3 +131,12 @@ def test_no_module_imports_itself_through_others():
 
 def test_the_cycle_finder_finds_one():
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_methods_do_not_know_the_recipes_which_register_themselves():
+  methods_source = "".join(p.read_text() for p in (PACKAGE / "methods").rglob("*.py"))
+  assert "recipes" not in methods_source.replace("recipes (`moe_adapt.recipes`)", "")
+  from moe_adapt import methods, recipes
+
+  assert set(recipes.RECIPES) <= set(methods.list_methods())
+  assert methods.get_method("cotuned_teachers").__name__ == "moe_adapt.recipes.cotuned_teachers"

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_adapt import main as main_lib
-from moe_adapt import methods
+from moe_adapt import methods, recipes  # noqa: F401  (registers the recipes)
 from moe_adapt.methods import meta_dmoe
 from moe_adapt.train import checkpoint as ckpt_lib
 from moe_adapt.train import workdir as workdir_lib

@@ -1,5 +1,7 @@
 """Methods: one module per paper, each exposing `run(config, workdir) -> results`.
 
+The recipes (`moe_adapt.recipes`) register themselves here when imported.
+
 Modules are imported lazily so that `moe-adapt` starts fast and an unknown method
 name fails before anything heavy is loaded.
 """
@@ -13,10 +15,8 @@ from typing import Any
 # and `run(config, workdir, *, setup=None) -> dict` (the results of DESIGN.md).
 _METHODS = {
   "adamix": "moe_adapt.methods.adamix",
-  "adapter_experts": "moe_adapt.recipes.adapter_experts",
   "adapter_soup": "moe_adapt.methods.adapter_soup",
   "co_tuning": "moe_adapt.methods.co_tuning",
-  "cotuned_teachers": "moe_adapt.recipes.cotuned_teachers",
   "finetune": "moe_adapt.methods.finetune",
   "meta_dmoe": "moe_adapt.methods.meta_dmoe",
   "muka": "moe_adapt.methods.muka",
