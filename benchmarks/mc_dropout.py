@@ -56,20 +56,20 @@ def load_config(preset: str):
   return module.get_config(preset)
 
 
-def make_teacher(config, num_classes: int) -> muka.DropoutClassifier:
+def make_teacher(config, num_classes: int) -> models.DropoutClassifier:
   backbone = models.get_backbone(config.model.backbone, **config.model.options.to_dict())
-  return muka.DropoutClassifier(
+  return models.DropoutClassifier(
     backbone=backbone, num_classes=num_classes, rate=config.model.dropout
   )
 
 
-def build_mode(model: muka.DropoutClassifier, mode: str, num_samples: int, variables, x, key):
+def build_mode(model: models.DropoutClassifier, mode: str, num_samples: int, variables, x, key):
   """AOT-compiles one mode: (call(variables, x, key) -> mean probs [B, C], compile info).
 
   The loop modes compile each jitted piece once (the one-pass function takes the key array
   and the pass index, so all S calls share one compilation); their compile info sums them.
   """
-  cls = muka.DropoutClassifier
+  cls = models.DropoutClassifier
   s = num_samples
 
   def full_apply(v, xb, k):

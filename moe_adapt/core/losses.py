@@ -1,4 +1,4 @@
-"""Per-example losses shared by the methods (distillation, Co-Tuning, AdaMix, MUKI).
+"""Per-example losses shared by the methods (distillation, Co-Tuning, AdaMix, MUKI, UHC).
 
 Every function is pure and jit-able, takes batch-first float32 or bfloat16 inputs, computes
 in float32 (bfloat16 log-probabilities are too coarse for KL terms near zero) and returns a
@@ -13,7 +13,9 @@ import jax.numpy as jnp
 __all__ = [
   "cross_entropy",
   "feature_mse",
+  "grouped_kl",
   "kl_divergence",
+  "masked_kl",
   "soft_cross_entropy",
   "symmetric_kl",
 ]
@@ -199,3 +201,58 @@ def feature_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
   diff = jnp.asarray(student, jnp.float32) - jnp.asarray(teacher, jnp.float32)
   feature_axes = tuple(range(1, diff.ndim))
   return jnp.mean(jnp.square(diff), axis=feature_axes)
+
+
+def grouped_kl(target_probs: jax.Array, logits: jax.Array, groups: jax.Array, num_groups: int):
+  """Per-example Σ_c q_c (log q_c − log p̂_c), p̂ = softmax of `logits` within each group.
+
+  With one group this is KL(q ‖ softmax(logits)); with the teachers' label groups and q the
+  concatenated teacher distributions it is UHC's Σ_k KL(P_k ‖ renormalised student). The
+  groups are a partition of the classes; `masked_kl` takes overlapping groups.
+
+  Args:
+    target_probs: [B, C] (each group's slot a distribution, or the whole row one).
+    logits: [B, C] student logits.
+    groups: [C] int32 group of each class, in [0, num_groups).
+    num_groups: G (static).
+
+  Returns:
+    float32 [B].
+  """
+  member = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)  # [C, G]
+  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
+  bias = jnp.where(member > 0, 0.0, -1e9)
+  lse = jax.nn.logsumexp(logits[:, :, None] + bias[None], axis=1)  # [B, G]
+  log_p = logits - lse[:, groups]
+  q = jnp.asarray(target_probs, jnp.float32)
+  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1)
+
+
+def masked_kl(target_probs: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
+  r"""Per-example Σ_g KL(q_g ‖ softmax of `logits` over the classes of group g).
+
+  .. math::
+    \ell = \sum_g \sum_{c \in S_g} q_{g,c}\,\big(\log q_{g,c} - z_c
+      + \log \textstyle\sum_{c' \in S_g} e^{z_{c'}}\big)
+
+  Groups S_g = {c : mask[g, c] > 0} may overlap: with row g of q teacher g's distribution
+  over its label set, this is UHC's Σ_k KL(P_k ‖ the student renormalised over L_k) for
+  overlapping label sets. For a partition it equals `grouped_kl`. Entries of q outside a
+  group's mask are ignored; a group whose q row is 0 (e.g. an empty group) adds 0.
+
+  Args:
+    target_probs: [B, G, C] per-group targets (each used row a distribution over S_g).
+    logits: [B, C] student logits.
+    mask: [G, C] 0/1 membership of each class in each group.
+
+  Returns:
+    float32 [B].
+  """
+  member = jnp.asarray(mask) > 0
+  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
+  bias = jnp.where(member, 0.0, -1e9)
+  z = jnp.asarray(logits, jnp.float32)
+  lse = jax.nn.logsumexp(z[:, None, :] + bias[None], axis=-1)  # [B, G]
+  log_p = z[:, None, :] - lse[:, :, None]  # [B, G, C]
+  q = jnp.where(member[None], jnp.asarray(target_probs, jnp.float32), 0.0)
+  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=(1, 2))

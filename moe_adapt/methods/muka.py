@@ -63,7 +63,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -219,45 +218,6 @@ def cap_per_class(split: data.Split, num_classes: int, cap: int, *, where: str) 
 
 
 # ----------------------------------------------------------------------------
-# Model: a Classifier with dropout on the features (the MC-dropout site)
-# ----------------------------------------------------------------------------
-
-
-class DropoutClassifier(nn.Module):
-  """Backbone → dropout → linear head; params {'backbone', 'head'}.
-
-  The CNN and MLP backbones have no dropout of their own; this dropout, on the features
-  before the head, is where MC dropout samples (a transformer's hidden dropout plays this
-  role in the official code). The rng collection is 'dropout'.
-
-  Attributes:
-    backbone: inputs (images [B, H, W, C] or vectors [B, D_in]) -> features [B, D].
-    num_classes: number of logits C.
-    rate: dropout probability.
-  """
-
-  backbone: nn.Module
-  num_classes: int
-  rate: float
-
-  def setup(self):
-    self.dropout = nn.Dropout(self.rate)
-    self.head = nn.Dense(self.num_classes, dtype=jnp.float32)
-
-  def __call__(self, x: jax.Array, *, train: bool = False, stochastic: bool = False):
-    """Inputs [B, ...] -> logits [B, C]; `stochastic` turns dropout on."""
-    return self.classify(self.features(x, train=train), stochastic=stochastic)
-
-  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Inputs [B, ...] -> features [B, D] (BatchNorm batch statistics when `train`)."""
-    return self.backbone(x, train=train)
-
-  def classify(self, features: jax.Array, *, stochastic: bool = False) -> jax.Array:
-    """Features [B, D] -> logits [B, C] (float32); uses only params['head']."""
-    return self.head(self.dropout(features, deterministic=not stochastic))
-
-
-# ----------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------
 
@@ -274,8 +234,8 @@ class Setup:
   test: data.Split
   input_shape: tuple[int, ...]  # of one example: (H, W, C) or (D,)
   mesh: jax.sharding.Mesh
-  teacher_models: tuple[DropoutClassifier, ...]
-  student_model: DropoutClassifier
+  teacher_models: tuple[models.DropoutClassifier, ...]
+  student_model: models.DropoutClassifier
   x_train: jax.Array  # [N, *input_shape] the transfer set's inputs, replicated
 
   @property
@@ -358,10 +318,14 @@ def make_setup(config) -> Setup:
       "accepted: () or one dict per teacher"
     )
 
-  def classifier(num_classes: int, overrides: Mapping[str, Any] | None = None) -> DropoutClassifier:
+  def classifier(
+    num_classes: int, overrides: Mapping[str, Any] | None = None
+  ) -> models.DropoutClassifier:
     options = {**config.model.options.to_dict(), **dict(overrides or {})}
     backbone = models.get_backbone(config.model.backbone, **options)
-    return DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=config.model.dropout)
+    return models.DropoutClassifier(
+      backbone=backbone, num_classes=num_classes, rate=config.model.dropout
+    )
 
   rep = mesh_lib.replicated(mesh)
   return Setup(
@@ -391,7 +355,7 @@ def _eval_batches(x: np.ndarray, batch_size: int):
     yield xb
 
 
-def init_model(model: DropoutClassifier, key: jax.Array, input_shape, tx) -> PyTree:
+def init_model(model: models.DropoutClassifier, key: jax.Array, input_shape, tx) -> PyTree:
   """{'params', 'batch_stats', 'opt_state'} of a freshly initialised model."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
   params = variables["params"]
@@ -469,7 +433,7 @@ def train_teachers(setup: Setup, workdir: str, writer) -> list[dict]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_batch(model: DropoutClassifier, num_samples: int, variables, xb, key):
+def _score_batch(model: models.DropoutClassifier, num_samples: int, variables, xb, key):
   """(logits [B, C_k], mean of `num_samples` MC-dropout softmaxes [B, C_k]) of one batch.
 
   Dropout sits after the deterministic backbone, so the backbone runs once and the S
@@ -477,15 +441,19 @@ def _score_batch(model: DropoutClassifier, num_samples: int, variables, xb, key)
   the same samples as S full passes, at a fraction of the cost. `model` is static, so
   teachers of one architecture share the compiled function.
   """
-  feats = model.apply(variables, xb, train=False, method=DropoutClassifier.features)
+  feats = model.apply(variables, xb, train=False, method=models.DropoutClassifier.features)
   head = {"params": {"head": variables["params"]["head"]}}
 
   def apply_fn(params, f, drop_key):
     return model.apply(
-      params, f, stochastic=True, rngs={"dropout": drop_key}, method=DropoutClassifier.classify
+      params,
+      f,
+      stochastic=True,
+      rngs={"dropout": drop_key},
+      method=models.DropoutClassifier.classify,
     )
 
-  logits = model.apply(head, feats, method=DropoutClassifier.classify)
+  logits = model.apply(head, feats, method=models.DropoutClassifier.classify)
   probs = core.routing.mc_dropout_probs(apply_fn, head, feats, key, num_samples=num_samples)
   return logits, probs.mean(axis=0)
 
@@ -671,61 +639,6 @@ def variant_targets(setup: Setup, variant: str, scores: dict[str, np.ndarray]) -
   return whole_row(targets, weights=weights.astype(np.float32), temperature=m.kd_temperature)
 
 
-def grouped_kl(target_probs: jax.Array, logits: jax.Array, groups: jax.Array, num_groups: int):
-  """Per-example Σ_c q_c (log q_c − log p̂_c), p̂ = softmax of `logits` within each group.
-
-  With one group this is KL(q ‖ softmax(logits)); with the teachers' label groups and q the
-  concatenated teacher distributions it is UHC's Σ_k KL(P_k ‖ renormalised student). The
-  groups are a partition of the classes; `masked_kl` takes overlapping groups.
-
-  Args:
-    target_probs: [B, C] (each group's slot a distribution, or the whole row one).
-    logits: [B, C] student logits.
-    groups: [C] int32 group of each class, in [0, num_groups).
-    num_groups: G (static).
-
-  Returns:
-    float32 [B].
-  """
-  member = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)  # [C, G]
-  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
-  bias = jnp.where(member > 0, 0.0, -1e9)
-  lse = jax.nn.logsumexp(logits[:, :, None] + bias[None], axis=1)  # [B, G]
-  log_p = logits - lse[:, groups]
-  q = jnp.asarray(target_probs, jnp.float32)
-  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1)
-
-
-def masked_kl(target_probs: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
-  r"""Per-example Σ_g KL(q_g ‖ softmax of `logits` over the classes of group g).
-
-  .. math::
-    \ell = \sum_g \sum_{c \in S_g} q_{g,c}\,\big(\log q_{g,c} - z_c
-      + \log \textstyle\sum_{c' \in S_g} e^{z_{c'}}\big)
-
-  Groups S_g = {c : mask[g, c] > 0} may overlap: with row g of q teacher g's distribution
-  over its label set, this is UHC's Σ_k KL(P_k ‖ the student renormalised over L_k) for
-  overlapping label sets. For a partition it equals `grouped_kl`. Entries of q outside a
-  group's mask are ignored; a group whose q row is 0 (e.g. an empty group) adds 0.
-
-  Args:
-    target_probs: [B, G, C] per-group targets (each used row a distribution over S_g).
-    logits: [B, C] student logits.
-    mask: [G, C] 0/1 membership of each class in each group.
-
-  Returns:
-    float32 [B].
-  """
-  member = jnp.asarray(mask) > 0
-  # A large finite negative (not -inf) keeps empty groups' logsumexp and gradients finite.
-  bias = jnp.where(member, 0.0, -1e9)
-  z = jnp.asarray(logits, jnp.float32)
-  lse = jax.nn.logsumexp(z[:, None, :] + bias[None], axis=-1)  # [B, G]
-  log_p = z[:, None, :] - lse[:, :, None]  # [B, G, C]
-  q = jnp.where(member[None], jnp.asarray(target_probs, jnp.float32), 0.0)
-  return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=(1, 2))
-
-
 def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
   """`jitted(state, step, x, targets, weights, groups, coefs)`, shared by every variant.
 
@@ -754,9 +667,9 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
       )
       z = logits / coefs["temperature"]
       if groups.ndim == 1:  # static: the form is fixed by the argument shapes
-        kl = grouped_kl(targets[idx], z, groups, num_groups)
+        kl = core.losses.grouped_kl(targets[idx], z, groups, num_groups)
       else:
-        kl = masked_kl(targets[idx], z, groups)
+        kl = core.losses.masked_kl(targets[idx], z, groups)
       return jnp.mean(weights[idx] * kl) * coefs["scale"], updates["batch_stats"]
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -773,12 +686,14 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict_batch(model: DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
+def _predict_batch(model: models.DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
   # `model` is static (Linen modules hash by their fields): one compile per architecture.
   return jnp.argmax(model.apply(variables, xb, train=False), axis=-1)
 
 
-def _predict(setup: Setup, model: DropoutClassifier, variables: dict, x: np.ndarray) -> np.ndarray:
+def _predict(
+  setup: Setup, model: models.DropoutClassifier, variables: dict, x: np.ndarray
+) -> np.ndarray:
   """Argmax predictions [N] of `model` (eval mode, dropout off)."""
   bs = setup.config.eval_batch_size
   out = [np.asarray(_predict_batch(model, variables, xb)) for xb in _eval_batches(x, bs)]

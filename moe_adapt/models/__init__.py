@@ -30,7 +30,7 @@ from moe_adapt.models.adamix import (
 )
 from moe_adapt.models.adapters import count_params
 from moe_adapt.models.aggregator import Aggregator, AggregatorClassifier
-from moe_adapt.models.classifier import Classifier
+from moe_adapt.models.classifier import Classifier, DropoutClassifier
 from moe_adapt.models.cnn import ConvNet
 from moe_adapt.models.mlp import MLP
 from moe_adapt.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
@@ -43,6 +43,7 @@ __all__ = [
   "Bottleneck",
   "Classifier",
   "ConvNet",
+  "DropoutClassifier",
   "MixtureAdapter",
   "MixtureDense",
   "MixtureLoRADense",

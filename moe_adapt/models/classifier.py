@@ -1,4 +1,5 @@
-"""A backbone (feature extractor θ_e) followed by a linear head (θ_c)."""
+"""A backbone (feature extractor θ_e) followed by a linear head (θ_c); with dropout before
+the head, MUKA's MC-dropout teacher and student."""
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +52,37 @@ class Classifier(nn.Module):
         f"Classifier.classify: features must be [B, D]; got shape {tuple(features.shape)}"
       )
     return self.head(features)
+
+
+class DropoutClassifier(nn.Module):
+  """Backbone → dropout → linear head; params {'backbone', 'head'}.
+
+  The CNN and MLP backbones have no dropout of their own; this dropout, on the features
+  before the head, is where MC dropout samples (a transformer's hidden dropout plays this
+  role in the official code). The rng collection is 'dropout'.
+
+  Attributes:
+    backbone: inputs (images [B, H, W, C] or vectors [B, D_in]) -> features [B, D].
+    num_classes: number of logits C.
+    rate: dropout probability.
+  """
+
+  backbone: nn.Module
+  num_classes: int
+  rate: float
+
+  def setup(self):
+    self.dropout = nn.Dropout(self.rate)
+    self.head = nn.Dense(self.num_classes, dtype=jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, stochastic: bool = False):
+    """Inputs [B, ...] -> logits [B, C]; `stochastic` turns dropout on."""
+    return self.classify(self.features(x, train=train), stochastic=stochastic)
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Inputs [B, ...] -> features [B, D] (BatchNorm batch statistics when `train`)."""
+    return self.backbone(x, train=train)
+
+  def classify(self, features: jax.Array, *, stochastic: bool = False) -> jax.Array:
+    """Features [B, D] -> logits [B, C] (float32); uses only params['head']."""
+    return self.head(self.dropout(features, deterministic=not stochastic))

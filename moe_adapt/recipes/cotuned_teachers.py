@@ -239,8 +239,8 @@ def make_setup(config) -> Setup:
   transfer_config.data.sampling_rate = 1.0
   transfer = co_tuning.make_task(transfer_config).target_train
 
-  def classifier(num_classes: int, rate: float) -> muka.DropoutClassifier:
-    return muka.DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=rate)
+  def classifier(num_classes: int, rate: float) -> models.DropoutClassifier:
+    return models.DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=rate)
 
   student = muka.Setup(
     config=config,
@@ -312,7 +312,7 @@ def _eval_batches(x: np.ndarray, batch_size: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits_batch(model: muka.DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
+def _logits_batch(model: models.DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
   # `model` is static (Linen modules hash by their fields): one compile per architecture.
   return model.apply(variables, xb, train=False)
 

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_adapt import core
 from moe_adapt.methods import muka
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
@@ -115,7 +116,7 @@ def masked_kl_reference(q, z, sets):
   return out
 
 
-masked_kl = jax.jit(muka.masked_kl)
+masked_kl = jax.jit(core.losses.masked_kl)
 
 
 def test_masked_kl_overlapping_groups_against_numpy():
@@ -135,13 +136,13 @@ def test_masked_kl_overlapping_groups_against_numpy():
   got = np.asarray(masked_kl(noise, z, mask))
   np.testing.assert_allclose(got, masked_kl_reference(q, z, sets), rtol=1e-5, atol=1e-5)
   assert got.dtype == np.float32 and np.all(got >= -1e-5)
-  grad = jax.grad(lambda zz: jnp.sum(muka.masked_kl(q, zz, mask)))(jnp.asarray(z))
+  grad = jax.grad(lambda zz: jnp.sum(core.losses.masked_kl(q, zz, mask)))(jnp.asarray(z))
   assert np.all(np.isfinite(grad))
   # KL is 0 where the student's renormalised distributions equal the targets.
   zq = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
   one = np.array([[[0.1, 0.2, 0.3, 0.4], [0, 0.2 / 0.6, 0, 0.4 / 0.6]]], np.float32)
   m = np.array([[1, 1, 1, 1], [0, 1, 0, 1]], np.float32)
-  np.testing.assert_allclose(muka.masked_kl(one, zq, m), [0.0], atol=1e-6)
+  np.testing.assert_allclose(core.losses.masked_kl(one, zq, m), [0.0], atol=1e-6)
 
 
 def test_masked_kl_equals_grouped_kl_for_a_partition():
@@ -153,8 +154,8 @@ def test_masked_kl_equals_grouped_kl_for_a_partition():
   z = rng.normal(size=(6, 10)).astype(np.float32)
   mask = np.eye(3, dtype=np.float32)[groups].T  # [G, C]
   stacked = q[:, None, :] * mask[None]
-  got = muka.masked_kl(stacked, z, mask)
-  ref = muka.grouped_kl(q, z, groups, 3)
+  got = core.losses.masked_kl(stacked, z, mask)
+  ref = core.losses.grouped_kl(q, z, groups, 3)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   sets = [np.flatnonzero(groups == g) for g in range(3)]
   np.testing.assert_allclose(got, masked_kl_reference(stacked, z, sets), rtol=1e-5, atol=1e-5)
