@@ -6,7 +6,8 @@ mean accuracy over target domains and a 95 % paired bootstrap interval that resa
 seeds and, within each (seed, domain), test examples. Examples pair up because every
 variant of a run predicts the same test examples in the same order (`per_example`). An
 adapted variant's per-example outcome is its mean over the support draws
-(`correct_draws`), so the statistic equals the reported accuracy.
+(`correct_draws`), so the statistic equals the reported accuracy. The interval is
+`launch.significance.paired_bootstrap`'s, as `launch.collect` reports it.
 
   python scripts/paired_bootstrap.py --sweep_dir=runs/md/fmnist_shift --baseline=erm_continued
 """
@@ -18,6 +19,8 @@ import json
 import pathlib
 
 import numpy as np
+
+from launch import significance
 
 
 def outcomes(entry: dict) -> np.ndarray:
@@ -38,11 +41,9 @@ def load(sweep_dir: str, match: str) -> list[dict]:
   return runs
 
 
-def paired(runs, variant, baseline, *, reps, seed, diffs=None):
+def paired(runs, variant, baseline, *, reps, seed):
   """(per-seed differences [S], mean difference, (low, high)) in accuracy points."""
-  if diffs is None:
-    diffs = _diffs(runs, variant, baseline)
-  return _bootstrap(diffs, reps=reps, seed=seed)
+  return _bootstrap(_diffs(runs, variant, baseline), reps=reps, seed=seed, key=(variant, baseline))
 
 
 def _diffs(runs, variant, baseline):
@@ -55,17 +56,12 @@ def _diffs(runs, variant, baseline):
   return diffs
 
 
-def _bootstrap(diffs, *, reps, seed):
+def _bootstrap(diffs, *, reps, seed, key):
+  """`launch.significance.paired_bootstrap` (its two-stage interval), in accuracy points."""
   per_seed = np.array([np.mean([d.mean() for d in ds]) for ds in diffs])
-  rng = np.random.default_rng(seed)
-  stats = np.empty(reps)
-  for i in range(reps):
-    chosen = rng.integers(0, len(diffs), len(diffs))
-    stats[i] = np.mean(
-      [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in diffs[s]]) for s in chosen]
-    )
-  low, high = np.percentile(stats, [2.5, 97.5])
-  return 100 * per_seed, 100 * per_seed.mean(), (100 * low, 100 * high)
+  rng = significance.rng_for(*key, seed=seed)
+  diff = significance.paired_bootstrap(diffs, num_samples=reps, rng=rng)
+  return 100 * per_seed, 100 * diff.mean, (100 * diff.low, 100 * diff.high)
 
 
 def compare_runs(pairs: list[tuple[str, str]], variant: str, *, reps: int, seed: int) -> str:
@@ -83,7 +79,7 @@ def compare_runs(pairs: list[tuple[str, str]], variant: str, *, reps: int, seed:
         for d in a["target_domains"]
       ]
     )
-  per_seed, mean, (low, high) = _bootstrap(diffs, reps=reps, seed=seed)
+  per_seed, mean, (low, high) = _bootstrap(diffs, reps=reps, seed=seed, key=(variant, "runs"))
   seeds_txt = ", ".join(f"{x:+.1f}" for x in per_seed)
   return f"{variant}: per seed {seeds_txt}; mean {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
