@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
-from moe_adapt.train import benchmarks, stages
+from moe_adapt.train import benchmarks, evaluation, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
@@ -346,15 +346,6 @@ def make_setup(config) -> Setup:
   )
 
 
-def _eval_batches(x: np.ndarray, batch_size: int):
-  """Fixed-size batches (the last one padded) so evaluation compiles once."""
-  for start in range(0, len(x), batch_size):
-    xb = x[start : start + batch_size]
-    if len(xb) < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - len(xb), *xb.shape[1:]), xb.dtype)])
-    yield xb
-
-
 def init_model(model: models.DropoutClassifier, key: jax.Array, input_shape, tx) -> PyTree:
   """{'params', 'batch_stats', 'opt_state'} of a freshly initialised model."""
   variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
@@ -473,7 +464,7 @@ def compute_scores(setup: Setup, teachers: Sequence[dict]) -> dict[str, np.ndarr
     model, s = setup.teacher_models[k], setup.config.muki.num_mc_samples
     base = jax.random.fold_in(setup.key("mc"), k)
     logits, mean_probs = [], []
-    for i, xb in enumerate(_eval_batches(x, bs)):
+    for i, xb in enumerate(evaluation.padded_batches(x, bs)):
       lb, pb = _score_batch(model, s, variables, xb, jax.random.fold_in(base, i))
       logits.append(np.asarray(lb))
       mean_probs.append(np.asarray(pb))
@@ -695,9 +686,8 @@ def _predict(
   setup: Setup, model: models.DropoutClassifier, variables: dict, x: np.ndarray
 ) -> np.ndarray:
   """Argmax predictions [N] of `model` (eval mode, dropout off)."""
-  bs = setup.config.eval_batch_size
-  out = [np.asarray(_predict_batch(model, variables, xb)) for xb in _eval_batches(x, bs)]
-  return np.concatenate(out)[: len(x)]
+  predict = functools.partial(_predict_batch, model, variables)
+  return evaluation.map_batched(predict, x, setup.config.eval_batch_size)
 
 
 def evaluate_student_outcomes(setup: Setup, variables: dict) -> tuple[dict, dict]:

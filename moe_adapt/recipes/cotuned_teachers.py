@@ -41,7 +41,7 @@ from absl import logging
 
 from moe_adapt import data, models
 from moe_adapt.methods import _checks, co_tuning, muka
-from moe_adapt.train import benchmarks, stages
+from moe_adapt.train import benchmarks, evaluation, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
@@ -302,15 +302,6 @@ def teacher_variables(state: PyTree) -> dict:
   }
 
 
-def _eval_batches(x: np.ndarray, batch_size: int):
-  """Fixed-size batches (the last one padded) so evaluation compiles once."""
-  for start in range(0, len(x), batch_size):
-    xb = x[start : start + batch_size]
-    if len(xb) < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - len(xb), *xb.shape[1:]), xb.dtype)])
-    yield xb
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _logits_batch(model: models.DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
   # `model` is static (Linen modules hash by their fields): one compile per architecture.
@@ -323,9 +314,8 @@ def concat_teachers_outcomes(setup: Setup, teachers: Sequence[dict]) -> dict[str
   x, bs = st.test.x, setup.config.eval_batch_size
   logits = []
   for k, variables in enumerate(teachers):
-    model = st.teacher_models[k]
-    out = [np.asarray(_logits_batch(model, variables, xb)) for xb in _eval_batches(x, bs)]
-    logits.append(np.concatenate(out)[: len(x)])
+    logits_fn = functools.partial(_logits_batch, st.teacher_models[k], variables)
+    logits.append(evaluation.map_batched(logits_fn, x, bs))
   return results_lib.outcomes(np.concatenate(logits, axis=1), st.test.y)
 
 
