@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
-from moe_adapt.train import benchmarks, evaluation, stages
+from moe_adapt.train import benchmarks, evaluation, stages, steps
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
@@ -373,21 +373,13 @@ def make_teacher_step(setup: Setup, k: int, tx: optax.GradientTransformation) ->
     idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, y.shape[0])
     xb = setup.constrain(x[idx])
 
-    def loss_fn(params):
-      logits, updates = model.apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
-        xb,
-        train=True,
-        stochastic=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": drop_key},
-      )
-      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
+    def loss(logits):
+      return core.losses.cross_entropy(logits, y[idx]).mean()
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+    state, value = steps.supervised_update(
+      state, model, tx, xb, loss, rngs={"dropout": drop_key}, train=True, stochastic=True
+    )
+    return state, {"loss": value}
 
   return jax.jit(step, donate_argnums=0)
 
@@ -647,26 +639,18 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
     idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, x.shape[0])
     xb = setup.constrain(x[idx])
 
-    def loss_fn(params):
-      logits, updates = model.apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
-        xb,
-        train=True,
-        stochastic=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": drop_key},
-      )
+    def loss(logits):
       z = logits / coefs["temperature"]
       if groups.ndim == 1:  # static: the form is fixed by the argument shapes
         kl = core.losses.grouped_kl(targets[idx], z, groups, num_groups)
       else:
         kl = core.losses.masked_kl(targets[idx], z, groups)
-      return jnp.mean(weights[idx] * kl) * coefs["scale"], updates["batch_stats"]
+      return jnp.mean(weights[idx] * kl) * coefs["scale"]
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+    state, value = steps.supervised_update(
+      state, model, tx, xb, loss, rngs={"dropout": drop_key}, train=True, stochastic=True
+    )
+    return state, {"loss": value}
 
   return jax.jit(step, donate_argnums=0)
 
