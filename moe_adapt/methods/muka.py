@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -68,11 +67,10 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
-from moe_adapt.train import benchmarks, evaluation, stages, steps
+from moe_adapt.train import artifacts, benchmarks, evaluation, stages, steps
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
-from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -481,27 +479,12 @@ def teacher_scores(setup: Setup, teachers: Sequence[dict], workdir: str) -> dict
   Raises:
     ValueError: when the cached file does not match the transfer set and the teachers.
   """
-  path = workdir_lib.as_path(workdir) / CONFIDENCE_FILE
   n, k = len(setup.train.y), setup.num_teachers
-  if path.is_file():
-    with np.load(io.BytesIO(path.read_bytes())) as f:  # Local or remote (gs://).
-      cached = {name: f[name] for name in f.files}
-    expected = {"mc": (n, k), "single": (n, k)}
-    expected.update({f"logits_{j}": (n, len(c)) for j, c in enumerate(setup.chunks)})
-    shapes = {name: cached[name].shape for name in cached}
-    if shapes != expected:
-      raise ValueError(
-        f"{path} holds arrays {shapes}, but this run needs {expected}; accepted: the file this "
-        "run wrote (remove it, or use another --workdir)"
-      )
-    logging.info("teacher scores: read %s", path)
-    return cached
-  scores = compute_scores(setup, teachers)
-  if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.savez(buffer, **scores)
-    workdir_lib.write_bytes_atomic(path, buffer.getvalue())
-  return scores
+  expected = {"mc": (n, k), "single": (n, k)}
+  expected.update({f"logits_{j}": (n, len(c)) for j, c in enumerate(setup.chunks)})
+  return artifacts.cached_arrays(
+    workdir, CONFIDENCE_FILE, lambda: compute_scores(setup, teachers), expected_shapes=expected
+  )
 
 
 # ----------------------------------------------------------------------------
