@@ -84,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.domain = "rot0"  # MUKA is about label sets, not domains: one domain ('' = first)
   c.data.train_per_class = 600  # cap on the transfer set per class (0 = all)
   c.data.test_per_class = 0  # cap on the test split per class (0 = all)
+  # Cap on the labelled validation split (0 = all); read only by checkpoint selection.
+  c.data.val_per_class = 50
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "convnet"  # teachers and student alike (see moe_adapt.models.BACKBONES)
@@ -110,6 +112,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.student.steps = 800
   c.student.batch_size = 64
   c.student.lr = 2e-3
+  # Checkpoint selection: n > 1 keeps, of n equally spaced checkpoints, the one with the best
+  # accuracy on the labelled val split (the official code evaluates every 200 steps and
+  # keeps the best); 1 = the last step, as the documented tables.
+  c.student.select_checkpoints = 1
 
   # MUKI (official defaults): scores from muki.num_mc_samples MC-dropout passes; targets
   # from the teachers' softmax at kd_temperature; soft integration weights

@@ -109,6 +109,10 @@ def validate_config(config) -> None:
     integer(name, 0)
   for name in ("data.train_per_class", "data.test_per_class"):
     integer(name, 0)
+  if "val_per_class" in config.data:
+    integer("data.val_per_class", 0)
+  if "select_checkpoints" in config.student:
+    integer("student.select_checkpoints", 1)
   integer("teachers.num_teachers", 2)
   if "overlap" in config.teachers:  # its upper bound depends on the class count: make_setup
     integer("teachers.overlap", 0)
@@ -235,6 +239,8 @@ class Setup:
   teacher_models: tuple[models.DropoutClassifier, ...]
   student_model: models.DropoutClassifier
   x_train: jax.Array  # [N, *input_shape] the transfer set's inputs, replicated
+  # Labelled validation data for the students' checkpoint selection (None: no selection).
+  val: data.Split | None = None
 
   @property
   def num_teachers(self) -> int:
@@ -305,6 +311,16 @@ def make_setup(config) -> Setup:
   c = benchmark.num_classes
   train = cap_per_class(splits.train, c, cfg.train_per_class, where=f"domain {domain!r} (train)")
   test = cap_per_class(splits.test, c, cfg.test_per_class, where=f"domain {domain!r} (test)")
+  val = None
+  if config.student.get("select_checkpoints", 1) > 1:
+    if not len(splits.val.y):
+      raise ValueError(
+        f"student.select_checkpoints={config.student.select_checkpoints} needs labelled "
+        f"validation data, but domain {domain!r} of {benchmark.name!r} has an empty val "
+        "split; accepted: 1 (no selection: the last step) or a benchmark with a val split"
+      )
+    cap = cfg.get("val_per_class", 0)
+    val = cap_per_class(splits.val, c, cap, where=f"domain {domain!r} (val)")
   mesh = mesh_lib.make_mesh(config.num_devices or None)
 
   # Heterogeneous teachers: teacher k's backbone options are model.options updated by
@@ -341,6 +357,7 @@ def make_setup(config) -> Setup:
     ),
     student_model=classifier(c),
     x_train=jax.device_put(train.x, rep),
+    val=val,
   )
 
 
@@ -638,6 +655,50 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
   return jax.jit(step, donate_argnums=0)
 
 
+def train_student(
+  setup: Setup, workdir: str, stage: str, step_fn: Callable, start: PyTree, writer
+) -> tuple[dict, dict | None]:
+  """Stage `<stage>`: one student from `start`; its checkpoint chosen on validation.
+
+  With `student.select_checkpoints` = n > 1 the stage runs in n segments and keeps the
+  checkpoint (of the n segment ends) with the best accuracy on the labelled validation
+  split (`setup.val`; ties to the earlier), as the official code keeps its best evaluated
+  checkpoint. Target test data is never looked at.
+
+  Returns:
+    ({'params', 'batch_stats'} of the chosen checkpoint, the selection record or None).
+  """
+  cfg = setup.config
+  n = cfg.student.get("select_checkpoints", 1)
+  # Copies: donation inside the loop must not invalidate the shared starting point.
+  state = jax.tree.map(jnp.copy, start)
+  _, kept = stages.run_in_segments(
+    cfg,
+    workdir,
+    stage,
+    step_fn,
+    state,
+    cfg.student.steps,
+    n,
+    writer=writer,
+    stage_fields={},
+    keep=lambda st: {"params": st["params"], "batch_stats": st["batch_stats"]},
+  )
+  if n == 1:
+    return kept[-1][1], None
+  scores = {
+    step: float(np.mean(_predict(setup, setup.student_model, v, setup.val.x) == setup.val.y))
+    for step, v in kept
+  }
+  best = stages.choose(scores)
+  record = {
+    "checkpoint_step": best,
+    "val_accuracy": scores[best],
+    "scores": {f"step{step}": acc for step, acc in scores.items()},
+  }
+  return dict(kept)[best], record
+
+
 # ----------------------------------------------------------------------------
 # Stage 4: evaluation
 # ----------------------------------------------------------------------------
@@ -740,7 +801,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   start = mesh_lib.replicate(start, setup.mesh)
   step_fn = make_student_step(setup, tx)
   rep = mesh_lib.replicated(setup.mesh)
-  metrics, per_example = {}, {}
+  metrics, per_example, selection = {}, {}, {}
   for variant in config.variants:
     if variant == "teachers":
       for k, variables in enumerate(teachers):
@@ -757,13 +818,10 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       ),
       rep,
     )
-    # Copies: donation inside the loop must not invalidate the shared starting point.
-    state = jax.tree.map(jnp.copy, start)
     bound = stages.bind(step_fn, setup.x_train, *arrays)
-    state = stages.run_stage(
-      config, workdir, variant, bound, state, config.student.steps, writer=writer, stage_fields={}
-    )
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables, chosen = train_student(setup, workdir, variant, bound, start, writer)
+    if chosen is not None:
+      selection[variant] = chosen
     metrics[variant], per_example[variant] = evaluate_student_outcomes(setup, variables)
   writer.close()
 
@@ -785,6 +843,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       "single_mean": [float(v) for v in single.mean(axis=0)],
     },
     "metrics": metrics,
+    "selection": selection,
     results_lib.PER_EXAMPLE: per_example,
   }
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from moe_adapt.train import checkpoint as ckpt_lib
@@ -89,3 +90,58 @@ def run_stage(
   if key is not None and jax.process_index() == 0:
     stage_cache.store(cache, stage, key, directory)
   return state
+
+
+def segment_ends(num_steps: int, num_segments: int) -> list[int]:
+  """The last step of each of `num_segments` near-equal segments of `num_steps` steps."""
+  return [num_steps * (i + 1) // num_segments for i in range(num_segments)]
+
+
+def run_in_segments(
+  config: Any,
+  workdir: str,
+  stage: str,
+  step_fn: Callable,
+  state: PyTree,
+  num_steps: int,
+  num_segments: int,
+  *,
+  writer: MetricWriter | None,
+  stage_fields: Mapping[str, Sequence[str]],
+  keep: Callable[[PyTree], PyTree],
+) -> tuple[PyTree, list[tuple[int, PyTree]]]:
+  """`run_stage` in segments, keeping a copy of `keep(state)` at the end of each one.
+
+  The candidates of checkpoint selection: segment i of n is the stage `<stage>_<i>of<n>`
+  (just `<stage>` when n == 1, so one segment is the plain stage), and `step_fn` sees the
+  stage's global step index, so the segments together are the same run as one stage.
+
+  Returns:
+    (the final state, [(step reached, kept copy)] in order).
+  """
+  kept = []
+  start = 0
+  for i, end in enumerate(segment_ends(num_steps, num_segments)):
+    suffix = "" if num_segments == 1 else f"_{i + 1}of{num_segments}"
+    # The first segment calls `step_fn` itself: one segment is exactly `run_stage`.
+    fn = step_fn if start == 0 else (lambda st, j, start=start: step_fn(st, j + start))
+    state = run_stage(
+      config,
+      workdir,
+      stage + suffix,
+      fn,
+      state,
+      end - start,
+      writer=writer,
+      stage_fields=stage_fields,
+    )
+    # Copies: the next segment's step may donate `state`.
+    kept.append((end, jax.tree.map(jnp.copy, keep(state))))
+    start = end
+  return state, kept
+
+
+def choose(scores: Mapping[Any, float]) -> Any:
+  """The key of the highest score; ties go to the earliest key (the earlier checkpoint)."""
+  order = {key: i for i, key in enumerate(scores)}
+  return max(scores, key=lambda key: (scores[key], -order[key]))
