@@ -216,6 +216,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.options.feature_dim = 16
     else:
       c.model.options.num_filters = 8
+    if benchmark == "tfds":
+      c.data.options.image_size = 32
     c.checkpoint_every = 2
     c.log_every = 1
     c.eval_batch_size = 64

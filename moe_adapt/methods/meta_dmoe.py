@@ -125,7 +125,8 @@ def validate_config(config) -> None:
   if not isinstance(config.backbone.checkpoint, str):
     raise ValueError(
       f"backbone.checkpoint={config.backbone.checkpoint!r} is invalid; accepted: a path "
-      "(a file written by meta_dmoe.save_backbone) or '' (train the backbone stage)"
+      "(a file written by meta_dmoe.save_backbone, or a Hugging Face / timm ResNet "
+      "checkpoint directory) or '' (train the backbone stage)"
     )
   factors = config.selection.inner_lr_factors
   if (
@@ -191,6 +192,8 @@ class Setup:
   expert_pools: jax.Array  # [E, max_pool] int32 example indices per expert (padded)
   pool_sizes: jax.Array  # [E] int32
   super_domains: tuple[tuple[str, ...], ...]
+  # The backbone checkpoint directory's record (BackboneCheckpoint.info), or None.
+  checkpoint_info: dict | None = None
 
   @property
   def num_experts(self) -> int:
@@ -281,10 +284,27 @@ def make_setup(config) -> Setup:
   # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
   # statistics, optimiser state, heads (float32 logits) and losses stay float32.
   dtype = _checks.compute_dtype(config)
-  options = config.model.options.to_dict()
-  if dtype != jnp.float32:
-    options["dtype"] = dtype
-  backbone = models.get_backbone(config.model.backbone, **options)
+  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  if checkpoint is not None:
+    # The checkpoint's network is the architecture of experts and student, and its input
+    # normalisation is applied once to every image on the host.
+    checkpoint.check_input(benchmark.input_shape)
+    backbone = checkpoint.module.clone(dtype=dtype)
+    splits = {d: normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()}
+    logging.info(
+      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
+      "normalised with mean %s, std %s",
+      config.backbone.checkpoint,
+      checkpoint.architecture,
+      config.model.backbone,
+      checkpoint.mean.tolist(),
+      checkpoint.std.tolist(),
+    )
+  else:
+    options = config.model.options.to_dict()
+    if dtype != jnp.float32:
+      options["dtype"] = dtype
+    backbone = models.get_backbone(config.model.backbone, **options)
   model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
   agg_model = models.AggregatorClassifier(
     aggregator=models.Aggregator(
@@ -325,6 +345,7 @@ def make_setup(config) -> Setup:
     expert_pools=jnp.asarray(padded),
     pool_sizes=jnp.asarray([len(p) for p in pools], jnp.int32),
     super_domains=super_domains,
+    checkpoint_info=None if checkpoint is None else checkpoint.info(config.backbone.checkpoint),
   )
 
 
@@ -372,7 +393,7 @@ def init_experts(
   if backbone is None:
     sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
     keys = jax.random.split(setup.key("init"), setup.num_experts)
-    variables = jax.vmap(lambda k: setup.model.init(k, sample, train=False))(keys)
+    variables = jax.jit(jax.vmap(lambda k: setup.model.init(k, sample, train=False)))(keys)
   else:
     variables = jax.tree.map(lambda a: jnp.broadcast_to(a, (setup.num_experts, *a.shape)), backbone)
   params, stats = variables["params"], variables.get("batch_stats", {})
@@ -387,7 +408,8 @@ def init_experts(
 def init_model(setup: Setup, key: jax.Array) -> PyTree:
   """{'params', 'batch_stats'} of one randomly initialised student-architecture model."""
   sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
-  variables = setup.model.init(key, sample, train=False)
+  # Jitted: eagerly, every initialiser of a deep network compiles on its own (minutes on CPU).
+  variables = jax.jit(functools.partial(setup.model.init, train=False))(key, sample)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -412,18 +434,139 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v) for path, v in flat}
 
 
+# Checkpoint architectures (models.checkpoints) that can be the shared backbone.
+BACKBONE_ARCHITECTURES = ("resnet", "timm_resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneCheckpoint:
+  """A Hugging Face / timm checkpoint directory as the shared backbone (header only).
+
+  Attributes:
+    architecture: one of BACKBONE_ARCHITECTURES.
+    module: the checkpoint's backbone, images [B, H, W, C] (normalised) -> features [B, D].
+    mean: [C] per-channel mean subtracted from images in [0, 1].
+    std: [C] per-channel standard deviation dividing them after.
+  """
+
+  architecture: str
+  module: Any
+  mean: np.ndarray
+  std: np.ndarray
+
+  def check_input(self, input_shape: tuple[int, ...]) -> None:
+    if len(input_shape) != 3 or input_shape[-1] != self.mean.shape[0]:
+      raise ValueError(
+        f"backbone.checkpoint takes {self.mean.shape[0]}-channel images [H, W, C] but the "
+        f"benchmark's inputs have shape {tuple(input_shape)}; accepted: an image benchmark "
+        f"with {self.mean.shape[0]} channels (e.g. 'tfds')"
+      )
+
+  def info(self, path: str) -> dict:
+    return {
+      "checkpoint": str(path),
+      "architecture": self.architecture,
+      "input_mean": self.mean.tolist(),
+      "input_std": self.std.tolist(),
+    }
+
+
+def backbone_checkpoint(path: str) -> BackboneCheckpoint | None:
+  """`backbone.checkpoint` read as a checkpoint directory (headers only), or None.
+
+  None for '' and for a file (a `save_backbone` file, read by `load_backbone`).
+
+  Raises:
+    ValueError: naming backbone.checkpoint: a directory without a checkpoint, or of
+      another architecture than a ResNet.
+  """
+  if not path or not epath.Path(path).is_dir():
+    return None
+  field = f"backbone.checkpoint={path!r}"
+  try:
+    architecture, _, module, _, _ = models.checkpoints.plan(path)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(
+      f"{field} cannot be loaded: {e}; accepted: a Hugging Face / timm ResNet checkpoint "
+      "directory (config.json + model.safetensors)"
+    ) from None
+  if architecture not in BACKBONE_ARCHITECTURES:
+    raise ValueError(
+      f"{field} holds a {architecture!r} checkpoint; accepted: "
+      f"{', '.join(BACKBONE_ARCHITECTURES)} (a ResNet image backbone)"
+    )
+  mean, std = models.checkpoints.input_normalization(path)
+  return BackboneCheckpoint(architecture, module, mean, std)
+
+
+def normalize_splits(splits, mean: np.ndarray, std: np.ndarray):
+  """`splits` (a data.DomainSplits, images in [0, 1]) with (x - mean) / std, new arrays."""
+  return splits._replace(
+    **{
+      name: part._replace(x=((part.x - mean) / std).astype(np.float32))
+      for name, part in splits._asdict().items()
+    }
+  )
+
+
+def backbone_from_checkpoint(path: str, template: PyTree) -> PyTree:
+  """The shared backbone from a Hugging Face / timm ResNet checkpoint directory.
+
+  The checkpoint's backbone ('params' and 'batch_stats') replaces `template`'s under
+  'backbone'; the classification head stays `template`'s (a new head for the benchmark's
+  classes; the checkpoint's own head, if any, is not used).
+
+  Raises:
+    ValueError: naming backbone.checkpoint: no checkpoint there, another architecture, or
+      a backbone whose tensors differ from `template`'s.
+  """
+  field = f"backbone.checkpoint={path!r}"
+  if backbone_checkpoint(path) is None:
+    raise ValueError(f"{field} is not a checkpoint directory")
+  ckpt = models.checkpoints.load_checkpoint(path)
+  loaded = {
+    "params": ckpt.variables["params"],
+    "batch_stats": ckpt.variables.get("batch_stats", {}),
+  }
+  want = {
+    "params": template["params"]["backbone"],
+    "batch_stats": template.get("batch_stats", {}).get("backbone", {}),
+  }
+  want_shapes, got_shapes = _flat_shapes(want), _flat_shapes(loaded)
+  differ = sorted(
+    k for k in set(want_shapes) | set(got_shapes) if want_shapes.get(k) != got_shapes.get(k)
+  )
+  if differ:
+    raise ValueError(
+      f"{field} is a {ckpt.architecture} whose backbone differs from the model at "
+      f"{len(differ)} tensor(s), first {differ[0]!r}: {got_shapes.get(differ[0])} in the "
+      f"checkpoint, {want_shapes.get(differ[0])} in the model; accepted: a model built from "
+      "that checkpoint (make_setup does so)"
+    )
+  as_jax = functools.partial(jax.tree.map, jnp.asarray)
+  return {
+    "params": {**template["params"], "backbone": as_jax(loaded["params"])},
+    "batch_stats": {**template.get("batch_stats", {}), "backbone": as_jax(loaded["batch_stats"])},
+  }
+
+
 def load_backbone(path: str, template: PyTree) -> PyTree:
   """Reads a `save_backbone` file and checks it against `template` (the model's variables).
+
+  A directory is read as a Hugging Face / timm checkpoint (`backbone_from_checkpoint`).
 
   Raises:
     ValueError: naming the first parameter (in the model's order) that is missing from
       the file or whose shape differs, or the first one the model does not have.
   """
   file = epath.Path(path)
+  if file.is_dir():
+    return backbone_from_checkpoint(path, template)
   if not file.exists():
     raise ValueError(
       f"backbone.checkpoint={path!r} does not exist; accepted: a file written by "
-      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run)"
+      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run) or a "
+      "Hugging Face / timm ResNet checkpoint directory"
     )
   loaded = serialization.msgpack_restore(file.read_bytes())
   want, got = _flat_shapes(template), _flat_shapes(loaded)
@@ -1218,6 +1361,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "metrics": metrics,
     "selection": details["selection"],
     "per_example": details["per_example"],
+    **({"backbone_checkpoint": setup.checkpoint_info} if setup.checkpoint_info else {}),
   }
 
 
@@ -1274,7 +1418,7 @@ def train_from_features(
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
   tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
-  agg_params = setup.agg_model.init(setup.key("init"), tokens)["params"]
+  agg_params = jax.jit(setup.agg_model.init)(setup.key("init"), tokens)["params"]
   aggregator = mesh_lib.replicate(
     {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
   )
