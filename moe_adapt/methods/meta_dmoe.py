@@ -365,7 +365,11 @@ def _stack_map(setup: Setup) -> Callable:
   than the same scan unrolled, so 'auto' picks the unrolled scan on CPU and vmap
   on accelerators, where grouped convolutions are fast.
   """
-  choice = setup.config.experts.stack_map
+  return _stack_map_of(setup.config.experts.stack_map)
+
+
+def _stack_map_of(choice: str) -> Callable:
+  """`_stack_map` for an `experts.stack_map` value."""
   if choice == "auto":
     choice = "unrolled" if jax.default_backend() == "cpu" else "vmap"
   if choice == "unrolled":
@@ -405,11 +409,17 @@ def init_experts(
 # ----------------------------------------------------------------------------
 
 
+@functools.cache
+def _init_fn(model: models.Classifier) -> Callable:
+  """`model.init` jitted once per model: run eagerly, every initialiser and layer of a deep
+  network compiles on its own (minutes for a ResNet on CPU)."""
+  return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_model(setup: Setup, key: jax.Array) -> PyTree:
   """{'params', 'batch_stats'} of one randomly initialised student-architecture model."""
   sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
-  # Jitted: eagerly, every initialiser of a deep network compiles on its own (minutes on CPU).
-  variables = jax.jit(functools.partial(setup.model.init, train=False))(key, sample)
+  variables = _init_fn(setup.model)(key, sample)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -620,9 +630,14 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
   )
 
 
-def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
-  """Features of every expert on `x`: [E, N, D], computed in eval batches."""
-  model, stack_map = setup.model, _stack_map(setup)
+@functools.cache
+def _features_fn(model: models.Classifier, stack_map: str) -> Callable:
+  """The jitted `(params [E, ...], stats, xb [B, ...]) -> [E, B, D]`, one per model.
+
+  Cached so that the features of every split (sources, their validation, each target)
+  reuse one compiled function instead of compiling a new closure per call.
+  """
+  stack = _stack_map_of(stack_map)
 
   @jax.jit
   def features(params, stats, xb):
@@ -632,8 +647,14 @@ def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
         {"params": p, "batch_stats": s}, xb, train=False, method=models.Classifier.features
       )
 
-    return stack_map(one, (params, stats))
+    return stack(one, (params, stats))
 
+  return features
+
+
+def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
+  """Features of every expert on `x`: [E, N, D], computed in eval batches."""
+  features = _features_fn(setup.model, setup.config.experts.stack_map)
   outs = [
     features(experts["params"], experts["batch_stats"], xb)
     for xb in _eval_batches(x, setup.config.eval_batch_size)

@@ -7,8 +7,12 @@ classes), and its input normalisation is applied to the images. The fixtures und
 loaded backbone must reproduce transformers' pooled features on the fixture's inputs.
 """
 
+import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,8 @@ from moe_adapt.data import tfds_builders
 from moe_adapt.methods import meta_dmoe
 from tests.methods import configs_util
 
-HF = pathlib.Path(__file__).resolve().parents[1] / "models" / "fixtures" / "hf"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+HF = REPO / "tests" / "models" / "fixtures" / "hf"
 CONFIGS = configs_util.config_module("meta_dmoe")
 
 
@@ -55,7 +60,9 @@ def test_the_checkpoint_is_the_architecture_and_inputs_are_normalised(setup, moc
   assert config.model.backbone == "resnet50"  # replaced by the checkpoint's network
   backbone = setup.model.backbone
   assert backbone.stage_sizes == (1, 1) and backbone.num_filters == 8
-  assert backbone.dtype == jnp.bfloat16  # model.dtype still applies
+  assert backbone.dtype == jnp.float32
+  bf16 = meta_dmoe.make_setup(tfds_tiny(mock_domainnet, **{"model.dtype": "bfloat16"}))
+  assert bf16.model.backbone.dtype == jnp.bfloat16  # model.dtype still applies
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   assert setup.checkpoint_info == {
     "checkpoint": str(HF / "resnet_tiny"),
@@ -132,3 +139,41 @@ def test_a_template_of_another_shape_is_named(setup, tmp_path):
   (copy / "model.safetensors").unlink()
   with pytest.raises(ValueError, match=r"cannot be loaded: .*has no model\.safetensors"):
     meta_dmoe.load_backbone(str(copy), template)
+
+
+@pytest.mark.slow
+def test_tfds_tiny_preset_runs_end_to_end_from_the_fixture(mock_domainnet, tmp_path):
+  """`meta_dmoe.py:tfds,tiny` through the CLI; ~70 CPU-seconds, nearly all XLA compiles."""
+  name, root = mock_domainnet
+  workdir = tmp_path / "run"
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moe_adapt.main",
+      "--config=configs/meta_dmoe.py:tfds,tiny",
+      f"--config.backbone.checkpoint={HF / 'resnet_tiny'}",
+      f"--config.data.options.tfds_name={name}",
+      f"--config.data.options.data_dir={root}",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    env={**os.environ, **env},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["source_domains"] == ["clipart", "infograph"]
+  assert results["target_domains"] == ["painting"]
+  assert results["backbone_checkpoint"]["architecture"] == "resnet"
+  assert not (workdir / "backbone.msgpack").exists()  # loaded, not trained
+  expected = {"erm", "erm_continued", "expert_average", "meta_dmoe", "aggregator_pretrained"}
+  assert expected <= set(results["metrics"])
+  assert set(results["per_example"]) == set(results["metrics"])
+  for variant, metrics in results["metrics"].items():
+    correct = results["per_example"][variant]["painting"]["correct"]
+    assert len(correct) == 48  # the whole target domain: 3 classes x (12 + 4) images
+    assert 0.0 <= metrics["painting"]["accuracy"] <= 1.0, variant
