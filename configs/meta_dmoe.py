@@ -98,6 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # CPU, also for gradients), 'map' (rolled lax.map), 'vmap' (grouped
   # convolutions, for GPU/TPU) or 'auto' (unrolled on CPU, vmap elsewhere).
   c.experts.stack_map = "auto"
+  # The experts stage's mesh: () = data parallel over num_devices, every expert on every
+  # device; (data, expert) = experts and their optimiser state split over `expert`
+  # devices, each expert's batch over `data` (data * expert must divide the device count,
+  # expert the number of experts; see docs/scaling.md). Later stages replicate them.
+  c.experts.mesh_shape = ()
 
   c.aggregator = ml_collections.ConfigDict()
   c.aggregator.kind = "transformer"  # 'transformer' | 'mean' | 'max'

@@ -157,6 +157,17 @@ def validate_config(config) -> None:
       f"experts.stack_map={config.experts.stack_map!r} is unknown; "
       f"accepted: {', '.join(_STACK_MAPS)}"
     )
+  shape = config.experts.mesh_shape
+  if shape != () and (
+    isinstance(shape, str)
+    or not isinstance(shape, tuple | list)
+    or len(shape) != 2
+    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+  ):
+    raise ValueError(
+      f"experts.mesh_shape={shape!r} is invalid; accepted: () (the data-parallel mesh) or "
+      "(data, expert), two ints >= 1, e.g. (2, 4)"
+    )
   if config.aggregator.kind not in ("transformer", "mean", "max"):
     raise ValueError(
       f"aggregator.kind={config.aggregator.kind!r} is unknown; accepted: transformer, mean, max"
@@ -194,6 +205,8 @@ class Setup:
   super_domains: tuple[tuple[str, ...], ...]
   # The backbone checkpoint directory's record (BackboneCheckpoint.info), or None.
   checkpoint_info: dict | None = None
+  # The (data, expert) mesh of the experts stage (experts.mesh_shape), or None.
+  expert_mesh: jax.sharding.Mesh | None = None
 
   @property
   def num_experts(self) -> int:
@@ -281,6 +294,7 @@ def make_setup(config) -> Setup:
       )
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
+  expert_mesh = make_expert_mesh(config)
   # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
   # statistics, optimiser state, heads (float32 logits) and losses stay float32.
   dtype = _checks.compute_dtype(config)
@@ -346,7 +360,30 @@ def make_setup(config) -> Setup:
     pool_sizes=jnp.asarray([len(p) for p in pools], jnp.int32),
     super_domains=super_domains,
     checkpoint_info=None if checkpoint is None else checkpoint.info(config.backbone.checkpoint),
+    expert_mesh=expert_mesh,
   )
+
+
+def make_expert_mesh(config) -> jax.sharding.Mesh | None:
+  """The (data, expert) mesh of `experts.mesh_shape`, or None for () (data parallel).
+
+  Raises:
+    ValueError: naming experts.mesh_shape when data * expert does not divide the device
+      count or expert does not divide experts.num_experts, and experts.batch_size when
+      data does not divide it.
+  """
+  shape = tuple(config.experts.mesh_shape)
+  if not shape:
+    return None
+  mesh = mesh_lib.make_expert_mesh(
+    shape, num_experts=config.experts.num_experts, field="experts.mesh_shape"
+  )
+  if config.experts.batch_size % shape[0]:
+    raise ValueError(
+      f"experts.batch_size={config.experts.batch_size} does not divide over the data axis "
+      f"of experts.mesh_shape={shape}; accepted: a multiple of {shape[0]}"
+    )
+  return mesh
 
 
 def _unrolled_map(fn: Callable, xs):
@@ -608,10 +645,16 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     )
     return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
 
-  def step(state, step, x, y, pools, pool_sizes):
+  def sample(step, pools, pool_sizes):
     key = jax.random.fold_in(setup.key("experts"), step)
     u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
-    idx = jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+
+  if setup.expert_mesh is not None:
+    return _ExpertMeshStep(setup, tx, sample, loss_one)
+
+  def step(state, step, x, y, pools, pool_sizes):
+    idx = sample(step, pools, pool_sizes)
     xb = setup.constrain(x[idx], leading=1)
     yb = y[idx]
 
@@ -650,6 +693,51 @@ def _features_fn(model: models.Classifier, stack_map: str) -> Callable:
     return stack(one, (params, stats))
 
   return features
+
+
+class _ExpertMeshStep:
+  """The experts step on the (data, expert) mesh (`mesh_lib.make_stacked_step`).
+
+  Samples the same batches as the data-parallel step (same keys), places them as
+  [E, B, ...] split over (expert, data) and runs the stacked step, whose state (params,
+  BatchNorm statistics, optimiser state) stays split over `expert`. The stacked step is
+  built at the first call, from the state it gets.
+  """
+
+  def __init__(self, setup: Setup, tx, sample: Callable, loss_one: Callable):
+    self._setup, self._tx, self._loss_one = setup, tx, loss_one
+    self._batch = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+    self._step = None
+
+  def __call__(self, state: PyTree, step: jax.Array):
+    setup, mesh = self._setup, self._setup.expert_mesh
+    xb, yb = self._batch(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes)
+    batch = {
+      name: jax.device_put(a, mesh_lib.expert_batch_sharding(mesh, a.ndim))
+      for name, a in (("x", xb), ("y", yb))
+    }
+    if self._step is None:
+      self._step = mesh_lib.make_stacked_step(
+        lambda params, stats, b: self._loss_one((params, stats, b["x"], b["y"])),
+        self._tx,
+        mesh,
+        state,
+        batch,
+      )
+    state, losses = self._step(state, batch)
+    return state, {"loss": losses.mean(), "loss_max": losses.max()}
+
+
+def _take(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return x[idx], y[idx]
+
+
+def place_experts(setup: Setup, experts: PyTree) -> PyTree:
+  """The experts stage's state on its mesh: split over `expert` on the (data, expert) mesh
+  (experts.mesh_shape), else replicated on the data-parallel mesh."""
+  if setup.expert_mesh is None:
+    return mesh_lib.replicate(experts, setup.mesh)
+  return mesh_lib.shard_stacked(experts, setup.expert_mesh, num_experts=setup.num_experts)
 
 
 def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
@@ -1344,7 +1432,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
 
   # 1. Experts.
   tx = optax.adam(config.experts.lr)
-  experts = mesh_lib.replicate(init_experts(setup, tx, backbone), setup.mesh)
+  experts = place_experts(setup, init_experts(setup, tx, backbone))
   experts = stages.run_stage(
     config,
     workdir,
@@ -1355,6 +1443,9 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     writer=writer,
     stage_fields=STAGE_FIELDS,
   )
+  if setup.expert_mesh is not None:
+    # The later stages run every expert on every device of the data-parallel mesh.
+    experts = jax.device_put(experts, mesh_lib.replicated(setup.mesh))
   feats = expert_features(setup, experts, np.asarray(setup.x))  # [E, N_src, D], cached
 
   trained = train_from_features(config, workdir, setup, feats, writer=writer, backbone=backbone)
