@@ -14,6 +14,7 @@ import pytest
 
 from moe_adapt.methods import meta_dmoe
 from moe_adapt.train import mesh as mesh_lib
+from moe_adapt.train import stages
 from tests.methods import configs_util
 
 CONFIGS = configs_util.config_module("meta_dmoe")
@@ -59,6 +60,33 @@ def test_expert_mesh_equals_one_device(one_device, shape):
   kernel = jax.tree.leaves(state["params"])[0]
   assert kernel.sharding.spec[0] == mesh_lib.EXPERT
   assert {s.data.shape[0] for s in kernel.addressable_shards} == {4 // shape[1]}
+
+
+@pytest.mark.slow  # ~10 CPU-seconds: one compilation of the stacked step
+def test_expert_mesh_stage_checkpoints_and_restores_split(one_device, tmp_path):
+  # The experts stage through stages.run_stage: checkpointed at every step, then a
+  # restarted run restores the finished state, still split over `expert`, without stepping.
+  config = tiny_config(**{"experts.mesh_shape": (2, 4), "checkpoint_every": 1})
+  setup = meta_dmoe.make_setup(config)
+  tx = optax.sgd(0.1)
+
+  def stage():
+    initial = meta_dmoe.place_experts(setup, meta_dmoe.init_experts(setup, tx))
+    step_fn = meta_dmoe.make_expert_step(setup, tx)
+    return stages.run_stage(
+      config, str(tmp_path), "experts", step_fn, initial, STEPS, writer=None, stage_fields={}
+    )
+
+  trained = jax.device_get(stage())
+  restored = stage()
+  kernel = jax.tree.leaves(restored["params"])[0]
+  assert kernel.sharding.spec[0] == mesh_lib.EXPERT
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), trained)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    trained,
+    jax.device_get(one_device[1]),
+  )
 
 
 @pytest.mark.parametrize(
