@@ -17,9 +17,12 @@ takes 171 s on 2 quiet cores):
   moe-adapt --config=configs/meta_dmoe.py:fmnist_shift --workdir=runs/mdmoe_fmnist_shift
 
 Accelerator preset (ResNet-50 experts and student, 224 px; a TFDS dataset with a
-domain feature that the user prepared, e.g. DomainNet or PACS as array_record):
+domain feature that the user prepared, e.g. DomainNet or PACS as array_record), from an
+ImageNet ResNet-50 checkpoint directory (Hugging Face or timm; its network, weights and
+input normalisation are used, docs/meta_dmoe.md):
 
   moe-adapt --config=configs/meta_dmoe.py:tfds --workdir=runs/mdmoe_pacs \
+    --config.backbone.checkpoint=/path/to/resnet-50 \
     --config.data.options.tfds_name=pacs --config.data.options.data_dir=/data/tfds \
     --config.data.target_domains="('sketch',)"
 
@@ -82,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The shared starting point: ERM on the pooled source domains (the analogue of ImageNet
   # pre-training), or a file written by meta_dmoe.save_backbone (every run writes
-  # <workdir>/backbone.msgpack); its shapes must match the model.
+  # <workdir>/backbone.msgpack; its shapes must match the model), or a Hugging Face / timm
+  # ResNet checkpoint directory (its network replaces model.backbone / model.options).
   c.backbone = ml_collections.ConfigDict()
   c.backbone.steps = 800
   c.backbone.batch_size = 64
@@ -98,6 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # CPU, also for gradients), 'map' (rolled lax.map), 'vmap' (grouped
   # convolutions, for GPU/TPU) or 'auto' (unrolled on CPU, vmap elsewhere).
   c.experts.stack_map = "auto"
+  # The experts stage's mesh: () = data parallel over num_devices, every expert on every
+  # device; (data, expert) = experts and their optimiser state split over `expert`
+  # devices, each expert's batch over `data` (data * expert must divide the device count,
+  # expert the number of experts; see docs/scaling.md). Later stages replicate them.
+  c.experts.mesh_shape = ()
 
   c.aggregator = ml_collections.ConfigDict()
   c.aggregator.kind = "transformer"  # 'transformer' | 'mean' | 'max'
@@ -216,6 +225,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.options.feature_dim = 16
     else:
       c.model.options.num_filters = 8
+    if benchmark == "tfds":
+      # 32 px, and float32: XLA:CPU compiles bfloat16 programs slower (the tiny run is a
+      # CPU smoke test; bfloat16 has its own tests).
+      c.data.options.image_size = 32
+      c.model.dtype = "float32"
     c.checkpoint_every = 2
     c.log_every = 1
     c.eval_batch_size = 64

@@ -1,8 +1,9 @@
 """Writes tiny Hugging Face checkpoints and their reference outputs, made by transformers.
 
 For each architecture the loaders in `moe_adapt.models.checkpoints` read (BERT, RoBERTa,
-DistilBERT, ViT, ResNet-50), a model with a small random config is built by transformers
-(the reference implementation) and saved with `save_pretrained` (`model.safetensors` +
+DistilBERT, ViT, ResNet-50; `resnet_tiny`: two stages of one basic block, for fast
+end-to-end tests), a model with a small random config is built by transformers (the reference
+implementation) and saved with `save_pretrained` (`model.safetensors` +
 `config.json`) into `tests/models/fixtures/hf/<name>/`, beside `reference.safetensors`:
 the fixed inputs and the model's float32 outputs on them. `tests/models/test_checkpoints.py`
 loads each checkpoint into Flax and matches the outputs.
@@ -226,6 +227,30 @@ def main() -> None:
     "logits": logits.numpy(),
   }
   _save(resnet, args.out / "resnet50", tensors)
+
+  # A two-stage ResNet of basic blocks (depths 1, 1; widths 8, 16), 3 classes: small enough
+  # that the accelerator presets' tiny runs (meta_dmoe.py:tfds,tiny) compile in seconds.
+  torch.manual_seed(0)
+  tiny = transformers.ResNetForImageClassification(
+    transformers.ResNetConfig(
+      embedding_size=8,
+      hidden_sizes=[8, 16],
+      depths=[1, 1],
+      layer_type="basic",
+      num_labels=3,
+    )
+  ).eval()
+  with torch.no_grad():
+    _randomize_batch_norm(torch, tiny)
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    r = tiny.resnet(pixel_values=torch.from_numpy(pixels))
+    logits = tiny(pixel_values=torch.from_numpy(pixels)).logits
+  tiny_tensors = {
+    "pixel_values": pixels,
+    "pooler_output": r.pooler_output.numpy(),
+    "logits": logits.numpy(),
+  }
+  _save(tiny, args.out / "resnet_tiny", tiny_tensors)
 
   # The same network in timm's naming (see the module docstring: derived, not run by timm).
   hf = safetensors.numpy.load_file(str(args.out / "resnet50/model.safetensors"))

@@ -393,10 +393,38 @@ def train_batches(
     A grain IterDataset; `iter()` it, and `get_state()` / `set_state()` the iterator to
     checkpoint and resume.
   """
-  _positive(batch_size, "batch_size")
-  index, count = _shard(shard)
   if num_epochs is not None:
     _positive(num_epochs, "num_epochs")
+  ds = _batch_map(
+    source,
+    transform,
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard=shard,
+  )
+  out = ds.to_iter_dataset(_read_options(read_threads, prefetch))
+  if worker_count:
+    _positive(worker_count, "worker_count")
+    _allow_grain_workers()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return out
+
+
+def _batch_map(
+  source: Source,
+  transform: Transform,
+  *,
+  batch_size: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  shard: tuple[int, int] | None,
+) -> grain.MapDataset:
+  """The batches of `train_batches` as a random-access grain MapDataset."""
+  _positive(batch_size, "batch_size")
+  index, count = _shard(shard)
   ds = grain.MapDataset.source(source.indices)[index::count]
   if len(ds) < batch_size:
     raise ValueError(
@@ -407,13 +435,52 @@ def train_batches(
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.random_map(_loader(source, transform), seed=seed)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  out = ds.to_iter_dataset(_read_options(read_threads, prefetch))
-  if worker_count:
-    _positive(worker_count, "worker_count")
-    _allow_grain_workers()
-    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return out
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+class StepBatches:
+  """`train_batches`' stream addressed by training step: `batches(step)` is batch `step`.
+
+  For a training loop that numbers its steps and restores the step from its checkpoint
+  (`train.loop.train_loop`): the step is the whole iterator state, so a resumed stage gets
+  exactly the batches the interrupted one would have seen, with nothing else to store.
+  Consecutive steps read from one prefetching iterator; any other step (a resume, a
+  repeated step) restarts it there (random access, no replay of earlier batches).
+  Arguments as `train_batches` (the stream repeats forever).
+  """
+
+  def __init__(
+    self,
+    source: Source,
+    transform: Transform,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    shard: tuple[int, int] | None = None,
+    read_threads: int = 4,
+    prefetch: int = 64,
+  ):
+    self._ds = _batch_map(
+      source,
+      transform,
+      batch_size=batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=None,
+      shard=shard,
+    )
+    self._options = _read_options(read_threads, prefetch)
+    self._iterator, self._next = None, -1
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"step={step} is invalid; accepted: an int >= 0")
+    if self._iterator is None or step != self._next:
+      self._iterator = iter(self._ds[step:].to_iter_dataset(self._options))
+    self._next = step + 1
+    return next(self._iterator)
 
 
 def eval_batches(

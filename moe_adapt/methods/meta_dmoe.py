@@ -125,7 +125,8 @@ def validate_config(config) -> None:
   if not isinstance(config.backbone.checkpoint, str):
     raise ValueError(
       f"backbone.checkpoint={config.backbone.checkpoint!r} is invalid; accepted: a path "
-      "(a file written by meta_dmoe.save_backbone) or '' (train the backbone stage)"
+      "(a file written by meta_dmoe.save_backbone, or a Hugging Face / timm ResNet "
+      "checkpoint directory) or '' (train the backbone stage)"
     )
   factors = config.selection.inner_lr_factors
   if (
@@ -155,6 +156,17 @@ def validate_config(config) -> None:
     raise ValueError(
       f"experts.stack_map={config.experts.stack_map!r} is unknown; "
       f"accepted: {', '.join(_STACK_MAPS)}"
+    )
+  shape = config.experts.mesh_shape
+  if shape != () and (
+    isinstance(shape, str)
+    or not isinstance(shape, tuple | list)
+    or len(shape) != 2
+    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+  ):
+    raise ValueError(
+      f"experts.mesh_shape={shape!r} is invalid; accepted: () (the data-parallel mesh) or "
+      "(data, expert), two ints >= 1, e.g. (2, 4)"
     )
   if config.aggregator.kind not in ("transformer", "mean", "max"):
     raise ValueError(
@@ -191,6 +203,10 @@ class Setup:
   expert_pools: jax.Array  # [E, max_pool] int32 example indices per expert (padded)
   pool_sizes: jax.Array  # [E] int32
   super_domains: tuple[tuple[str, ...], ...]
+  # The backbone checkpoint directory's record (BackboneCheckpoint.info), or None.
+  checkpoint_info: dict | None = None
+  # The (data, expert) mesh of the experts stage (experts.mesh_shape), or None.
+  expert_mesh: jax.sharding.Mesh | None = None
 
   @property
   def num_experts(self) -> int:
@@ -278,13 +294,31 @@ def make_setup(config) -> Setup:
       )
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
+  expert_mesh = make_expert_mesh(config)
   # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
   # statistics, optimiser state, heads (float32 logits) and losses stay float32.
   dtype = _checks.compute_dtype(config)
-  options = config.model.options.to_dict()
-  if dtype != jnp.float32:
-    options["dtype"] = dtype
-  backbone = models.get_backbone(config.model.backbone, **options)
+  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  if checkpoint is not None:
+    # The checkpoint's network is the architecture of experts and student, and its input
+    # normalisation is applied once to every image on the host.
+    checkpoint.check_input(benchmark.input_shape)
+    backbone = checkpoint.module.clone(dtype=dtype)
+    splits = {d: normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()}
+    logging.info(
+      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
+      "normalised with mean %s, std %s",
+      config.backbone.checkpoint,
+      checkpoint.architecture,
+      config.model.backbone,
+      checkpoint.mean.tolist(),
+      checkpoint.std.tolist(),
+    )
+  else:
+    options = config.model.options.to_dict()
+    if dtype != jnp.float32:
+      options["dtype"] = dtype
+    backbone = models.get_backbone(config.model.backbone, **options)
   model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
   agg_model = models.AggregatorClassifier(
     aggregator=models.Aggregator(
@@ -325,7 +359,31 @@ def make_setup(config) -> Setup:
     expert_pools=jnp.asarray(padded),
     pool_sizes=jnp.asarray([len(p) for p in pools], jnp.int32),
     super_domains=super_domains,
+    checkpoint_info=None if checkpoint is None else checkpoint.info(config.backbone.checkpoint),
+    expert_mesh=expert_mesh,
   )
+
+
+def make_expert_mesh(config) -> jax.sharding.Mesh | None:
+  """The (data, expert) mesh of `experts.mesh_shape`, or None for () (data parallel).
+
+  Raises:
+    ValueError: naming experts.mesh_shape when data * expert does not divide the device
+      count or expert does not divide experts.num_experts, and experts.batch_size when
+      data does not divide it.
+  """
+  shape = tuple(config.experts.mesh_shape)
+  if not shape:
+    return None
+  mesh = mesh_lib.make_expert_mesh(
+    shape, num_experts=config.experts.num_experts, field="experts.mesh_shape"
+  )
+  if config.experts.batch_size % shape[0]:
+    raise ValueError(
+      f"experts.batch_size={config.experts.batch_size} does not divide over the data axis "
+      f"of experts.mesh_shape={shape}; accepted: a multiple of {shape[0]}"
+    )
+  return mesh
 
 
 def _unrolled_map(fn: Callable, xs):
@@ -344,7 +402,11 @@ def _stack_map(setup: Setup) -> Callable:
   than the same scan unrolled, so 'auto' picks the unrolled scan on CPU and vmap
   on accelerators, where grouped convolutions are fast.
   """
-  choice = setup.config.experts.stack_map
+  return _stack_map_of(setup.config.experts.stack_map)
+
+
+def _stack_map_of(choice: str) -> Callable:
+  """`_stack_map` for an `experts.stack_map` value."""
   if choice == "auto":
     choice = "unrolled" if jax.default_backend() == "cpu" else "vmap"
   if choice == "unrolled":
@@ -372,7 +434,7 @@ def init_experts(
   if backbone is None:
     sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
     keys = jax.random.split(setup.key("init"), setup.num_experts)
-    variables = jax.vmap(lambda k: setup.model.init(k, sample, train=False))(keys)
+    variables = jax.jit(jax.vmap(lambda k: setup.model.init(k, sample, train=False)))(keys)
   else:
     variables = jax.tree.map(lambda a: jnp.broadcast_to(a, (setup.num_experts, *a.shape)), backbone)
   params, stats = variables["params"], variables.get("batch_stats", {})
@@ -384,10 +446,17 @@ def init_experts(
 # ----------------------------------------------------------------------------
 
 
+@functools.cache
+def _init_fn(model: models.Classifier) -> Callable:
+  """`model.init` jitted once per model: run eagerly, every initialiser and layer of a deep
+  network compiles on its own (minutes for a ResNet on CPU)."""
+  return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_model(setup: Setup, key: jax.Array) -> PyTree:
   """{'params', 'batch_stats'} of one randomly initialised student-architecture model."""
   sample = jnp.zeros((1, *setup.benchmark.input_shape), jnp.float32)
-  variables = setup.model.init(key, sample, train=False)
+  variables = _init_fn(setup.model)(key, sample)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -412,18 +481,139 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v) for path, v in flat}
 
 
+# Checkpoint architectures (models.checkpoints) that can be the shared backbone.
+BACKBONE_ARCHITECTURES = ("resnet", "timm_resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneCheckpoint:
+  """A Hugging Face / timm checkpoint directory as the shared backbone (header only).
+
+  Attributes:
+    architecture: one of BACKBONE_ARCHITECTURES.
+    module: the checkpoint's backbone, images [B, H, W, C] (normalised) -> features [B, D].
+    mean: [C] per-channel mean subtracted from images in [0, 1].
+    std: [C] per-channel standard deviation dividing them after.
+  """
+
+  architecture: str
+  module: Any
+  mean: np.ndarray
+  std: np.ndarray
+
+  def check_input(self, input_shape: tuple[int, ...]) -> None:
+    if len(input_shape) != 3 or input_shape[-1] != self.mean.shape[0]:
+      raise ValueError(
+        f"backbone.checkpoint takes {self.mean.shape[0]}-channel images [H, W, C] but the "
+        f"benchmark's inputs have shape {tuple(input_shape)}; accepted: an image benchmark "
+        f"with {self.mean.shape[0]} channels (e.g. 'tfds')"
+      )
+
+  def info(self, path: str) -> dict:
+    return {
+      "checkpoint": str(path),
+      "architecture": self.architecture,
+      "input_mean": self.mean.tolist(),
+      "input_std": self.std.tolist(),
+    }
+
+
+def backbone_checkpoint(path: str) -> BackboneCheckpoint | None:
+  """`backbone.checkpoint` read as a checkpoint directory (headers only), or None.
+
+  None for '' and for a file (a `save_backbone` file, read by `load_backbone`).
+
+  Raises:
+    ValueError: naming backbone.checkpoint: a directory without a checkpoint, or of
+      another architecture than a ResNet.
+  """
+  if not path or not epath.Path(path).is_dir():
+    return None
+  field = f"backbone.checkpoint={path!r}"
+  try:
+    architecture, _, module, _, _ = models.checkpoints.plan(path)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(
+      f"{field} cannot be loaded: {e}; accepted: a Hugging Face / timm ResNet checkpoint "
+      "directory (config.json + model.safetensors)"
+    ) from None
+  if architecture not in BACKBONE_ARCHITECTURES:
+    raise ValueError(
+      f"{field} holds a {architecture!r} checkpoint; accepted: "
+      f"{', '.join(BACKBONE_ARCHITECTURES)} (a ResNet image backbone)"
+    )
+  mean, std = models.checkpoints.input_normalization(path)
+  return BackboneCheckpoint(architecture, module, mean, std)
+
+
+def normalize_splits(splits, mean: np.ndarray, std: np.ndarray):
+  """`splits` (a data.DomainSplits, images in [0, 1]) with (x - mean) / std, new arrays."""
+  return splits._replace(
+    **{
+      name: part._replace(x=((part.x - mean) / std).astype(np.float32))
+      for name, part in splits._asdict().items()
+    }
+  )
+
+
+def backbone_from_checkpoint(path: str, template: PyTree) -> PyTree:
+  """The shared backbone from a Hugging Face / timm ResNet checkpoint directory.
+
+  The checkpoint's backbone ('params' and 'batch_stats') replaces `template`'s under
+  'backbone'; the classification head stays `template`'s (a new head for the benchmark's
+  classes; the checkpoint's own head, if any, is not used).
+
+  Raises:
+    ValueError: naming backbone.checkpoint: no checkpoint there, another architecture, or
+      a backbone whose tensors differ from `template`'s.
+  """
+  field = f"backbone.checkpoint={path!r}"
+  if backbone_checkpoint(path) is None:
+    raise ValueError(f"{field} is not a checkpoint directory")
+  ckpt = models.checkpoints.load_checkpoint(path)
+  loaded = {
+    "params": ckpt.variables["params"],
+    "batch_stats": ckpt.variables.get("batch_stats", {}),
+  }
+  want = {
+    "params": template["params"]["backbone"],
+    "batch_stats": template.get("batch_stats", {}).get("backbone", {}),
+  }
+  want_shapes, got_shapes = _flat_shapes(want), _flat_shapes(loaded)
+  differ = sorted(
+    k for k in set(want_shapes) | set(got_shapes) if want_shapes.get(k) != got_shapes.get(k)
+  )
+  if differ:
+    raise ValueError(
+      f"{field} is a {ckpt.architecture} whose backbone differs from the model at "
+      f"{len(differ)} tensor(s), first {differ[0]!r}: {got_shapes.get(differ[0])} in the "
+      f"checkpoint, {want_shapes.get(differ[0])} in the model; accepted: a model built from "
+      "that checkpoint (make_setup does so)"
+    )
+  as_jax = functools.partial(jax.tree.map, jnp.asarray)
+  return {
+    "params": {**template["params"], "backbone": as_jax(loaded["params"])},
+    "batch_stats": {**template.get("batch_stats", {}), "backbone": as_jax(loaded["batch_stats"])},
+  }
+
+
 def load_backbone(path: str, template: PyTree) -> PyTree:
   """Reads a `save_backbone` file and checks it against `template` (the model's variables).
+
+  A directory is read as a Hugging Face / timm checkpoint (`backbone_from_checkpoint`).
 
   Raises:
     ValueError: naming the first parameter (in the model's order) that is missing from
       the file or whose shape differs, or the first one the model does not have.
   """
   file = epath.Path(path)
+  if file.is_dir():
+    return backbone_from_checkpoint(path, template)
   if not file.exists():
     raise ValueError(
       f"backbone.checkpoint={path!r} does not exist; accepted: a file written by "
-      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run)"
+      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run) or a "
+      "Hugging Face / timm ResNet checkpoint directory"
     )
   loaded = serialization.msgpack_restore(file.read_bytes())
   want, got = _flat_shapes(template), _flat_shapes(loaded)
@@ -455,10 +645,16 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     )
     return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
 
-  def step(state, step, x, y, pools, pool_sizes):
+  def sample(step, pools, pool_sizes):
     key = jax.random.fold_in(setup.key("experts"), step)
     u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
-    idx = jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+
+  if setup.expert_mesh is not None:
+    return _ExpertMeshStep(setup, tx, sample, loss_one)
+
+  def step(state, step, x, y, pools, pool_sizes):
+    idx = sample(step, pools, pool_sizes)
     xb = setup.constrain(x[idx], leading=1)
     yb = y[idx]
 
@@ -477,9 +673,14 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
   )
 
 
-def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
-  """Features of every expert on `x`: [E, N, D], computed in eval batches."""
-  model, stack_map = setup.model, _stack_map(setup)
+@functools.cache
+def _features_fn(model: models.Classifier, stack_map: str) -> Callable:
+  """The jitted `(params [E, ...], stats, xb [B, ...]) -> [E, B, D]`, one per model.
+
+  Cached so that the features of every split (sources, their validation, each target)
+  reuse one compiled function instead of compiling a new closure per call.
+  """
+  stack = _stack_map_of(stack_map)
 
   @jax.jit
   def features(params, stats, xb):
@@ -489,8 +690,59 @@ def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
         {"params": p, "batch_stats": s}, xb, train=False, method=models.Classifier.features
       )
 
-    return stack_map(one, (params, stats))
+    return stack(one, (params, stats))
 
+  return features
+
+
+class _ExpertMeshStep:
+  """The experts step on the (data, expert) mesh (`mesh_lib.make_stacked_step`).
+
+  Samples the same batches as the data-parallel step (same keys), places them as
+  [E, B, ...] split over (expert, data) and runs the stacked step, whose state (params,
+  BatchNorm statistics, optimiser state) stays split over `expert`. The stacked step is
+  built at the first call, from the state it gets.
+  """
+
+  def __init__(self, setup: Setup, tx, sample: Callable, loss_one: Callable):
+    self._setup, self._tx, self._loss_one = setup, tx, loss_one
+    self._batch = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+    self._step = None
+
+  def __call__(self, state: PyTree, step: jax.Array):
+    setup, mesh = self._setup, self._setup.expert_mesh
+    xb, yb = self._batch(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes)
+    batch = {
+      name: jax.device_put(a, mesh_lib.expert_batch_sharding(mesh, a.ndim))
+      for name, a in (("x", xb), ("y", yb))
+    }
+    if self._step is None:
+      self._step = mesh_lib.make_stacked_step(
+        lambda params, stats, b: self._loss_one((params, stats, b["x"], b["y"])),
+        self._tx,
+        mesh,
+        state,
+        batch,
+      )
+    state, losses = self._step(state, batch)
+    return state, {"loss": losses.mean(), "loss_max": losses.max()}
+
+
+def _take(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return x[idx], y[idx]
+
+
+def place_experts(setup: Setup, experts: PyTree) -> PyTree:
+  """The experts stage's state on its mesh: split over `expert` on the (data, expert) mesh
+  (experts.mesh_shape), else replicated on the data-parallel mesh."""
+  if setup.expert_mesh is None:
+    return mesh_lib.replicate(experts, setup.mesh)
+  return mesh_lib.shard_stacked(experts, setup.expert_mesh, num_experts=setup.num_experts)
+
+
+def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
+  """Features of every expert on `x`: [E, N, D], computed in eval batches."""
+  features = _features_fn(setup.model, setup.config.experts.stack_map)
   outs = [
     features(experts["params"], experts["batch_stats"], xb)
     for xb in _eval_batches(x, setup.config.eval_batch_size)
@@ -1180,7 +1432,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
 
   # 1. Experts.
   tx = optax.adam(config.experts.lr)
-  experts = mesh_lib.replicate(init_experts(setup, tx, backbone), setup.mesh)
+  experts = place_experts(setup, init_experts(setup, tx, backbone))
   experts = stages.run_stage(
     config,
     workdir,
@@ -1191,6 +1443,9 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     writer=writer,
     stage_fields=STAGE_FIELDS,
   )
+  if setup.expert_mesh is not None:
+    # The later stages run every expert on every device of the data-parallel mesh.
+    experts = jax.device_put(experts, mesh_lib.replicated(setup.mesh))
   feats = expert_features(setup, experts, np.asarray(setup.x))  # [E, N_src, D], cached
 
   trained = train_from_features(config, workdir, setup, feats, writer=writer, backbone=backbone)
@@ -1218,6 +1473,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "metrics": metrics,
     "selection": details["selection"],
     "per_example": details["per_example"],
+    **({"backbone_checkpoint": setup.checkpoint_info} if setup.checkpoint_info else {}),
   }
 
 
@@ -1274,7 +1530,7 @@ def train_from_features(
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
   tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
-  agg_params = setup.agg_model.init(setup.key("init"), tokens)["params"]
+  agg_params = jax.jit(setup.agg_model.init)(setup.key("init"), tokens)["params"]
   aggregator = mesh_lib.replicate(
     {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
   )

@@ -32,11 +32,14 @@ tensor. Inputs follow Flax layouts: images [B, H, W, C] (transformers takes NCHW
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import numpy as np
 
 from moe_adapt.models import bert, hf_io, resnet, vit
 from moe_adapt.models.classifier import Classifier
@@ -431,6 +434,34 @@ def load_checkpoint(
   tree = hf_io.read_tensors(hf_io.weight_files(directory), specs, rename)
   head = tree.pop("head", None)
   return Checkpoint(found, module, tree, head, config)
+
+
+# ImageNet's per-channel mean and std of images in [0, 1]: the input normalisation of
+# transformers' and timm's ResNets when the checkpoint does not state its own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_normalization(directory: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [C], std [C]) that the checkpoint's image model expects of images in [0, 1].
+
+  From its `preprocessor_config.json` (transformers: image_mean, image_std;
+  do_normalize=False gives mean 0, std 1), else its `config.json`'s `pretrained_cfg` or
+  top-level `mean` / `std` (timm), else ImageNet's.
+  """
+  path = pathlib.Path(directory) / "preprocessor_config.json"
+  if path.is_file():
+    pre = json.loads(path.read_text(encoding="utf-8"))
+    if not pre.get("do_normalize", True):
+      return np.zeros(3, np.float32), np.ones(3, np.float32)
+    mean, std = pre.get("image_mean"), pre.get("image_std")
+  else:
+    config = hf_io.read_config(directory)
+    timm_cfg = config.get("pretrained_cfg") or config
+    mean, std = timm_cfg.get("mean"), timm_cfg.get("std")
+  mean = IMAGENET_MEAN if mean is None else mean
+  std = IMAGENET_STD if std is None else std
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 def classifier(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, Any]]:

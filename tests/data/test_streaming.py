@@ -75,6 +75,20 @@ def test_seeded_and_resumable_from_a_checkpointed_state(root):
   assert _same(_take(resumed, 12), rest)
 
 
+def test_step_batches_are_the_stream_addressed_by_step(root):
+  transform = streaming.image_transform(image_size=12)
+  stream = _take(
+    iter(streaming.train_batches(_open(root), transform, batch_size=BATCH, seed=0)), 12
+  )
+  batches = streaming.StepBatches(_open(root), transform, batch_size=BATCH, seed=0)
+  assert _same([batches(step) for step in range(12)], stream)  # past the first epoch (9)
+  # A resumed stage: a new reader asked for step 7 first, then onwards.
+  resumed = streaming.StepBatches(_open(root), transform, batch_size=BATCH, seed=0)
+  assert _same([resumed(step) for step in (7, 8, 9, 3)], [stream[i] for i in (7, 8, 9, 3)])
+  with pytest.raises(ValueError, match=r"step=-1 is invalid"):
+    resumed(-1)
+
+
 def test_epochs_are_reshuffled_permutations(root):
   source = _open(root)
   transform = streaming.image_transform(image_size=8, augment=("resize",))

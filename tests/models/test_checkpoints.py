@@ -80,6 +80,19 @@ def test_resnet50_matches_transformers(name):
   assert_close(module.apply(variables, features, method="classify"), ref["logits"])
 
 
+def test_tiny_resnet_matches_transformers():
+  # Basic blocks, two stages: the fixture the accelerator presets' tiny runs start from.
+  ckpt = checkpoints.load_checkpoint(FIXTURES / "resnet_tiny")
+  assert ckpt.architecture == "resnet"
+  assert ckpt.module.stage_sizes == (1, 1)
+  assert ckpt.module.block_cls.__name__ == "BasicBlock"
+  ref = reference("resnet_tiny")
+  module, variables = checkpoints.classifier(ckpt)
+  features = module.apply(variables, ref["pixel_values"].transpose(0, 2, 3, 1), method="features")
+  assert_close(features, ref["pooler_output"][:, :, 0, 0])
+  assert_close(module.apply(variables, features, method="classify"), ref["logits"])
+
+
 def test_loaded_trees_match_initialised_modules():
   for name in ("distilbert", "vit", "resnet50_timm"):
     ckpt = checkpoints.load_checkpoint(FIXTURES / name)
