@@ -45,9 +45,9 @@ from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
+from moe_adapt.train import evaluation, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
-from moe_adapt.train import stages
 
 PyTree = Any
 
@@ -745,18 +745,9 @@ def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
   features = _features_fn(setup.model, setup.config.experts.stack_map)
   outs = [
     features(experts["params"], experts["batch_stats"], xb)
-    for xb in _eval_batches(x, setup.config.eval_batch_size)
+    for xb in evaluation.padded_batches(x, setup.config.eval_batch_size)
   ]
   return jnp.concatenate(outs, axis=1)[:, : len(x)]
-
-
-def _eval_batches(x: np.ndarray, batch_size: int):
-  """Fixed-size batches (the last one padded) so evaluation compiles once."""
-  for start in range(0, len(x), batch_size):
-    xb = x[start : start + batch_size]
-    if len(xb) < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - len(xb), *xb.shape[1:]), xb.dtype)])
-    yield xb
 
 
 # ----------------------------------------------------------------------------
@@ -1034,8 +1025,7 @@ def make_adapt_fn(setup: Setup) -> Callable:
 
 def _predictions(predict: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
   """Predicted classes [N] of `predict(x_batch) -> [B]` over fixed-size batches."""
-  preds = [np.asarray(predict(xb)) for xb in _eval_batches(x, batch_size)]
-  return np.concatenate(preds)[: len(x)]
+  return evaluation.map_batched(predict, x, batch_size)
 
 
 def evaluate(setup: Setup, experts, aggregator_pre, student_erm, meta_state, **kwargs) -> dict:
@@ -1291,20 +1281,17 @@ def select_on_sources(
   def plain_score(params, stats):
     return float(np.mean([np.mean(preds_of(params, stats, v.x) == v.y) for v in sources_val]))
 
-  def best(scores: dict):
-    return max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
-
   meta_scores = {
     (step, f): adapted_score(m["student"], m["batch_stats"], m["aggregator"], f)
     for step, m in candidates["meta"]
     for f in factors
   }
-  m_step, m_factor = best(meta_scores)
+  m_step, m_factor = stages.choose(meta_scores)
   pre_scores = {
     f: adapted_score(student_erm["params"], student_erm["batch_stats"], aggregator_pre, f)
     for f in factors
   }
-  p_factor = best(pre_scores)
+  p_factor = stages.choose(pre_scores)
   alpha = inner_lr(setup.config, sources_val[0].tokens.shape[-1])
   selection = {
     "meta_dmoe": {
@@ -1326,7 +1313,7 @@ def select_on_sources(
     cont_scores = {
       step: plain_score(c["params"], c["batch_stats"]) for step, c in candidates["erm_continued"]
     }
-    c_step = best(cont_scores)
+    c_step = stages.choose(cont_scores)
     continued = dict(candidates["erm_continued"])[c_step]
     selection["erm_continued"] = {
       "checkpoint_step": c_step,
@@ -1477,33 +1464,6 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   }
 
 
-def _segments(config) -> list[tuple[str, int, int]]:
-  """(stage suffix, first step, last step) of the meta stage's selection checkpoints."""
-  n, steps = config.selection.meta_checkpoints, config.meta.steps
-  ends = [steps * (i + 1) // n for i in range(n)]
-  starts = [0, *ends[:-1]]
-  return [("" if n == 1 else f"_{i + 1}of{n}", a, b) for i, (a, b) in enumerate(zip(starts, ends))]
-
-
-def _run_segments(config, workdir, stage, step_fn, state, *, writer, stage_fields, keep):
-  """Runs `stage` in `selection.meta_checkpoints` segments; returns (state, [(step, kept)])."""
-  kept = []
-  for suffix, start, end in _segments(config):
-    state = stages.run_stage(
-      config,
-      workdir,
-      stage + suffix,
-      lambda st, i, start=start: step_fn(st, i + start),
-      state,
-      end - start,
-      writer=writer,
-      stage_fields=stage_fields,
-    )
-    # Copies: the next segment's step donates `state`.
-    kept.append((end, jax.tree.map(jnp.copy, keep(state))))
-  return state, kept
-
-
 def train_from_features(
   config,
   workdir: str,
@@ -1580,12 +1540,14 @@ def train_from_features(
   # The initial state is built from arrays the earlier stages own; copy so that
   # donation inside the meta loop never invalidates them (they are evaluated later).
   meta = jax.tree.map(jnp.copy, meta)
-  meta, meta_kept = _run_segments(
+  meta, meta_kept = stages.run_in_segments(
     config,
     workdir,
     "meta",
     make_meta_step(setup, tx_s, tx_a, feats),
     meta,
+    config.meta.steps,
+    config.selection.meta_checkpoints,
     writer=writer,
     stage_fields=stage_fields,
     keep=lambda st: {k: st[k] for k in ("student", "aggregator", "batch_stats")},
@@ -1600,12 +1562,14 @@ def train_from_features(
       "opt_state": tx_s.init(student["params"]),
     },
   )
-  _, continued_kept = _run_segments(
+  _, continued_kept = stages.run_in_segments(
     config,
     workdir,
     "erm_continued",
     make_continued_step(setup, tx_s),
     continued,
+    config.meta.steps,
+    config.selection.meta_checkpoints,
     writer=writer,
     stage_fields=stage_fields,
     keep=lambda st: {k: st[k] for k in ("params", "batch_stats")},

@@ -460,14 +460,6 @@ def test_a_target_given_in_the_batch_replaces_the_aggregated_feature(setups):
   assert not np.isclose(zeros, inner_loss(theta, batch, context))
 
 
-def test_meta_segments_cover_the_steps_once():
-  config = tiny_config(**{"meta.steps": 10, "selection.meta_checkpoints": 3})
-  segments = meta_dmoe._segments(config)
-  assert [s for s, _, _ in segments] == ["_1of3", "_2of3", "_3of3"]
-  assert [(a, b) for _, a, b in segments] == [(0, 3), (3, 6), (6, 10)]
-  assert meta_dmoe._segments(tiny_config(**{"selection.meta_checkpoints": 1})) == [("", 0, 4)]
-
-
 @pytest.mark.slow
 def test_run_reports_selection_and_paired_per_example_outcomes(tmp_path):
   config = tiny_config(**{"meta.steps": 4, "selection.meta_checkpoints": 2})

@@ -11,7 +11,6 @@ import pytest
 
 from moe_adapt import data
 from moe_adapt.methods import muka
-from moe_adapt.train import stages
 from tests.methods.muka_util import tiny_config
 
 STEPS = 6
@@ -42,12 +41,6 @@ def test_selection_keeps_the_best_val_checkpoint_of_one_paired_run(tmp_path):
   assert plain["selection"] == {}
   assert plain["metrics"]["vanilla_kd"] == chosen["metrics"]["vanilla_kd"]
   assert plain["per_example"]["vanilla_kd"] == chosen["per_example"]["vanilla_kd"]
-
-
-def test_choose_prefers_the_earlier_of_equal_scores():
-  assert stages.choose({3: 0.5, 6: 0.5}) == 3
-  assert stages.choose({3: 0.4, 6: 0.5}) == 6
-  assert stages.segment_ends(10, 3) == [3, 6, 10]
 
 
 def test_selection_without_validation_data_is_refused(monkeypatch):
