@@ -198,8 +198,8 @@ def reverse_relationship(
 
   Returns:
     float32 [C_t, C_s] with rows summing to 1; with `return_selection`, the pair
-    (relationship, {'C': the chosen C, 'temperature': T, 'val_accuracy': its accuracy}),
-    scalars.
+    (relationship, {'grid_index': the chosen C's index in `l2_grid`, 'C': that C, 'temperature':
+    T, 'val_accuracy': its accuracy}), scalars.
   """
   _check_probs_labels("source_probs", source_probs, "target_labels", target_labels)
   _check_num_classes(num_target_classes)
@@ -237,7 +237,12 @@ def reverse_relationship(
   )
   if not return_selection:
     return relationship
-  selected = {"C": jnp.asarray(grid)[best], "temperature": temperature, "val_accuracy": accuracy}
+  selected = {
+    "grid_index": best,
+    "C": jnp.asarray(grid)[best],
+    "temperature": temperature,
+    "val_accuracy": accuracy,
+  }
   return relationship, selected
 
 

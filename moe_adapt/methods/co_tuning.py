@@ -946,7 +946,12 @@ def compute_relationship(
     max_iter=max_iter,
     return_selection=True,
   )
-  return np.asarray(r), {k: float(v) for k, v in selected.items()}
+  grid = core.category_mapping.DEFAULT_L2_GRID
+  return np.asarray(r), {
+    "C": float(grid[int(selected["grid_index"])]),  # exact, not its float32 copy
+    "temperature": float(selected["temperature"]),
+    "val_accuracy": float(selected["val_accuracy"]),
+  }
 
 
 def relationship_accuracy(
