@@ -91,6 +91,7 @@ CASES = {
     (
       "--config=configs/co_tuning.py:fmnist,tiny",
       "--config.variants=('l2_sp','co_tuning_reverse')",
+      "--config.selection.lr_grid=(0.03,)",  # one candidate: stages named by variant
     ),
     (
       "save:source:2",

@@ -139,7 +139,7 @@ def test_co_tuning_finetune_step_traces_once():
   state = {"params": start, "batch_stats": source["batch_stats"], "opt_state": opt_state}
   state = jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
   relationship = np.full((setup.num_target_classes, setup.num_source_classes), 0.25, np.float32)
-  coefs = {k: np.float32(0.1) for k in ("trade_off", "l2sp_alpha", "l2sp_beta")}
+  coefs = {k: np.float32(0.1) for k in ("trade_off", "l2sp_alpha", "l2sp_beta", "lr_scale")}
   arrays = jax.device_put(
     (setup.x_target, setup.y_target, relationship, source["params"]["backbone"], coefs),
     mesh_lib.replicated(setup.mesh),

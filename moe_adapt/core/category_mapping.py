@@ -163,7 +163,8 @@ def reverse_relationship(
   val_labels: jax.Array | None = None,
   l2_grid: Sequence[float] = DEFAULT_L2_GRID,
   max_iter: int = 100,
-) -> jax.Array:
+  return_selection: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   r"""Co-Tuning's reverse category relationship (Algorithm 1 of You et al., NeurIPS 2020).
 
   1. Fit a multinomial logistic regression without intercept, W ∈ R^{C_t×C_s}, from source
@@ -191,11 +192,14 @@ def reverse_relationship(
     val_labels: optional [M] validation labels; give both validation arrays or neither.
     l2_grid: inverse regularisation strengths C to try. Static (it sets the number of fits).
     max_iter: L-BFGS iterations per C. Static (a loop length).
+    return_selection: also return what was chosen on the validation pair.
 
   Cost: len(l2_grid) × max_iter L-BFGS steps, each a few [N, C_s]×[C_s, C_t] matmuls.
 
   Returns:
-    float32 [C_t, C_s] with rows summing to 1.
+    float32 [C_t, C_s] with rows summing to 1; with `return_selection`, the pair
+    (relationship, {'grid_index': the chosen C's index in `l2_grid`, 'C': that C, 'temperature':
+    T, 'val_accuracy': its accuracy}), scalars.
   """
   _check_probs_labels("source_probs", source_probs, "target_labels", target_labels)
   _check_num_classes(num_target_classes)
@@ -222,7 +226,7 @@ def reverse_relationship(
   if val_source_probs is not None:
     val_source_probs = jnp.asarray(val_source_probs, jnp.float32)
     val_labels = jnp.asarray(val_labels, jnp.int32)
-  return _reverse_relationship(
+  relationship, best, temperature, accuracy = _reverse_relationship(
     jnp.asarray(source_probs, jnp.float32),
     jnp.asarray(target_labels, jnp.int32),
     val_source_probs,
@@ -231,6 +235,15 @@ def reverse_relationship(
     grid=grid,
     max_iter=max_iter,
   )
+  if not return_selection:
+    return relationship
+  selected = {
+    "grid_index": best,
+    "C": jnp.asarray(grid)[best],
+    "temperature": temperature,
+    "val_accuracy": accuracy,
+  }
+  return relationship, selected
 
 
 @functools.partial(jax.jit, static_argnames=("num_target_classes", "grid", "max_iter"))
@@ -243,7 +256,7 @@ def _reverse_relationship(
   num_target_classes: int,
   grid: tuple[float, ...],
   max_iter: int,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   # Jitted so that an eager call compiles once per shapes and options (the L-BFGS fits are
   # by far the largest part); inside a caller's jit it is simply inlined.
   x = jnp.asarray(source_probs, jnp.float32)
@@ -274,7 +287,8 @@ def _reverse_relationship(
   )
   relationship = jax.nn.softmax(log_t_given_s + log_marginal[None, :], axis=1)
   present = _class_counts(labels, num_target_classes)[:, None] > 0
-  return jnp.where(present, relationship, 1.0 / x.shape[1])
+  relationship = jnp.where(present, relationship, 1.0 / x.shape[1])
+  return relationship, best, temperature, accuracy[best]
 
 
 def co_tuning_loss(

