@@ -245,9 +245,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
         "consistency_kl": consistency_curve(workdir, name),
       }
       if trained.selection is not None:
-        entry["selection"] = ft.selection_entry(
-          trained, len(train_set), config.train.batch_size
-        )
+        entry["selection"] = ft.selection_entry(trained, len(train_set), config.train.batch_size)
         entry["dev_accuracy"] = trained.selection["dev_accuracy"]
       if name in config.eval.routing_variants:
         entry["eval"] = evaluate_mixture(
