@@ -43,6 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.target_domains = (LODO_TARGETS[preset][2 if preset == "vader" else -1],)
   c.data.domains = ()
   c.variants = VARIANTS
+  # Epoch training with best-epoch selection on the training domains' validation splits
+  # (docs/finetune.md); 0 = `train.steps` steps and the last step, every example.
+  c.train.epochs = 0
+  c.train.subsample = 0  # training examples per domain (0 = all)
+  c.train.dev_examples = 0  # validation examples per domain for the selection (0 = all)
   return c
 
 

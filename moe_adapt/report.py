@@ -71,7 +71,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     {
       "adamix": "AdaMix, merged (one module's inference cost)",
       "adamix_lora": "AdaMix-LoRA, merged",
-      "adamix_random": "AdaMix: mean of single random routing choices",
+      "adamix_random": "AdaMix: mean of random sub-models, each fixed for the whole test set",
+      "adamix_random_example": "AdaMix: a fresh expert per example and forward (official)",
       "adamix_fixed": "AdaMix: expert 0 everywhere",
       "adamix_no_consistency": "ablation: no consistency regularisation",
       "adamix_no_sharing": "ablation: up-projections routed too",

@@ -118,8 +118,8 @@ CASES = {
     (
       "save:pretrain:2",
       "save:adamix:2",
-      # Inside `adamix.evaluate_mixture` (random routing x2, merged, fixed), before the
-      # variant's entry of the evaluation cache is written.
+      # Inside `adamix.evaluate_mixture` (two random routings of each kind, merged, fixed),
+      # before the variant's entry of the evaluation cache is written.
       "call:moe_adapt.methods.finetune:evaluate_outcomes:3",
       "write:adapter:4",
     ),

@@ -125,23 +125,73 @@ def evaluate_mixture(
   def model(mode: str):
     return ft.build_model(setup, dataclasses.replace(adapter, mixture_inference=mode))
 
-  random_model = model("random")
+  def mean_of(runs: list[dict]) -> dict:
+    return {
+      d: {"accuracy": float(np.mean([r[d]["accuracy"] for r in runs]))} for d in (*domains, "mean")
+    }
+
+  random_model, example_model = model("random"), model("random_example")
   choices = [
     ft.evaluate(setup, random_model, params, domains, routing_key=jax.random.fold_in(key, r))
     for r in range(n)
   ]
-  mean_random = {
-    d: {"accuracy": float(np.mean([c[d]["accuracy"] for c in choices]))} for d in (*domains, "mean")
-  }
+  # Fresh draws per example and forward: each repetition r routes batch b with its own key.
+  example_key = jax.random.fold_in(key, n)
+  fresh = [
+    ft.evaluate(
+      setup,
+      example_model,
+      params,
+      domains,
+      routing_key=jax.random.fold_in(example_key, r),
+      fresh_keys=True,
+    )
+    for r in range(n)
+  ]
   merged, merged_outcomes = ft.evaluate_outcomes(setup, model("merged"), params, domains)
   fixed, fixed_outcomes = ft.evaluate_outcomes(setup, model("fixed"), params, domains)
   return {
     "merged": merged,
     "fixed": fixed,
-    "random": mean_random,
+    "random": mean_of(choices),
+    "random_example": mean_of(fresh),
     "spread": [c["mean"]["accuracy"] for c in choices],
+    "spread_example": [c["mean"]["accuracy"] for c in fresh],
     "per_example": {"merged": merged_outcomes, "fixed": fixed_outcomes},
   }
+
+
+def expert_spread(params: Any, adapter: adapters_lib.AdapterConfig) -> float | None:
+  """How far a mixture's experts lie apart: mean over routed leaves of
+  mean_i ||W_i − mean(W)|| / ||mean(W)|| (Frobenius; kernels and LoRA factors, [M, ...]).
+
+  Near 0: the experts coincide and merging equals any one of them; large: the merged
+  weights are far from every expert trained. None for a single module.
+  """
+  if adapter.kind not in MIXTURES or adapter.num_experts < 2:
+    return None
+  m, ratios = adapter.num_experts, []
+
+  def visit(path, leaf):
+    name = str(path[-1].key)
+    if name in ("kernel", "lora_a", "lora_b") and leaf.ndim == 3 and leaf.shape[0] == m:
+      mean = np.mean(np.asarray(leaf), axis=0)
+      dist = np.mean([np.linalg.norm(np.asarray(leaf[i]) - mean) for i in range(m)])
+      ratios.append(dist / max(np.linalg.norm(mean), 1e-12))
+
+  _, mixtures = adapters_lib.split_params(params)
+  jax.tree_util.tree_map_with_path(visit, mixtures)
+  return float(np.mean(ratios)) if ratios else None
+
+
+def consistency_curve(workdir: str, stage: str) -> list[float]:
+  """The logged consistency KL of `stage` (its epochs' stages too), in step order."""
+  rows = metrics_lib.read_metrics(workdir)
+  return [
+    float(r["consistency"])
+    for r in rows
+    if (r["stage"] == stage or r["stage"].startswith(f"{stage}/")) and "consistency" in r
+  ]
 
 
 def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
@@ -178,7 +228,12 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
         batch_size=config.train.batch_size,
         consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
         key=ft.variant_key(setup),
+        # Mixtures log the KL between two routed passes even when it is not trained on.
+        log_consistency=adapter.kind in MIXTURES,
+        epochs=config.train.get("epochs", 0),
+        select=ft.dev_selector(setup, model, sources),
       )
+      writer.flush()
       entry = {
         "params": ft.param_counts(
           trained.params,
@@ -186,7 +241,12 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
           inference_params=inference_params(trained.params, adapter),
         ),
         "step_time_s": trained.step_time_s,
+        "expert_spread": expert_spread(trained.params, adapter),
+        "consistency_kl": consistency_curve(workdir, name),
       }
+      if trained.selection is not None:
+        entry["selection"] = ft.selection_entry(trained, len(train_set), config.train.batch_size)
+        entry["dev_accuracy"] = trained.selection["dev_accuracy"]
       if name in config.eval.routing_variants:
         entry["eval"] = evaluate_mixture(
           setup, adapter, trained.params, targets, key=setup.key("routing_eval")
@@ -205,6 +265,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
       per_example[name] = outcomes["merged"]
     if "random" in entry["eval"]:
       metrics[f"{name}_random"] = entry["eval"]["random"]
+      if "random_example" in entry["eval"]:
+        metrics[f"{name}_random_example"] = entry["eval"]["random_example"]
       metrics[f"{name}_fixed"] = entry["eval"]["fixed"]
       spread[name] = entry["eval"]["spread"]
       if "fixed" in outcomes:
@@ -217,13 +279,24 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "protocol": config.data.protocol,
     "source_domains": list(sources),
     "target_domains": list(targets),
-    "num_examples": {"train": len(train_set)},
+    "num_examples": {
+      "train": len(train_set),
+      **({"dev": len(setup.task.pooled("val", sources))} if config.train.get("epochs") else {}),
+    },
     "params": {n: cache[n]["params"] for n in config.variants},
     "step_time_s": {n: cache[n]["step_time_s"] for n in config.variants},
     "routing_spread": spread,
     "metrics": metrics,
     results_lib.PER_EXAMPLE: per_example,
+    # Measurements that explain merged vs single: the experts' relative distance from their
+    # mean, and the consistency KL between two routed passes as logged over training.
+    "expert_spread": {n: cache[n].get("expert_spread") for n in config.variants},
+    "consistency_kl": {n: cache[n].get("consistency_kl", []) for n in config.variants},
   }
+  selection = {n: cache[n]["selection"] for n in config.variants if "selection" in cache[n]}
+  if selection:  # epoch training: the selected epochs and the dev curves they come from
+    results["selection"] = selection
+    results["dev_accuracy"] = {n: cache[n]["dev_accuracy"] for n in selection}
   if spread and jax.process_index() == 0:
     plot_routing_spread([results], workdir_lib.as_path(workdir) / SPREAD_PLOT)
   return results

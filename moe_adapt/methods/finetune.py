@@ -155,13 +155,20 @@ def load_task(config) -> Task:
     name: {d: examples(getattr(s, name)) for d, s in loaded.items()}
     for name in ("train", "val", "test")
   }
-  cap = config.eval.max_examples
-  if cap:  # a fixed subset: the same for every seed and method
-    rng = np.random.default_rng(cfg.benchmark_seed)
-    parts["test"] = {
-      d: ex.take(np.sort(rng.permutation(len(ex))[:cap])) if len(ex) > cap else ex
-      for d, ex in parts["test"].items()
-    }
+  # Fixed subsets (the same for every seed and method): test examples per domain, and for
+  # the converged regime a subsampled training set and its dev set (validation split).
+  caps = {
+    "test": config.eval.max_examples,
+    "train": config.train.get("subsample", 0),
+    "val": config.train.get("dev_examples", 0),
+  }
+  for name, cap in caps.items():
+    if cap:
+      rng = np.random.default_rng(cfg.benchmark_seed)
+      parts[name] = {
+        d: ex.take(np.sort(rng.permutation(len(ex))[:cap])) if len(ex) > cap else ex
+        for d, ex in parts[name].items()
+      }
   return Task(
     benchmark=bench.name,
     modality="text" if text else "image",
@@ -189,6 +196,9 @@ def validate_harness_config(config) -> None:
     "log_every",
   ):
     _checks.integer(config, name, 1)
+  for name in ("train.epochs", "train.subsample", "train.dev_examples"):
+    if name.split(".")[1] in config.train:
+      _checks.integer(config, name, 0)
   for name in ("train.lr", "train.lr_full"):
     _checks.number(config, name, low=0.0)
   _checks.number(config, "train.warmup_fraction", low=0.0, high=1.0, low_open=False)
@@ -283,6 +293,13 @@ def make_setup(config) -> Setup:
     backbone_config=backbone_config,
     pretrained=pretrained,
   )
+  hidden = (
+    backbone_config.get("hidden_size", models.vit.ViT.hidden_size)
+    if isinstance(backbone_config, Mapping)
+    else backbone_config.hidden_size
+  )
+  for name in ("bottleneck", "lora_rank"):
+    adapters_lib.check_width(f"adapter.{name}", config.adapter[name], hidden, "the hidden size")
   # Domain fields are checked here, before the CLI writes anything into the workdir, so a
   # corrected command can reuse it.
   if "protocol" in config.data:
@@ -411,6 +428,18 @@ def make_optimizer(steps: int, lr: float, *, warmup_fraction: float, weight_deca
   return optax.adamw(schedule, weight_decay=weight_decay)
 
 
+def epoch_batch(
+  key: jax.Array, step: jax.Array, num_examples: int, *, batch_size: int, epoch_steps: int
+) -> jax.Array:
+  """Indices [batch_size] of step `step` in epoch training: batch `step mod epoch_steps` of
+  a permutation of the examples drawn per epoch from `key` (the last batch of an epoch
+  wraps round to the permutation's start)."""
+  # The permutations' keys: a branch of `key` that the per-step keys (fold_in) never take.
+  perm_key = jax.random.fold_in(jax.random.split(key)[0], step // epoch_steps)
+  position = (step % epoch_steps) * batch_size + jnp.arange(batch_size)
+  return jax.random.permutation(perm_key, num_examples)[position % num_examples]
+
+
 def make_train_step(
   setup: Setup,
   model: nn.Module,
@@ -418,23 +447,32 @@ def make_train_step(
   *,
   batch_size: int,
   consistency_weight: float = 0.0,
+  log_consistency: bool = False,
+  epoch_steps: int = 0,
 ) -> Callable:
   """`jitted(state, step, key, frozen, *inputs, labels)`: one AdamW step on a sampled batch.
 
   loss = mean CE(pass 1) [+ w · mean symmetric_kl(pass 1, pass 2) with stop-gradient
   targets, pass 2 a second forward with fresh dropout and routing draws — AdaMix's
-  consistency regulariser]. `state` = {'params': trainable tree, 'opt_state'}; `frozen`
-  is the rest of the parameters; the training arrays live on device and batches are drawn
-  in-jit from `fold_in(key, step)`, so resumed runs are bitwise identical. The key is an
-  argument, not a constant, so stages differing only in it compile to the same program
-  (a persistent compilation cache then serves them all).
+  consistency regulariser; its value is the 'consistency' metric, computed without a
+  gradient for w = 0 when `log_consistency`]. `state` = {'params': trainable tree,
+  'opt_state'}; `frozen` is the rest of the parameters; the training arrays live on device
+  and batches are drawn in-jit from `fold_in(key, step)` (with replacement; with
+  `epoch_steps` > 0 without: step t takes batch t mod epoch_steps of a permutation drawn per
+  epoch, the last batch of an epoch wrapping round to its start), so resumed runs are
+  bitwise identical. The key is an argument, not a constant, so stages differing only in it
+  compile to the same program (a persistent compilation cache then serves them all).
   """
 
   def step(state, step, key, frozen, *arrays):
     *inputs, labels = arrays
     k = jax.random.fold_in(key, step)
     idx_key, d1, r1, d2, r2 = jax.random.split(k, 5)
-    idx = jax.random.randint(idx_key, (batch_size,), 0, labels.shape[0])
+    n = labels.shape[0]
+    if epoch_steps:
+      idx = epoch_batch(key, step, n, batch_size=batch_size, epoch_steps=epoch_steps)
+    else:
+      idx = jax.random.randint(idx_key, (batch_size,), 0, n)
     batch = [setup.constrain(a[idx]) for a in inputs]
     y = labels[idx]
 
@@ -450,10 +488,12 @@ def make_train_step(
       params = join(frozen, trainable)
       logits = forward(params, d1, r1)
       ce = jnp.mean(core.losses.cross_entropy(logits, y))
-      if not consistency_weight:
+      if not consistency_weight and not log_consistency:
         return ce, {"ce": ce}
       logits2 = forward(params, d2, r2)
       reg = jnp.mean(core.losses.symmetric_kl(logits, logits2, stop_gradient_targets=True))
+      if not consistency_weight:  # logged only: no gradient through the second pass
+        return ce, {"ce": ce, "consistency": jax.lax.stop_gradient(reg)}
       return ce + consistency_weight * reg, {"ce": ce, "consistency": reg}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -465,10 +505,20 @@ def make_train_step(
 
 
 class Trained(NamedTuple):
-  """A trained model: its full params and the measured cost of one training step (s)."""
+  """A trained model: its full params and the measured cost of one training step (s).
+
+  `selection` (epoch training with a dev set only): {'epoch': the selected epoch (1-based),
+  'dev_accuracy': [one per epoch]}; `params` are that epoch's.
+  """
 
   params: PyTree
   step_time_s: float
+  selection: dict[str, Any] | None = None
+
+
+def epoch_steps(num_examples: int, batch_size: int) -> int:
+  """Steps of one pass over `num_examples` (the last batch wraps round): ceil(N / B)."""
+  return -(-num_examples // batch_size)
 
 
 def train(
@@ -488,6 +538,9 @@ def train(
   stage_fields: Mapping[str, Sequence[str]] | None = None,
   time_steps: bool = True,
   key: jax.Array | None = None,
+  log_consistency: bool = False,
+  epochs: int = 0,
+  select: Callable[[PyTree], float] | None = None,
 ) -> Trained:
   """Trains the `train_mode` part of `params` on `examples` as stage `stage` (resumable).
 
@@ -495,11 +548,20 @@ def train(
   dropout and routing draws; the compared variants of one run pass the same key
   (`variant_key`), so that they see the same batches and random streams.
 
+  With `epochs` > 0, `steps` is ignored: `epochs` passes over `examples` (`epoch_steps`
+  steps each, a fresh permutation per epoch, one learning-rate schedule over all), each
+  its own stage `<stage>/epoch_<e>`; `select(full params) -> dev accuracy` then picks the
+  epoch whose end state is returned (the first best, as the paper's best-epoch
+  selection; without `select`, the last).
+
   Returns the full params and the seconds per step, timed on `TIMED_STEPS` extra steps of
   the compiled step on a copy of the final state (the copy is discarded); with
   `time_steps=False` nothing is timed (NaN) and a restored stage compiles nothing.
   """
   cfg = setup.config.train
+  per_epoch = epoch_steps(len(examples), batch_size) if epochs else 0
+  if epochs:
+    steps = epochs * per_epoch
   tx = make_optimizer(steps, lr, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay)
   frozen, trainable = split_trainable(params, train_mode)
   # A copy: the step donates its state, and callers share backbone leaves between models.
@@ -513,20 +575,53 @@ def train(
     tx,
     batch_size=batch_size,
     consistency_weight=consistency_weight,
+    log_consistency=log_consistency,
+    epoch_steps=per_epoch,
   )
   bound = stages.bind(step_fn, setup.key(stage) if key is None else key, *arrays)
-  state = stages.run_stage(
-    setup.config,
-    workdir,
-    stage,
-    bound,
-    state,
-    steps,
-    writer=writer,
-    stage_fields=stage_fields or {},
-  )
+  selection = None
+  if not epochs:
+    state = stages.run_stage(
+      setup.config,
+      workdir,
+      stage,
+      bound,
+      state,
+      steps,
+      writer=writer,
+      stage_fields=stage_fields or {},
+    )
+    final = state["params"]
+  else:
+    dev, best, final = [], -1.0, None
+    for epoch in range(epochs):
+      offset = epoch * per_epoch
+
+      def shifted(state, step, offset=offset):
+        return bound(state, step + offset)
+
+      state = stages.run_stage(
+        setup.config,
+        workdir,
+        f"{stage}/epoch_{epoch + 1:03d}",
+        shifted,
+        state,
+        per_epoch,
+        writer=writer,
+        stage_fields={},
+      )
+      if select is None:
+        continue
+      dev.append(float(select(join(frozen, state["params"]))))
+      if dev[-1] > best:  # a host copy: the next step donates the state's buffers
+        best, final = dev[-1], jax.device_get(state["params"])
+    if select is None:
+      final = state["params"]
+    else:
+      final = jax.tree.map(jnp.asarray, final)
+      selection = {"epoch": int(np.argmax(dev)) + 1, "dev_accuracy": dev}
   if not time_steps:
-    return Trained(join(frozen, state["params"]), float("nan"))
+    return Trained(join(frozen, final), float("nan"), selection)
   probe = jax.tree.map(jnp.copy, state)
   probe, _ = bound(probe, jnp.int32(0))  # compiled already unless the stage was restored
   jax.block_until_ready(probe)
@@ -535,7 +630,7 @@ def train(
     probe, _ = bound(probe, jnp.int32(i))
   jax.block_until_ready(probe)
   step_time = (time.perf_counter() - start) / TIMED_STEPS
-  return Trained(join(frozen, state["params"]), step_time)
+  return Trained(join(frozen, final), step_time, selection)
 
 
 # ----------------------------------------------------------------------------
@@ -555,15 +650,18 @@ def _apply_batch(model: nn.Module, method: str, params: PyTree, key: jax.Array, 
   )
 
 
-def _batched(model, method, params, examples: Examples, batch_size: int, key) -> np.ndarray:
+def _batched(
+  model, method, params, examples: Examples, batch_size: int, key, fresh_keys: bool = False
+) -> np.ndarray:
   n = len(examples)
   out = []
   for start in range(0, n, batch_size):
+    batch_key = jax.random.fold_in(key, start) if fresh_keys else key
     chunk = [a[start : start + batch_size] for a in examples.inputs]
     pad = batch_size - len(chunk[0])
     if pad:  # fixed shapes: one compile
       chunk = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in chunk]
-    out.append(np.asarray(_apply_batch(model, method, params, key, *chunk)))
+    out.append(np.asarray(_apply_batch(model, method, params, batch_key, *chunk)))
   return np.concatenate(out)[:n]
 
 
@@ -574,11 +672,13 @@ def predict_logits(
   *,
   batch_size: int,
   routing_key: jax.Array | None = None,
+  fresh_keys: bool = False,
 ) -> np.ndarray:
-  """Eval-mode logits [N, C]. Routed mixtures in 'random' inference mode draw from
-  `routing_key`; the same key is used for every batch, i.e. one fixed random sub-model."""
+  """Eval-mode logits [N, C]. Routed mixtures in a random inference mode draw from
+  `routing_key`: the same key for every batch (one fixed random sub-model in 'random'
+  mode), or with `fresh_keys` one derived per batch (fresh draws on every forward)."""
   key = jax.random.key(0) if routing_key is None else routing_key
-  return _batched(model, "__call__", params, examples, batch_size, key)
+  return _batched(model, "__call__", params, examples, batch_size, key, fresh_keys)
 
 
 def embed(setup: Setup, model: nn.Module, params: PyTree, examples: Examples) -> np.ndarray:
@@ -595,13 +695,22 @@ def evaluate_outcomes(
   *,
   split: str = "test",
   routing_key: jax.Array | None = None,
+  fresh_keys: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
   """`evaluate`'s metrics and the per-example outcomes ({domain: results_lib.outcomes})."""
   out, per_example = {}, {}
-  for d in domains:
+  for i, d in enumerate(domains):
     ex = getattr(setup.task, split)[d]
+    key = routing_key
+    if fresh_keys:  # each domain's batches get their own keys too
+      key = jax.random.fold_in(jax.random.key(0) if key is None else key, i)
     logits = predict_logits(
-      model, params, ex, batch_size=setup.config.eval_batch_size, routing_key=routing_key
+      model,
+      params,
+      ex,
+      batch_size=setup.config.eval_batch_size,
+      routing_key=key,
+      fresh_keys=fresh_keys,
     )
     per_example[d] = results_lib.outcomes(logits, ex.labels)
     out[d] = {"accuracy": results_lib.accuracy(per_example[d])}
@@ -617,9 +726,12 @@ def evaluate(
   *,
   split: str = "test",
   routing_key: jax.Array | None = None,
+  fresh_keys: bool = False,
 ) -> dict[str, dict[str, float]]:
   """{domain: {'accuracy'}, 'mean': {'accuracy'}} on `split` of `domains` (mean over domains)."""
-  return evaluate_outcomes(setup, model, params, domains, split=split, routing_key=routing_key)[0]
+  return evaluate_outcomes(
+    setup, model, params, domains, split=split, routing_key=routing_key, fresh_keys=fresh_keys
+  )[0]
 
 
 def param_counts(params: PyTree, *, train_mode: str, inference_params: PyTree) -> dict[str, int]:
@@ -745,6 +857,23 @@ def variant_key(setup: Setup) -> jax.Array:
   return setup.key("variants")
 
 
+def dev_selector(
+  setup: Setup, model: nn.Module, domains: Sequence[str]
+) -> Callable[[PyTree], float] | None:
+  """`train`'s `select` in epoch training (`train.epochs` > 0): the mean accuracy over
+  `domains` of their validation splits (`train.dev_examples` per domain, 0 = all), never
+  the test splits; None without epochs."""
+  if not setup.config.train.get("epochs", 0):
+    return None
+  return lambda params: evaluate(setup, model, params, domains, split="val")["mean"]["accuracy"]
+
+
+def selection_entry(trained: Trained, num_examples: int, batch_size: int) -> dict[str, Any]:
+  """results.json `selection` of one variant: the selected epoch and its last step."""
+  epoch = trained.selection["epoch"]
+  return {"epoch": epoch, "checkpoint_step": epoch * epoch_steps(num_examples, batch_size)}
+
+
 def variant_lr(config, train_mode: str) -> float:
   """`train.lr_full` for full fine-tuning, `train.lr` otherwise."""
   return config.train.lr_full if train_mode == "all" else config.train.lr
@@ -762,7 +891,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   )
   writer = metrics_lib.MetricWriter(workdir)
   backbone = pretrained_backbone(setup, workdir, writer)
-  metrics, per_example, counts, step_time = {}, {}, {}, {}
+  metrics, per_example, counts, step_time, selection, dev = {}, {}, {}, {}, {}, {}
   for variant in config.variants:
     kind, train_mode = VARIANTS[variant]
     adapter = adapter_config(config, kind)
@@ -781,7 +910,12 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       lr=variant_lr(config, train_mode),
       batch_size=config.train.batch_size,
       key=variant_key(setup),
+      epochs=config.train.get("epochs", 0),
+      select=dev_selector(setup, model, sources),
     )
+    if trained.selection is not None:
+      selection[variant] = selection_entry(trained, len(train_set), config.train.batch_size)
+      dev[variant] = trained.selection["dev_accuracy"]
     metrics[variant], per_example[variant] = evaluate_outcomes(
       setup, model, trained.params, targets
     )
@@ -793,7 +927,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     )
     step_time[variant] = trained.step_time_s
   writer.close()
-  return {
+  results = {
     "method": "finetune",
     "benchmark": config.data.benchmark,
     "seed": config.seed,
@@ -806,3 +940,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "metrics": metrics,
     results_lib.PER_EXAMPLE: per_example,
   }
+  if selection:  # epoch training: the selected epochs and the dev curves they come from
+    results["selection"] = selection
+    results["dev_accuracy"] = dev
+  return results

@@ -8,7 +8,8 @@ Importing this module registers two `AdapterConfig` kinds (`moe_adapt.models` im
   residual add (the Pfeiffer place): M bottleneck adapters `x + up(act(down(x)))`;
 - 'adamix_lora': the projections in `config.lora_targets` become `MixtureLoRADense`:
   a frozen base kernel plus `(alpha/r)·dropout(x)·A_i·B_i` with M routed copies of A and/or
-  B (with both routed, expert i is the pair (A_i, B_i): one draw routes both).
+  B (with both routed, A and B are drawn separately, as the official code, or as pairs
+  (A_i, B_i) with `lora_pairing='paired'`).
 
 Routing. In training (`deterministic=False`) every routed projection of every layer draws
 ONE expert for the whole batch with `core.routing.random_route` on its own key from the
@@ -23,9 +24,12 @@ Inference (`deterministic=True`) follows `config.mixture_inference`:
 - 'merged' (AdaMix's default): the uniform average of the experts' weights, applied as ONE
   module (single-adapter FLOPs). `merge_mixture_params` turns a trained tree into the
   equivalent single-adapter tree ('pfeiffer', or the plain backbone for LoRA);
-- 'random': route at random as in training. A caller who passes the SAME 'routing' key to
-  every eval batch evaluates one fixed random sub-model (the keys derived per layer do not
-  depend on the batch); different keys give the spread of single routing choices;
+- 'random': route at random as in training (one expert per projection for the whole
+  batch). A caller who passes the SAME 'routing' key to every eval batch evaluates one
+  fixed random sub-model (the keys derived per layer do not depend on the batch);
+  different keys give the spread of single routing choices;
+- 'random_example': a fresh expert per example and projection on every forward (the
+  official code's stochastic inference; different keys per batch give fresh draws);
 - 'fixed': always expert `config.fixed_expert` (the paper's "route to module 1" ablation).
 
 Parameters (stacked on a leading expert axis; a shared projection has no expert axis):
@@ -65,12 +69,15 @@ MIXTURE_KINDS = ("adamix", "adamix_lora")
 
 
 def _mode(deterministic: bool, mixture_inference: str) -> str:
-  """'random', 'merged' or 'fixed': what this forward call does with the experts."""
+  """A `MIXTURE_INFERENCE` mode: what this forward call does with the experts."""
   return "random" if not deterministic else mixture_inference
 
 
-def _expert_index(module: nn.Module, mode: str, num_experts: int, fixed_expert: int) -> jax.Array:
-  """The expert one routed projection uses on this call: int32 [] ('random' or 'fixed')."""
+def _expert_index(
+  module: nn.Module, mode: str, num_experts: int, fixed_expert: int, batch: int
+) -> jax.Array:
+  """The expert(s) one routed projection uses on this call: int32 [] ('random', 'fixed') or
+  [batch] ('random_example': one per example)."""
   if mode == "fixed":
     return jnp.asarray(fixed_expert, jnp.int32)
   # Flax falls back to the 'params' stream (e.g. during init); without either it would raise
@@ -81,12 +88,30 @@ def _expert_index(module: nn.Module, mode: str, num_experts: int, fixed_expert: 
       f"{where}: AdaMix routing needs a {ROUTING_RNG!r} PRNG key in training and with "
       f"mixture_inference='random'; call apply(..., rngs={{'{ROUTING_RNG}': key}})"
     )
-  return routing.random_route(module.make_rng(ROUTING_RNG), num_experts)
+  shape = (batch,) if mode == "random_example" else ()
+  return routing.random_route(module.make_rng(ROUTING_RNG), num_experts, shape)
 
 
 def _take(stacked: jax.Array, index: jax.Array) -> jax.Array:
-  """Slice `index` of the leading expert axis; its gradient is zero on the other slices."""
+  """Slice `index` [] of the leading expert axis (its gradient is zero on the other slices),
+  or the slices [B, ...] of per-example indices [B]."""
+  if jnp.ndim(index):
+    return stacked[index]
   return jax.lax.dynamic_index_in_dim(stacked, index, axis=0, keepdims=False)
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, ..., i] @ w: one w [i, o] for all, or w [B, i, o] per example → [B, ..., o]."""
+  if w.ndim == 2:
+    return jnp.dot(x, w)
+  return jnp.einsum("b...i,bio->b...o", x, w)
+
+
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y [B, ..., o] + bias [o] (shared) or [B, o] (per example)."""
+  if bias.ndim == 1:
+    return y + bias
+  return y + bias.reshape(bias.shape[:1] + (1,) * (y.ndim - 2) + bias.shape[1:])
 
 
 def _stacked_init(init: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -156,14 +181,14 @@ class MixtureDense(nn.Module):
         merged = merging.weighted_average({"kernel": kernel, "bias": bias})
         kernel, bias = merged["kernel"], merged["bias"]
       else:
-        index = _expert_index(self, mode, m, self.fixed_expert)
+        index = _expert_index(self, mode, m, self.fixed_expert, x.shape[0])
         self.sow("intermediates", "expert", index)
         kernel, bias = _take(kernel, index), _take(bias, index)
     else:
       kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return _add_bias(_matmul(x.astype(dtype), kernel.astype(dtype)), bias.astype(dtype))
 
 
 class MixtureAdapter(nn.Module):
@@ -209,6 +234,7 @@ class MixtureAdapter(nn.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     if x.shape[-1] != self.dim:
       raise ValueError(f"MixtureAdapter(dim={self.dim}) got input with last axis {x.shape}")
+    adapters_lib.check_width("bottleneck", self.bottleneck, self.dim, "the hidden size")
 
     def dense(features: int, routed: bool, name: str) -> MixtureDense:
       return MixtureDense(
@@ -228,23 +254,31 @@ class MixtureAdapter(nn.Module):
     return x + h.astype(x.dtype)
 
 
-def mixture_lora_delta(lora_a: jax.Array, lora_b: jax.Array, *, scale: float) -> jax.Array:
+def mixture_lora_delta(
+  lora_a: jax.Array, lora_b: jax.Array, *, scale: float, pairing: str = "independent"
+) -> jax.Array:
   """The merged LoRA update ΔW [in, out] of one mixture projection.
 
   A routed leaf carries the expert axis (lora_a [M, in, r], lora_b [M, r, out]):
 
   - B shared: ΔW = scale·mean_i(A_i)·B, which equals mean_i(scale·A_i·B) exactly;
   - A shared: ΔW = scale·A·mean_i(B_i);
-  - both routed: ΔW = scale·mean_i(A_i·B_i), averaged in ΔW space; mean(A)·mean(B) would
-    add the cross terms A_i·B_j (i ≠ j).
+  - both routed, pairing='independent' (the official code, A and B drawn separately):
+    ΔW = scale·mean_i(A_i)·mean_j(B_j), the mean over the M² sub-models A_i·B_j trained;
+  - both routed, pairing='paired' (expert i = the pair (A_i, B_i)): ΔW =
+    scale·mean_i(A_i·B_i), averaged in ΔW space without the cross terms A_i·B_j (i ≠ j).
   """
+  if pairing not in adapters_lib.LORA_PAIRINGS:
+    raise ValueError(
+      f"pairing={pairing!r} is unknown; accepted: {', '.join(adapters_lib.LORA_PAIRINGS)}"
+    )
   a_routed, b_routed = jnp.ndim(lora_a) == 3, jnp.ndim(lora_b) == 3
   if jnp.ndim(lora_a) not in (2, 3) or jnp.ndim(lora_b) not in (2, 3):
     raise ValueError(
       f"lora_a {jnp.shape(lora_a)} and lora_b {jnp.shape(lora_b)}; accepted: [M, in, r] or "
       "[in, r], and [M, r, out] or [r, out]"
     )
-  if a_routed and b_routed:
+  if a_routed and b_routed and pairing == "paired":
     return scale * merging.weighted_average(jnp.einsum("mir,mro->mio", lora_a, lora_b))
   a = merging.weighted_average(lora_a) if a_routed else lora_a
   b = merging.weighted_average(lora_b) if b_routed else lora_b
@@ -258,9 +292,10 @@ class MixtureLoRADense(nn.Module):
   pretrained weights load unchanged. lora_a [M, in, r] starts as M identical copies of one
   Kaiming-uniform draw (AdaMix-LoRA deep-copies one A), lora_b starts at zero, so at init
   the output equals the base layer's exactly. With share='up' B is one shared [r, out]
-  (AdaMix's setting), with 'down' A is one shared [in, r], with 'none' both are routed.
-  In the merged forward `x W + b + x ΔW` uses ΔW of `mixture_lora_delta` (for a shared B
-  as the low-rank product (x·mean(A))·B).
+  (AdaMix's setting), with 'down' A is one shared [in, r], with 'none' both are routed:
+  by separate draws (pairing='independent', the official code) or as pairs (A_i, B_i) by
+  one draw ('paired'). In the merged forward `x W + b + x ΔW` uses ΔW of
+  `mixture_lora_delta` (except for 'paired', as the low-rank product (x·mean(A))·mean(B)).
 
   Attributes:
     features: output width.
@@ -270,6 +305,7 @@ class MixtureLoRADense(nn.Module):
     share: 'up' (B shared), 'down' (A shared) or 'none'.
     mixture_inference: 'merged', 'random' or 'fixed'.
     fixed_expert: the expert of mixture_inference='fixed'.
+    pairing: share='none' only: 'independent' or 'paired' (see `adapters.AdapterConfig`).
     dropout_rate: dropout on the LoRA branch's input during training.
     use_bias: whether the base layer has a bias.
     kernel_init: initialiser of the base kernel.
@@ -283,6 +319,7 @@ class MixtureLoRADense(nn.Module):
   share: str = "up"
   mixture_inference: str = "merged"
   fixed_expert: int = 0
+  pairing: str = "independent"
   dropout_rate: float = 0.0
   use_bias: bool = True
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
@@ -320,26 +357,29 @@ class MixtureLoRADense(nn.Module):
     h = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     scale = self.alpha / self.rank
     mode = _mode(deterministic, self.mixture_inference)
-    if mode == "merged" and a_routed and b_routed:
-      # Averaging A and B separately would add cross terms; merge in ΔW space.
-      delta = mixture_lora_delta(lora_a, lora_b, scale=scale)
+    paired = a_routed and b_routed and self.pairing == "paired"
+    if mode == "merged" and paired:
+      # Pairs (A_i, B_i): averaging A and B separately would add cross terms; merge in ΔW.
+      delta = mixture_lora_delta(lora_a, lora_b, scale=scale, pairing="paired")
       return y + jnp.dot(h, delta.astype(dtype))
     if mode == "merged":
       a = merging.weighted_average(lora_a) if a_routed else lora_a
       b = merging.weighted_average(lora_b) if b_routed else lora_b
     else:
       a, b = lora_a, lora_b
-      # With both routed, an expert is the pair (A_i, B_i): one draw for both, so the
-      # sub-models seen in training are the M updates A_i·B_i whose mean the merge takes
-      # (independent draws would train every A_i·B_j, whose mean is mean(A)·mean(B)).
-      index = _expert_index(self, mode, m, self.fixed_expert)
+      batch = x.shape[0]
+      # 'paired': one draw routes A and B, so training sees the M updates A_i·B_i;
+      # 'independent' (official): separate draws, training sees all M² products A_i·B_j.
+      index = _expert_index(self, mode, m, self.fixed_expert, batch)
       if a_routed:
         self.sow("intermediates", "expert_a", index)
         a = _take(lora_a, index)
       if b_routed:
+        if a_routed and not paired:
+          index = _expert_index(self, mode, m, self.fixed_expert, batch)
         self.sow("intermediates", "expert_b", index)
         b = _take(lora_b, index)
-    update = jnp.dot(jnp.dot(h, a.astype(dtype)), b.astype(dtype))
+    update = _matmul(_matmul(h, a.astype(dtype)), b.astype(dtype))
     return y + scale * update
 
 
@@ -371,6 +411,7 @@ def _make_projection(
     config.share,
     config.mixture_inference,
     config.fixed_expert,
+    config.lora_pairing,
     dropout_rate=config.lora_dropout,
     name=name,
     **kwargs,
@@ -452,7 +493,9 @@ def merge_mixture_params(
     _check_leaf(tree["lora_a"], config.share != "down", m, f"{path}/lora_a")
     _check_leaf(tree["lora_b"], config.share != "up", m, f"{path}/lora_b")
     out = {k: v for k, v in tree.items() if not k.startswith("lora")}
-    delta = mixture_lora_delta(tree["lora_a"], tree["lora_b"], scale=config.lora_scale)
+    delta = mixture_lora_delta(
+      tree["lora_a"], tree["lora_b"], scale=config.lora_scale, pairing=config.lora_pairing
+    )
     out["kernel"] = tree["kernel"] + delta.astype(tree["kernel"].dtype)
     return out
 

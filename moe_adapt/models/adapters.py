@@ -49,7 +49,11 @@ HEAD_KEY = "head"
 TRAIN_MODES = ("adapters", "head", "all")
 # Mixture options (AdaMix): which projection has one shared copy, and what an eval forward does.
 SHARES = ("none", "up", "down")
-MIXTURE_INFERENCE = ("merged", "random", "fixed")
+MIXTURE_INFERENCE = ("merged", "random", "random_example", "fixed")
+# Where a bottleneck adapter sits relative to its sublayer's dropout (see `AdapterConfig`).
+POSITIONS = ("after_dropout", "before_dropout")
+# How AdaMix-LoRA with share='none' routes and merges A and B (see `AdapterConfig`).
+LORA_PAIRINGS = ("independent", "paired")
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -88,9 +92,19 @@ class AdapterConfig:
       'down' (down-projection / LoRA A) or 'none' (both routed).
     mixture_inference: what a deterministic (eval) forward of a mixture does, from
       `MIXTURE_INFERENCE`: 'merged' (uniform average of the experts' weights applied as one
-      module, AdaMix's default), 'random' (random routing as in training; needs a
-      'routing' rng) or 'fixed' (always expert `fixed_expert`).
+      module, AdaMix's default), 'random' (random routing as in training, one expert per
+      projection for the whole batch; needs a 'routing' rng), 'random_example' (a fresh
+      expert per example and projection on every forward, as the official code's random
+      inference; needs a 'routing' rng) or 'fixed' (always expert `fixed_expert`).
     fixed_expert: the expert index used by mixture_inference='fixed', in [0, num_experts).
+    position: where bottleneck adapters sit in their sublayer, from `POSITIONS`:
+      'after_dropout' (dense → dropout → adapter → residual + LN; Houlsby's and Pfeiffer's
+      code) or 'before_dropout' (dense → adapter → dropout → residual + LN; the official
+      AdaMix code).
+    lora_pairing: AdaMix-LoRA with share='none' only, from `LORA_PAIRINGS`:
+      'independent' (the official code: A and B routed by separate draws, merged as
+      mean(A)·mean(B)) or 'paired' (expert i is the pair (A_i, B_i), one draw routes both,
+      merged as mean(A_i·B_i)).
   """
 
   kind: str = "none"
@@ -105,6 +119,8 @@ class AdapterConfig:
   share: str = "up"
   mixture_inference: str = "merged"
   fixed_expert: int = 0
+  position: str = "after_dropout"
+  lora_pairing: str = "independent"
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -126,6 +142,12 @@ class AdapterConfig:
       mixture_inference=self.mixture_inference,
       fixed_expert=self.fixed_expert,
     )
+    if self.position not in POSITIONS:
+      raise ValueError(f"position={self.position!r} is unknown; accepted: {', '.join(POSITIONS)}")
+    if self.lora_pairing not in LORA_PAIRINGS:
+      raise ValueError(
+        f"lora_pairing={self.lora_pairing!r} is unknown; accepted: {', '.join(LORA_PAIRINGS)}"
+      )
     # Lists from config files become tuples, so the config stays hashable.
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = [t for t in self.lora_targets if t not in PROJECTIONS]
@@ -138,6 +160,12 @@ class AdapterConfig:
   @property
   def lora_scale(self) -> float:
     return self.lora_alpha / self.lora_rank
+
+
+def check_width(name: str, value: int, limit: int, what: str) -> None:
+  """Raises ValueError unless 1 <= value <= limit (e.g. a bottleneck within the hidden size)."""
+  if not 1 <= value <= limit:
+    raise ValueError(f"{name}={value} exceeds {what} {limit}; accepted: an int in [1, {limit}]")
 
 
 def check_mixture_options(
@@ -235,6 +263,7 @@ class BottleneckAdapter(nn.Module):
     del deterministic
     if x.shape[-1] != self.dim:
       raise ValueError(f"BottleneckAdapter(dim={self.dim}) got input with last axis {x.shape}")
+    check_width("bottleneck", self.bottleneck, self.dim, "the hidden size")
     init = nn.initializers.normal(self.init_scale)
     h = Dense(self.bottleneck, kernel_init=init, dtype=self.dtype, name="down")(x)
     h = activation_fn(self.activation)(h)

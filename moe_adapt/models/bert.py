@@ -198,6 +198,7 @@ class TransformerBlock(nn.Module):
 
   post-LN: x = LN(x + adapter_attention(drop(attn(x)))); x = LN(x + adapter_mlp(drop(ffn(x))))
   pre-LN:  x = x + adapter_attention(drop(attn(LN(x)))); x = x + adapter_mlp(drop(ffn(LN(x))))
+  With `adapter.position='before_dropout'` the adapter comes first: drop(adapter(ffn(x))).
   Adapters that `adapter` does not ask for are skipped (identity).
   """
 
@@ -222,12 +223,17 @@ class TransformerBlock(nn.Module):
     def sublayer(x: jax.Array, placement: str, fn: Any, norm: str) -> jax.Array:
       layer_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=norm)
       h = fn(layer_norm(x) if self.pre_norm else x)
-      h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
       adapter = adapters_lib.make_adapter(
         cfg, placement, dim, name=f"adapter_{placement}", dtype=self.dtype
       )
-      if adapter is not None:
-        h = adapter(h, deterministic=deterministic)
+      dropout = nn.Dropout(self.dropout_rate)
+      # cfg.position: the official AdaMix code adapts before the dropout, Houlsby's after.
+      if adapter is not None and cfg.position == "before_dropout":
+        h = dropout(adapter(h, deterministic=deterministic), deterministic=deterministic)
+      else:
+        h = dropout(h, deterministic=deterministic)
+        if adapter is not None:
+          h = adapter(h, deterministic=deterministic)
       return x + h if self.pre_norm else layer_norm(x + h)
 
     def attention(y: jax.Array) -> jax.Array:

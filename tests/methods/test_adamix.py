@@ -211,14 +211,16 @@ def mixture():
   return setup, model, params, setup.task.train["rot75"]
 
 
-def _step(mixture, weight: float, step: int, key):
+def _step(mixture, weight: float, step: int, key, log_consistency: bool = False):
   """One step of `make_train_step` with consistency weight `weight`: its metrics."""
   setup, model, params, examples = mixture
   tx = ft.make_optimizer(10, 1e-3, warmup_fraction=0.0, weight_decay=0.0)
   frozen, trainable = ft.split_trainable(params, "adapters")
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state
   state = {"params": trainable, "opt_state": jax.jit(tx.init)(trainable)}
-  fn = ft.make_train_step(setup, model, tx, batch_size=8, consistency_weight=weight)
+  fn = ft.make_train_step(
+    setup, model, tx, batch_size=8, consistency_weight=weight, log_consistency=log_consistency
+  )
   _, metrics = fn(state, jnp.int32(step), key, frozen, *examples.inputs, examples.labels)
   return {k: float(v) for k, v in metrics.items()}
 
@@ -272,12 +274,78 @@ def test_consistency_loss_is_ce_plus_weighted_symmetric_kl_of_two_routed_passes(
   assert got["loss"] == pytest.approx(ce + weight * reg, rel=1e-5)
 
 
+def _symmetric_kl(logits1: np.ndarray, logits2: np.ndarray) -> float:
+  log_p, log_q = _log_softmax(logits1), _log_softmax(logits2)
+  kl_pq = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+  kl_qp = np.sum(np.exp(log_q) * (log_q - log_p), axis=-1)
+  return float(np.mean(0.5 * (kl_pq + kl_qp)))
+
+
 def test_weight_zero_is_plain_cross_entropy_of_one_pass(mixture, reference_passes):
   got = _step(mixture, 0.0, STEP, jax.random.key(KEY_SEED))
-  logits1, _, labels = reference_passes
+  logits1, logits2, labels = reference_passes
   ce = -np.mean(_log_softmax(logits1)[np.arange(len(labels)), labels])
   assert set(got) == {"loss", "ce"}
   assert got["loss"] == got["ce"] == pytest.approx(ce, rel=1e-5)
+  # Logged only (what the method does for mixtures): the same KL, not in the loss.
+  logged = _step(mixture, 0.0, STEP, jax.random.key(KEY_SEED), log_consistency=True)
+  assert logged["loss"] == logged["ce"] == pytest.approx(ce, rel=1e-5)
+  assert logged["consistency"] == pytest.approx(_symmetric_kl(logits1, logits2), rel=1e-4, abs=1e-7)
+
+
+def test_epoch_batches_cover_every_example_once_per_epoch():
+  key, n, size = jax.random.key(0), 24, 8
+
+  def batch(step):
+    return ft.epoch_batch(key, jnp.int32(step), n, batch_size=size, epoch_steps=3)
+
+  epochs = [np.concatenate([batch(e * 3 + s) for s in (0, 1, 2)]) for e in range(2)]
+  for idx in epochs:
+    assert sorted(idx.tolist()) == list(range(n))
+  assert not np.array_equal(epochs[0], epochs[1])  # a fresh permutation per epoch
+  # N not a multiple of the batch: the last batch wraps round to the epoch's start.
+  wrap = [ft.epoch_batch(key, jnp.int32(s), 20, batch_size=8, epoch_steps=3) for s in (0, 1, 2)]
+  assert set(np.concatenate(wrap).tolist()) == set(range(20))
+  np.testing.assert_array_equal(wrap[2][4:], wrap[0][:4])
+
+
+def test_epoch_training_returns_the_best_dev_epoch(mixture, tmp_path):
+  setup, model, params, examples = mixture
+  dev = iter([0.2, 0.6, 0.4])
+  seen = []
+
+  def select(full_params):
+    seen.append(jax.device_get(full_params))
+    return next(dev)
+
+  trained = ft.train(
+    setup,
+    str(tmp_path),
+    None,
+    stage="adamix",
+    model=model,
+    params=params,
+    train_mode="adapters",
+    examples=examples.take(np.arange(16)),
+    steps=0,
+    lr=1e-3,
+    batch_size=8,
+    time_steps=False,
+    epochs=3,
+    select=select,
+  )
+  assert trained.selection == {"epoch": 2, "dev_accuracy": [0.2, 0.6, 0.4]}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained.params), seen[1])
+  assert not np.array_equal(seen[1]["head"]["kernel"], seen[2]["head"]["kernel"]), (
+    "epoch 3 trained on"
+  )
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "adamix").iterdir()) == [
+    "epoch_001",
+    "epoch_002",
+    "epoch_003",
+  ]
+  entry = ft.selection_entry(trained, 16, 8)
+  assert entry == {"epoch": 2, "checkpoint_step": 4}
 
 
 def test_variant_adapters():
@@ -306,6 +374,12 @@ def test_variant_adapters():
       "adamix.consistency_weight=-1.0 is invalid; accepted: a number in [0, ∞)",
     ),
     ({"variants": ("adamix", "soup")}, "variants has unknown 'soup'; accepted: adapter, adamix"),
+    (
+      {"adapter.bottleneck": 17},
+      "adapter.bottleneck=17 exceeds the hidden size 16; accepted: an int in [1, 16]",
+    ),
+    ({"adapter.position": "late"}, "adapter: position='late' is unknown; accepted: after_dropout"),
+    ({"train.epochs": -1}, "train.epochs=-1 is invalid; accepted: an integer >= 0"),
     (
       {"eval.routing_variants": ("adapter",)},
       "eval.routing_variants has unknown 'adapter'; accepted: adamix, adamix_no_consistency",
@@ -338,12 +412,17 @@ def test_cli_reports_merged_random_and_fixed_routing(main_run):
   n_test = len(ft.load_task(tiny_config()).test["rot75"])
   # Random and fixed routing are evaluated for eval.routing_variants (default: adamix).
   assert tuple(tiny_config().eval.routing_variants) == ("adamix",)
-  assert set(results["metrics"]) == {*VARIANTS, "adamix_random", "adamix_fixed"}
+  assert set(results["metrics"]) == {
+    *VARIANTS,
+    "adamix_random",
+    "adamix_random_example",
+    "adamix_fixed",
+  }
   for name, per_domain in results["metrics"].items():
     assert set(per_domain) == {"rot75", "mean"}, name
     acc = per_domain["mean"]["accuracy"]
     assert acc == per_domain["rot75"]["accuracy"] and 0 <= acc <= 1, name
-    if not name.endswith("_random"):  # a mean over routing samples is not a count
+    if not name.endswith(("_random", "_random_example")):  # means over routing samples
       assert acc * n_test == pytest.approx(round(acc * n_test), abs=1e-6), name
   # The models learned something (10 classes).
   assert max(m["mean"]["accuracy"] for m in results["metrics"].values()) > 0.15
@@ -383,7 +462,7 @@ def test_parameter_counts(main_run):
 
 
 @pytest.mark.slow
-def test_consistency_term_is_logged_and_absent_with_weight_zero(main_run, w0_run):
+def test_consistency_term_is_logged_and_not_trained_on_with_weight_zero(main_run, w0_run):
   lines = _metric_lines(main_run)
   for stage in MIXTURES:
     logged = [r for r in lines if r["stage"] == stage]
@@ -397,7 +476,16 @@ def test_consistency_term_is_logged_and_absent_with_weight_zero(main_run, w0_run
 
   w0 = [r for r in _metric_lines(w0_run) if r["stage"] == "adamix"]
   assert len(w0) == TRAIN_STEPS // 10
-  assert all("consistency" not in r and r["loss"] == r["ce"] for r in w0)
+  # Mixtures log the KL between two routed passes at weight 0 too; the loss is the CE.
+  assert all(r["consistency"] >= 0 and r["loss"] == r["ce"] for r in w0)
+  assert any(r["consistency"] > 0 for r in w0)
+  results = _results(main_run)
+  assert results["consistency_kl"]["adamix"] == [
+    r["consistency"] for r in lines if r["stage"] == "adamix"
+  ]
+  assert results["consistency_kl"]["adapter"] == []
+  assert results["expert_spread"]["adapter"] is None
+  assert results["expert_spread"]["adamix"] > 0
   # Same data, init and routing draws: only the regulariser differs.
   with_reg = {r["step"]: r["ce"] for r in lines if r["stage"] == "adamix"}
   assert w0[0]["ce"] != with_reg[w0[0]["step"]] or w0[-1]["ce"] != with_reg[w0[-1]["step"]]

@@ -284,16 +284,57 @@ def test_random_inference_with_a_fixed_key_is_one_sub_model():
     module.apply(variables, X)
 
 
-def test_unshared_lora_routes_a_and_b_as_one_pair():
-  # Expert i is (A_i, B_i): the training sub-models are exactly those the ΔW merge averages.
-  module = lora_module("none", mixture_inference="random")
+@pytest.mark.parametrize("pairing", ["independent", "paired"])
+def test_unshared_lora_routes_a_and_b_by_pairing(pairing):
+  # 'paired': expert i is (A_i, B_i), the sub-models the ΔW merge averages; 'independent'
+  # (official): separate draws, so some steps train A_i with B_j (i ≠ j).
+  module = lora_module("none", mixture_inference="random", pairing=pairing)
   variables = {"params": module_params("adamix_lora", "none")}
+  same = []
   for seed in range(8):
     _, state = module.apply(
       variables, X, rngs={"routing": jax.random.key(seed)}, mutable=["intermediates"]
     )
     picks = state["intermediates"]
-    assert int(picks["expert_a"][0]) == int(picks["expert_b"][0])
+    same.append(int(picks["expert_a"][0]) == int(picks["expert_b"][0]))
+  assert all(same) == (pairing == "paired")
+
+
+@pytest.mark.parametrize("kind", ["adamix", "adamix_lora"])
+def test_random_example_inference_draws_an_expert_per_example(kind):
+  # Each example's output is that of the fixed-expert module for its own drawn expert; a
+  # batch of 64 copies of one example meets several experts; fresh keys give fresh draws.
+  share = "none"
+  make = adapter_module if kind == "adamix" else lora_module
+  params = module_params(kind, share)
+  x = jnp.broadcast_to(X[:1], (64, *X.shape[1:]))
+  module = make(share, mixture_inference="random_example")
+  y, state = module.apply(
+    {"params": params}, x, rngs={"routing": jax.random.key(3)}, mutable=["intermediates"]
+  )
+  picks = jax.tree.map(np.asarray, state["intermediates"])
+  leaves = jax.tree.leaves(picks)
+  assert all(p.shape == (64,) for p in leaves)
+  assert len(set(leaves[0].tolist())) > 1
+  p = np_tree(params)
+  for b in range(8):
+    if kind == "adamix":
+      down, up = picks["down"]["expert"][0][b], picks["up"]["expert"][0][b]
+      expected = bottleneck_np(
+        x[b],
+        p["down"]["kernel"][down],
+        p["down"]["bias"][down],
+        p["up"]["kernel"][up],
+        p["up"]["bias"][up],
+      )
+    else:
+      i, j = picks["expert_a"][0][b], picks["expert_b"][0][b]
+      expected = lora_np(x[b], p, p["lora_a"][i], p["lora_b"][j])
+    np.testing.assert_allclose(y[b], expected, rtol=1e-5, atol=1e-5)
+  again = module.apply(
+    {"params": params}, x, rngs={"routing": jax.random.key(4)}, mutable=["intermediates"]
+  )[1]
+  assert not np.array_equal(jax.tree.leaves(again["intermediates"])[0], leaves[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,8 +396,10 @@ def lora_np(x, p, a, b):
   return x @ p["kernel"] + p["bias"] + SCALE * (x @ a) @ b
 
 
-@pytest.mark.parametrize("share", SHARES)
-def test_lora_fixed_and_merged_inference(share):
+@pytest.mark.parametrize(
+  "share, pairing", [(s, "independent") for s in SHARES] + [("none", "paired")]
+)
+def test_lora_fixed_and_merged_inference(share, pairing):
   params = module_params("adamix_lora", share)
   p = np_tree(params)
   a_routed, b_routed = routed(share, "down"), routed(share, "up")
@@ -370,9 +413,9 @@ def test_lora_fixed_and_merged_inference(share):
   plain = adapters.LoRADense(D, RANK, ALPHA).apply({"params": jax.tree.map(jnp.float32, single)}, X)
   np.testing.assert_allclose(fixed, plain, rtol=1e-5, atol=1e-5)
 
-  merged = lora_module(share).apply({"params": params}, X)
+  merged = lora_module(share, pairing=pairing).apply({"params": params}, X)
   a, b = p["lora_a"], p["lora_b"]
-  if a_routed and b_routed:
+  if a_routed and b_routed and pairing == "paired":
     delta = SCALE * np.mean([a[i] @ b[i] for i in range(M)], axis=0)
   else:
     delta = SCALE * (a.mean(0) if a_routed else a) @ (b.mean(0) if b_routed else b)
@@ -391,14 +434,24 @@ def test_lora_merge_with_shared_b_is_exact_in_delta_w():
   )
 
 
-def test_lora_unshared_merge_is_the_mean_delta_w_not_mean_a_times_mean_b():
+def test_lora_unshared_merge_forms():
+  # 'independent' (official, the default): mean(B)·mean(A) in torch's [out, in] layout,
+  # i.e. mean(A)·mean(B) here = the mean over all M² pairs A_i·B_j; 'paired': mean(A_i·B_i).
   p = module_params("adamix_lora", "none")
   a, b = np.asarray(p["lora_a"], np.float64), np.asarray(p["lora_b"], np.float64)
-  delta = np.asarray(adamix.mixture_lora_delta(p["lora_a"], p["lora_b"], scale=SCALE))
+  official = np.asarray(adamix.mixture_lora_delta(p["lora_a"], p["lora_b"], scale=SCALE))
+  cross = SCALE * a.mean(0) @ b.mean(0)
+  np.testing.assert_allclose(official, cross, rtol=1e-5, atol=1e-6)
+  all_pairs = np.mean([SCALE * a[i] @ b[j] for i in range(M) for j in range(M)], axis=0)
+  np.testing.assert_allclose(official, all_pairs, rtol=1e-5, atol=1e-6)
+  delta = np.asarray(
+    adamix.mixture_lora_delta(p["lora_a"], p["lora_b"], scale=SCALE, pairing="paired")
+  )
   mean_delta = np.mean([SCALE * a[i] @ b[i] for i in range(M)], axis=0)
   np.testing.assert_allclose(delta, mean_delta, rtol=1e-5, atol=1e-6)
-  cross = SCALE * a.mean(0) @ b.mean(0)
   assert np.abs(delta - cross).max() > 0.1 * np.abs(mean_delta).max()
+  with pytest.raises(ValueError, match="pairing='pairs' is unknown; accepted: independent"):
+    adamix.mixture_lora_delta(p["lora_a"], p["lora_b"], scale=SCALE, pairing="pairs")
   a_shared = adamix.mixture_lora_delta(p["lora_a"][0], p["lora_b"], scale=SCALE)
   np.testing.assert_allclose(a_shared, SCALE * a[0] @ b.mean(0), rtol=1e-5, atol=1e-6)
 
@@ -409,21 +462,24 @@ def test_lora_unshared_merge_is_the_mean_delta_w_not_mean_a_times_mean_b():
 
 
 @pytest.mark.parametrize(
-  "kind, share",
+  "kind, share, pairing",
   [
-    ("adamix", "up"),
-    ("adamix", "none"),
-    ("adamix_lora", "up"),
-    ("adamix_lora", "none"),
-    ("adamix_lora", "down"),
+    ("adamix", "up", "independent"),
+    ("adamix", "none", "independent"),
+    ("adamix_lora", "up", "independent"),
+    ("adamix_lora", "none", "independent"),
+    ("adamix_lora", "none", "paired"),
+    ("adamix_lora", "down", "independent"),
   ],
 )
-def test_merged_model_equals_the_merged_single_model(kind, share):
-  cfg = config(kind, share=share)
+def test_merged_model_equals_the_merged_single_model(kind, share, pairing):
+  cfg = config(kind, share=share, lora_pairing=pairing)
   params = randomize(text_params(kind, share), seed=11)
-  merged_out = text_model(kind, share=share).apply({"params": params}, TOKENS, MASK)
+  model = text_model(kind, share=share, lora_pairing=pairing)
+  merged_out = model.apply({"params": params}, TOKENS, MASK)
   single_params, single_cfg = adamix.merge_mixture_params(params, cfg)
-  assert single_cfg == config("pfeiffer" if kind == "adamix" else "none", share=share)
+  single_kind = "pfeiffer" if kind == "adamix" else "none"
+  assert single_cfg == config(single_kind, share=share, lora_pairing=pairing)
   single_shapes = jax.eval_shape(
     text_classifier.TextClassifier(TINY, CLASSES, adapter=single_cfg).init,
     jax.random.key(0),
@@ -552,6 +608,18 @@ def test_bad_mixture_options(field, value, match):
     adamix.MixtureAdapter(D, R, **{"num_experts": M, field: value})
 
 
+def test_bad_position_pairing_and_width():
+  with pytest.raises(ValueError, match="position='after' is unknown; accepted: after_dropout"):
+    config("adamix", position="after")
+  with pytest.raises(ValueError, match="lora_pairing='both' is unknown; accepted: independent"):
+    config("adamix_lora", lora_pairing="both")
+  too_wide = rf"bottleneck={D + 1} exceeds the hidden size {D}; accepted: an int in \[1, {D}\]"
+  with pytest.raises(ValueError, match=too_wide):
+    adamix.MixtureAdapter(D, D + 1).init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match=too_wide):
+    adapters.BottleneckAdapter(D, D + 1).init(jax.random.key(0), X)
+
+
 def test_merge_mixture_params_errors():
   params = text_params("adamix", "up")
   with pytest.raises(ValueError, match=r"config\.kind='pfeiffer' is invalid; accepted: adamix"):
@@ -562,3 +630,26 @@ def test_merge_mixture_params_errors():
     adamix.merge_mixture_params(params, config("adamix", num_experts=3, fixed_expert=0))
   with pytest.raises(ValueError, match="params hold no 'adamix_lora' mixtures"):
     adamix.merge_mixture_params(params, config("adamix_lora"))
+
+
+@pytest.mark.parametrize("kind", ["pfeiffer", "adamix"])
+def test_adapter_position_relative_to_dropout(kind):
+  # 'before_dropout' (official AdaMix) = drop(adapter(h)); 'after_dropout' = adapter(drop(h)).
+  # They coincide without dropout (eval, or rate 0) and differ with it on the same keys.
+  def block(position, rate):
+    cfg = config(kind, position=position)
+    return bert.TransformerBlock(4, 32, dropout_rate=rate, adapter=cfg)
+
+  params = randomize(block("after_dropout", 0.5).init(jax.random.key(0), X)["params"], seed=2)
+  rngs = {"dropout": jax.random.key(1), "routing": jax.random.key(2)}
+
+  def out(position, rate, deterministic):
+    return block(position, rate).apply(
+      {"params": params}, X, deterministic=deterministic, rngs=rngs
+    )
+
+  np.testing.assert_array_equal(out("before_dropout", 0.5, True), out("after_dropout", 0.5, True))
+  np.testing.assert_allclose(
+    out("before_dropout", 0.0, False), out("after_dropout", 0.0, False), rtol=1e-6, atol=1e-6
+  )
+  assert not np.allclose(out("before_dropout", 0.5, False), out("after_dropout", 0.5, False))
