@@ -152,10 +152,10 @@ def validate_config(config) -> None:
     raise ValueError(
       f"study.average_heads={config.study.average_heads!r} is invalid; accepted: a bool"
     )
-  _number_tuple(config, "selection.threshold_sweep", "in [-1, 1]", lambda v: -1 <= v <= 1)
-  _number_tuple(config, "merge.sum_lambdas", "> 0", lambda v: v > 0, non_empty=True)
-  _number_tuple(config, "merge.ties_lambdas", "> 0", lambda v: v > 0, non_empty=True)
-  _number_tuple(config, "merge.densities", "in (0, 1]", lambda v: 0 < v <= 1, non_empty=True)
+  number_tuple(config, "selection.threshold_sweep", "in [-1, 1]", lambda v: -1 <= v <= 1)
+  number_tuple(config, "merge.sum_lambdas", "> 0", lambda v: v > 0, non_empty=True)
+  number_tuple(config, "merge.ties_lambdas", "> 0", lambda v: v > 0, non_empty=True)
+  number_tuple(config, "merge.densities", "in (0, 1]", lambda v: 0 < v <= 1, non_empty=True)
   _checks.names(config, "merge.methods", MERGE_METHODS, allow_empty=True)
   sizes = config.study.sizes
   ok = not isinstance(sizes, str) and isinstance(sizes, Sequence)
@@ -167,7 +167,7 @@ def validate_config(config) -> None:
     )
 
 
-def _number_tuple(config, name: str, what: str, test, *, non_empty: bool = False) -> None:
+def number_tuple(config, name: str, what: str, test, *, non_empty: bool = False) -> None:
   """The field `name` is a tuple of distinct numbers passing `test` (described by `what`)."""
   value = _checks.field(config, name)
   ok = not isinstance(value, str) and isinstance(value, Sequence)
