@@ -11,7 +11,8 @@ a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for 
 
    - `similarity`: mean cosine similarity between sampled sentence embeddings (the
      pretrained backbone without adapters) of t and of each candidate; top `selection.top_k`
-     with score >= `selection.threshold` (at least the best one);
+     with score >= `selection.threshold` (at least the best one); `similarity_t<x>` the same
+     at each threshold x of `selection.threshold_sweep` (evaluation only);
    - `clustering`: a Gaussian mixture (one component per candidate) fitted on the
      candidates' sampled embeddings; each component belongs to the domain most of its
      members come from; domains holding >= `selection.cluster_min_share` of t's samples
@@ -21,26 +22,43 @@ a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for 
    - `zero_shot`: the frozen backbone with a head trained on the candidates' pooled
      training splits (stage `zero_shot_head_<t>`), no adapter;
 
-   and `single_<d>`: each candidate alone.
+   and `single_<d>`: each candidate alone. A novel target has no head: its soups average
+   the members' heads with their adapters. Each selector's scores carry `num_adapters`, and
+   results.json `selections` what it chose.
 b) In-domain study (Nguyen & Le, ACL 2024, "Generalizability of Mixture of Domain-Specific
    Adapters from the Lens of Signed Weight Directions ..."): for each study domain d, the
    mixtures holding d's own adapter (all 2^(K-1) of them, or a seeded sample stratified
-   over sizes), their accuracy on d's test split and their fraction of sign difference
-   (FSD: `core.merging.sign_disagreement`, adapter weights without the head by default);
-   Pearson/Spearman between FSD and accuracy; the pairwise FSD matrix.
-c) Greedy adapter mixing (their Alg. 1): d's adapter plus the l-1 others of lowest FSD to
-   it (`study.greedy_rank='target'`) or of lowest row-mean FSD (`'row_mean'`, the paper's
-   ranking), l = 1..K.
+   over sizes; only the sizes of `study.sizes`), their accuracy and macro-F1 on d's test
+   split with d's OWN head (adapters only are averaged, as the paper's Eq. 1;
+   `study.average_heads` averages the heads too, an ablation) and their fraction of sign
+   difference (FSD: `core.merging.sign_disagreement`, adapter weights without the head by
+   default); Pearson/Spearman between FSD and accuracy within each mixture size and pooled
+   with the size as a covariate, with bootstrap intervals (`sign_study`); the pairwise FSD
+   matrix.
+c) Greedy adapter mixing (their Alg. 1): d's adapter plus the l-1 others of lowest row-mean
+   FSD (`study.greedy_rank='row_mean'`, the paper's ranking and the default) or of lowest
+   FSD to it (`'target'`), l = 1..K.
 d) Pruning (their Alg. 2 and 4): magnitude pruning of each adapter (head dense) at each
    sparsity s before averaging — d's own adapter alone (`prune_own_<s>`) and the all-K
    mixture (`prune_<s>`); only each member's layers of highest mean FSD to the other
    adapters (`prune_fsd_<s>`); TIES merging of the all-K mixture at density 1-s on the
-   deltas from the shared initialisation (`ties_<s>`).
+   deltas from the shared initialisation (`ties_<s>`) and its magnitude control, the
+   uniform average rescaled to TIES' norm (`avg_like_ties_<s>`).
+e) The merge family on all K adapters (`merge_<method>`: task arithmetic, TIES with
+   per-tensor and whole-vector trim, DARE, DARE-TIES, Breadcrumbs), λ and density chosen
+   on the study domains' validation splits (results.json `selection`), and
+   `merge_avg_like_ties` (the uniform average at the chosen TIES' norm).
 
-Every accuracy is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
-nothing twice for its accuracies; the per-example outcomes of the reported variants
+LoRA soups (`mixing.lora='product'`, the default) average the updates ΔW = B·A, evaluated
+as one LoRA of rank K·r; `'factors'` averages A and B separately. Merges and pruning act
+on the factors either way. Every score is accuracy and macro-F1.
+
+Every score is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
+nothing twice for its scores; the per-example outcomes of the reported variants
 (results.json `per_example`) are kept in memory, so a resumed run evaluates the reported
-variants whose accuracy it read from the cache once more to recover them. Plots go to
+variants whose scores it read from the cache once more to recover them. The trained stages
+are shared through `stage_cache` (`ADAPTER_FIELDS`, `ZERO_SHOT_FIELDS`): a run that only
+evaluates differently trains nothing. Plots go to
 `<workdir>/plots/`.
 """
 

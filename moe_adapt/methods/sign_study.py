@@ -203,8 +203,7 @@ def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
 def selection_table(runs: Sequence[Mapping]) -> str:
   """Markdown: per novel target and selector, accuracy, macro-F1 and what it chose per seed."""
   targets = runs[0]["target_domains"]
-  variants = [v for v in runs[0]["metrics"] if v in runs[0]["selections"][targets[0]]]
-  variants += sorted(v for v in runs[0]["metrics"] if v.startswith("similarity_t"))
+  variants = [v for v in runs[0]["selections"][targets[0]] if v in runs[0]["metrics"]]
   lines = [
     "| target | selector | accuracy | macro-F1 | chosen (seeds "
     + ", ".join(str(r["seed"]) for r in runs)
