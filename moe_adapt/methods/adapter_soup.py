@@ -1066,8 +1066,9 @@ class Soup:
   ) -> dict[str, float]:
     """Scores on `domain` of the uniform mixture of `members`: with `own_head`, adapters
     only and `domain`'s own head; else adapters and heads averaged (`mixture`)."""
-    if own_head and len(members) == 1 and members[0] == domain:
-      return self.single_score(domain, domain, variant=variant)  # the same params exactly
+    if len(members) == 1 and (members[0] == domain or not own_head):
+      # One member's average is its own adapter and head: the same params exactly.
+      return self.single_score(domain, members[0], variant=variant)
     what = f"{'mixown' if own_head else 'mix'}:{self.key(members)}"
     if self.model_product is not None:
       what = f"product{what}"

@@ -200,49 +200,61 @@ def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
   return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
+def _seeds(runs: Sequence[Mapping]) -> str:
+  return ",".join(str(r["seed"]) for r in runs)
+
+
 def selection_table(runs: Sequence[Mapping]) -> str:
-  """Markdown: per novel target and selector, accuracy, macro-F1 and what it chose per seed."""
+  """Markdown: per novel target and selector, accuracy, macro-F1 (mean ± std over the seeds
+  that report it) and what it chose, per seed."""
   targets = runs[0]["target_domains"]
-  variants = [v for v in runs[0]["selections"][targets[0]] if v in runs[0]["metrics"]]
+  variants = list(
+    dict.fromkeys(v for r in runs for v in r["selections"][targets[0]] if v in r["metrics"])
+  )
   lines = [
-    "| target | selector | accuracy | macro-F1 | chosen (seeds "
-    + ", ".join(str(r["seed"]) for r in runs)
-    + ") |",
-    "|---|---|---:|---:|---|",
+    "| target | selector | seeds | accuracy | macro-F1 | chosen (per seed) |",
+    "|---|---|---|---:|---:|---|",
   ]
   for t in [*targets, "mean"]:
     for v in ["zero_shot", *variants]:
-      if v not in runs[0]["metrics"]:
+      have = [r for r in runs if v in r["metrics"]]
+      if not have:
         continue
-      acc = [r["metrics"][v][t]["accuracy"] for r in runs]
-      f1 = [r["metrics"][v][t]["macro_f1"] for r in runs]
+      acc = [r["metrics"][v][t]["accuracy"] for r in have]
+      f1 = [r["metrics"][v][t]["macro_f1"] for r in have]
       chosen = ""
       if t != "mean":
-        sel = [r["selections"][t].get(v, {}).get("selected") for r in runs]
-        chosen = "; ".join("+".join(s) if s else "—" for s in sel)
-      lines.append(f"| {t} | {v} | {_mean_std(acc)} | {_mean_std(f1)} | {chosen} |")
+        sel = [r["selections"][t].get(v, {}).get("selected") for r in have]
+        chosen = "; ".join("+".join(x) if x else "—" for x in sel)
+      lines.append(
+        f"| {t} | {v} | {_seeds(have)} | {_mean_std(acc)} | {_mean_std(f1)} | {chosen} |"
+      )
   return "\n".join(lines)
 
 
 def merge_table(runs: Sequence[Mapping]) -> str:
-  """Markdown: in-domain merge rows (mean over study domains), with validation choices."""
-  m0 = runs[0]["metrics"]
-  names = [v for v in m0 if v in runs[0].get("selection", {}) or v.startswith("avg_like_")]
-  names = ["own", *[v for v in m0 if v.startswith("mix_all")], *names]
+  """Markdown: in-domain rows of the all-K mixture and its merges (mean over the study
+  domains; mean ± std over the seeds that report each), with the validation choices."""
+  fixed = ["own", "mix_all"]
+  for r in runs:
+    fixed += [v for v in r["metrics"] if v.startswith(("ties_", "avg_like_ties_", "prune"))]
+  chosen_rows = [v for r in runs for v in r.get("selection", {})]
+  names = list(dict.fromkeys([*fixed, *chosen_rows, "merge_avg_like_ties"]))
   lines = [
-    "| merge | accuracy | macro-F1 | chosen on validation (per seed) |",
-    "|---|---:|---:|---|",
+    "| row | seeds | accuracy | macro-F1 | chosen on validation (per seed) |",
+    "|---|---|---:|---:|---|",
   ]
   for v in names:
-    if v not in m0:
+    have = [r for r in runs if v in r["metrics"]]
+    if not have:
       continue
-    acc = [r["metrics"][v]["mean"]["accuracy"] for r in runs]
-    f1 = [r["metrics"][v]["mean"]["macro_f1"] for r in runs]
+    acc = [r["metrics"][v]["mean"]["accuracy"] for r in have]
+    f1 = [r["metrics"][v]["mean"]["macro_f1"] for r in have]
     chosen = "; ".join(
-      ", ".join(f"{k}={x:g}" for k, x in r.get("selection", {}).get(v, {}).items()) or "—"
-      for r in runs
+      ", ".join(f"{k}={x:.3g}" for k, x in r.get("selection", {}).get(v, {}).items()) or "—"
+      for r in have
     )
-    lines.append(f"| {v} | {_mean_std(acc)} | {_mean_std(f1)} | {chosen} |")
+    lines.append(f"| {v} | {_seeds(have)} | {_mean_std(acc)} | {_mean_std(f1)} | {chosen} |")
   return "\n".join(lines)
 
 

@@ -476,7 +476,7 @@ def test_sign_study_tables_of_a_run(cli_run, capsys):
   assert sign_study.main(["--sweep_dir", str(workdir)]) == 0
   out = capsys.readouterr().out
   assert "| fsd | size 2 |" in out and "pooled given size" in out
-  assert "| rot75 | similarity_t0.99 |" in out
+  assert "| rot75 | similarity_t0.99 | 0 |" in out
   assert "| merge_ties |" in out and "density=" in out
   with pytest.raises(ValueError, match="holds no adapter_soup results"):
     sign_study.load_runs(str(workdir / "plots"))
