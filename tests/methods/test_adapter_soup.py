@@ -419,7 +419,7 @@ def cli_run(tmp_path_factory):
     env=env,
     capture_output=True,
     text=True,
-    timeout=900,
+    timeout=1800,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, json.loads((workdir / "results.json").read_text())
