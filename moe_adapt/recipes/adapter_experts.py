@@ -558,7 +558,8 @@ def merge_family(
   """
   cfg = setup.meta.config
   val = source_val(setup)
-  key = setup.meta.key("merge_dare")
+  # DARE's drops: a key of their own, from the run's seed.
+  key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(b"merge_dare") % 2**31)
   bs = cfg.eval_batch_size
   trees, selection = {}, {}
   for name, grid in soup_lib.merge_candidates(cfg).items():
