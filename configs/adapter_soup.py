@@ -30,8 +30,11 @@ Runtime on a 2-core CPU shared with other jobs. digits: measured 6 minutes (pre-
 the step; the zero-shot head and 279 cached evaluations ≈ 35 s). Text presets, ESTIMATED
 from the `finetune` runs (≈ 2 min per 200-step MiniLM stage, compilation included) and
 the cheap 500-example evaluations: vader ≈ 20 minutes (4 adapter + 4 zero-shot-head
-stages, ~110 evaluations), tweets ≈ 30 minutes (6 + 6 stages, ~330 evaluations). The
-study is exhaustive up to K = 7 domains (`study.max_mixtures` = 64), sampled beyond.
+stages, ~110 evaluations), tweets ≈ 30 minutes (6 + 6 stages, ~330 evaluations); those
+estimates predate the merge family, whose validation grid adds ~130 small evaluations
+(measured: the sized VADER study of docs/adapter_soup.md, adapters from the stage cache,
+~250 evaluations, took 78 min at load average ~20 on the shared 2-core CPU). The study is
+exhaustive up to K = 7 domains (`study.max_mixtures` = 64), sampled beyond.
 
 The argument is `<preset>[,tiny]`, preset in vader, tweets, digits, fmnist; `tiny`
 shrinks everything for tests (a random 2-layer BERT for text presets).
