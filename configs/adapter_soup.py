@@ -30,8 +30,11 @@ Runtime on a 2-core CPU shared with other jobs. digits: measured 6 minutes (pre-
 the step; the zero-shot head and 279 cached evaluations ≈ 35 s). Text presets, ESTIMATED
 from the `finetune` runs (≈ 2 min per 200-step MiniLM stage, compilation included) and
 the cheap 500-example evaluations: vader ≈ 20 minutes (4 adapter + 4 zero-shot-head
-stages, ~110 evaluations), tweets ≈ 30 minutes (6 + 6 stages, ~330 evaluations). The
-study is exhaustive up to K = 7 domains (`study.max_mixtures` = 64), sampled beyond.
+stages, ~110 evaluations), tweets ≈ 30 minutes (6 + 6 stages, ~330 evaluations); those
+estimates predate the merge family, whose validation grid adds ~130 small evaluations
+(measured: the sized VADER study of docs/adapter_soup.md, adapters from the stage cache,
+~250 evaluations, took 78 min at load average ~20 on the shared 2-core CPU). The study is
+exhaustive up to K = 7 domains (`study.max_mixtures` = 64), sampled beyond.
 
 The argument is `<preset>[,tiny]`, preset in vader, tweets, digits, fmnist; `tiny`
 shrinks everything for tests (a random 2-layer BERT for text presets).
@@ -64,6 +67,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # main analyses use Pfeiffer).
   c.adapter.kind = "pfeiffer"
 
+  # How soups of LoRA adapters mix (other kinds average their weights): 'product' averages
+  # the updates ΔW = B·A (evaluated as one LoRA of rank K·r), 'factors' averages A and B
+  # separately (mean(B)·mean(A): cross terms of different adapters). Merges (TIES, task
+  # arithmetic, ...) and pruning act on the factors in both cases.
+  c.mixing = ml_collections.ConfigDict()
+  c.mixing.lora = "product"
+
   c.data.domains = ()  # domains with an adapter; () = all
   c.data.target_domains = TARGETS[preset]  # novel targets; () = the benchmark's default
 
@@ -75,33 +85,58 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Minimum mean cosine similarity: AdapterSoup's 0.15 for sentence embeddings; the ViT's
   # layer-normed CLS features are centred (cosines of domains ≈ ±0.03), so 0 there.
   c.selection.threshold = 0.15 if preset in ("vader", "tweets") else 0.0
+  # The threshold's sensitivity, in evaluation only (variants similarity_t<threshold>; the
+  # same embeddings and scores, only the cut differs). MiniLM's domain cosines on VADER are
+  # 0.03-0.08, below 0.15.
+  c.selection.threshold_sweep = (0.0, 0.05, 0.1, 0.15) if preset in ("vader", "tweets") else ()
   c.selection.cluster_min_share = 0.1
   c.selection.covariance = "diag"  # GaussianMixture covariance_type
   c.selection.pca_dim = 16  # PCA of the embeddings before the mixture; 0 = none
+  # The zero-shot baseline: a head on the frozen backbone per target (one training stage
+  # each); False leaves the `zero_shot` row out.
+  c.selection.zero_shot_head = True
 
   # In-domain study (Nguyen & Le, ACL 2024).
   c.study = ml_collections.ConfigDict()
   c.study.domains = ()  # () = every adapter domain
   c.study.max_mixtures = 64  # per domain; exhaustive when 2^(K-1) fits, else sampled
+  c.study.sizes = ()  # mixture sizes studied (own adapter counted); () = 2..K
   c.study.fsd_include_head = False  # FSD on adapter weights only
-  c.study.greedy_rank = "target"  # 'target': FSD to the own adapter; 'row_mean': Alg. 1
+  # Mixtures average adapters only and each domain keeps its own head (Nguyen & Le); True
+  # averages the heads too (an ablation: the head average is then part of the "mixing").
+  c.study.average_heads = False
+  c.study.greedy_rank = "row_mean"  # Alg. 1's row-mean FSD; 'target': FSD to the own adapter
 
   # Pruning before averaging (adapter weights; heads stay dense).
   c.pruning = ml_collections.ConfigDict()
   c.pruning.sparsities = (0.5, 0.8, 0.9)
   c.pruning.fsd_layer_fraction = 0.5  # share of layers (highest FSD) pruned by prune_fsd
-  c.pruning.ties_scale = 1.0  # TIES λ
+  c.pruning.ties_scale = 1.0  # TIES λ of the ties_<s> rows (the paper's fixed densities)
+
+  # The merge family on all K adapters (merge_<method> rows), each setting scored on the
+  # study domains' validation splits and the best (mean validation accuracy) tested.
+  c.merge = ml_collections.ConfigDict()
+  c.merge.methods = ("task_arithmetic", "ties", "ties_member", "dare", "dare_ties", "breadcrumbs")
+  c.merge.sum_lambdas = (0.25, 0.5, 1.0)  # λ of summing merges; λ = 1/K: the uniform average
+  c.merge.ties_lambdas = (0.5, 1.0, 1.5)  # λ of disjoint-mean merges (the TIES code: ~1)
+  c.merge.densities = (0.2, 0.5)  # kept fraction of sparsifying merges
 
   c.eval = ml_collections.ConfigDict()
   # Test examples per domain (a subset fixed by data.benchmark_seed); 0 = all. MiniLM
   # evaluates ~50 examples/s on 2 cores and a text run evaluates ~110 mixtures.
   c.eval.max_examples = 300 if preset in ("vader", "tweets") else 500
+  # Validation examples per study domain where merge hyper-parameters are chosen; 0 = all.
+  c.eval.max_val_examples = 100
 
   if tiny:
     c.selection.num_samples = 16
     c.selection.pca_dim = 4
     c.study.max_mixtures = 8
     c.eval.max_examples = 64
+    c.eval.max_val_examples = 32
+    c.merge.sum_lambdas = (0.5, 1.0)
+    c.merge.ties_lambdas = (1.0,)
+    c.merge.densities = (0.5,)
   return c
 
 

@@ -103,6 +103,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.soup.ties_densities = (0.5, 0.2, 0.1)
   c.soup.ties_scale = 1.0
   c.soup.greedy_sizes = (1, 2, 3)  # fixed, label-free stopping rule: each size reported
+  # Pooled source validation images where the merge family's λ / density are chosen.
+  c.soup.max_val_examples = 1000
+
+  # The merge family (variants soup_<method>), as in adapter_soup: each setting scored on
+  # the source validation images, the best one evaluated on the held-out domains.
+  c.merge = ml_collections.ConfigDict()
+  c.merge.methods = ("task_arithmetic", "ties", "ties_member", "dare", "dare_ties", "breadcrumbs")
+  c.merge.sum_lambdas = (0.25, 0.5, 1.0)  # summing merges; 1/N = the uniform average
+  c.merge.ties_lambdas = (0.5, 1.0, 1.5)  # disjoint-mean merges
+  c.merge.densities = (0.2, 0.5)
 
   c.timing_steps = 20  # timed meta-steps for `meta_step_ms`
 
@@ -115,6 +125,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.soup.num_samples = 8
     c.soup.greedy_sizes = (1, 2)
     c.soup.ties_densities = (0.5,)
+    c.soup.max_val_examples = 64
+    c.merge.sum_lambdas = (0.5, 1.0)
+    c.merge.ties_lambdas = (1.0,)
+    c.merge.densities = (0.5,)
     c.timing_steps = 2
   return c
 

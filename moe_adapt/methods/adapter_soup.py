@@ -11,7 +11,8 @@ a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for 
 
    - `similarity`: mean cosine similarity between sampled sentence embeddings (the
      pretrained backbone without adapters) of t and of each candidate; top `selection.top_k`
-     with score >= `selection.threshold` (at least the best one);
+     with score >= `selection.threshold` (at least the best one); `similarity_t<x>` the same
+     at each threshold x of `selection.threshold_sweep` (evaluation only);
    - `clustering`: a Gaussian mixture (one component per candidate) fitted on the
      candidates' sampled embeddings; each component belongs to the domain most of its
      members come from; domains holding >= `selection.cluster_min_share` of t's samples
@@ -21,32 +22,50 @@ a) Novel domains (AdapterSoup, Chronopoulou et al., Findings of EACL 2023): for 
    - `zero_shot`: the frozen backbone with a head trained on the candidates' pooled
      training splits (stage `zero_shot_head_<t>`), no adapter;
 
-   and `single_<d>`: each candidate alone.
+   and `single_<d>`: each candidate alone. A novel target has no head: its soups average
+   the members' heads with their adapters. Each selector's scores carry `num_adapters`, and
+   results.json `selections` what it chose.
 b) In-domain study (Nguyen & Le, ACL 2024, "Generalizability of Mixture of Domain-Specific
    Adapters from the Lens of Signed Weight Directions ..."): for each study domain d, the
    mixtures holding d's own adapter (all 2^(K-1) of them, or a seeded sample stratified
-   over sizes), their accuracy on d's test split and their fraction of sign difference
-   (FSD: `core.merging.sign_disagreement`, adapter weights without the head by default);
-   Pearson/Spearman between FSD and accuracy; the pairwise FSD matrix.
-c) Greedy adapter mixing (their Alg. 1): d's adapter plus the l-1 others of lowest FSD to
-   it (`study.greedy_rank='target'`) or of lowest row-mean FSD (`'row_mean'`, the paper's
-   ranking), l = 1..K.
+   over sizes; only the sizes of `study.sizes`), their accuracy and macro-F1 on d's test
+   split with d's OWN head (adapters only are averaged, as the paper's Eq. 1;
+   `study.average_heads` averages the heads too, an ablation) and their fraction of sign
+   difference (FSD: `core.merging.sign_disagreement`, adapter weights without the head by
+   default); Pearson/Spearman between FSD and accuracy within each mixture size and pooled
+   with the size as a covariate, with bootstrap intervals (`sign_study`); the pairwise FSD
+   matrix.
+c) Greedy adapter mixing (their Alg. 1): d's adapter plus the l-1 others of lowest row-mean
+   FSD (`study.greedy_rank='row_mean'`, the paper's ranking and the default) or of lowest
+   FSD to it (`'target'`), l = 1..K.
 d) Pruning (their Alg. 2 and 4): magnitude pruning of each adapter (head dense) at each
    sparsity s before averaging — d's own adapter alone (`prune_own_<s>`) and the all-K
    mixture (`prune_<s>`); only each member's layers of highest mean FSD to the other
    adapters (`prune_fsd_<s>`); TIES merging of the all-K mixture at density 1-s on the
-   deltas from the shared initialisation (`ties_<s>`).
+   deltas from the shared initialisation (`ties_<s>`) and its magnitude control, the
+   uniform average rescaled to TIES' norm (`avg_like_ties_<s>`).
+e) The merge family on all K adapters (`merge_<method>`: task arithmetic, TIES with
+   per-tensor and whole-vector trim, DARE, DARE-TIES, Breadcrumbs), λ and density chosen
+   on the study domains' validation splits (results.json `selection`), and
+   `merge_avg_like_ties` (the uniform average at the chosen TIES' norm).
 
-Every accuracy is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
-nothing twice for its accuracies; the per-example outcomes of the reported variants
+LoRA soups (`mixing.lora='product'`, the default) average the updates ΔW = B·A, evaluated
+as one LoRA of rank K·r; `'factors'` averages A and B separately. Merges and pruning act
+on the factors either way. Every score is accuracy and macro-F1.
+
+Every score is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
+nothing twice for its scores; the per-example outcomes of the reported variants
 (results.json `per_example`) are kept in memory, so a resumed run evaluates the reported
-variants whose accuracy it read from the cache once more to recover them. Plots go to
+variants whose scores it read from the cache once more to recover them. The trained stages
+are shared through `stage_cache` (`ADAPTER_FIELDS`, `ZERO_SHOT_FIELDS`): a run that only
+evaluates differently trains nothing. Plots go to
 `<workdir>/plots/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -62,7 +81,7 @@ import numpy as np
 from absl import logging
 
 from moe_adapt.core import merging
-from moe_adapt.methods import _checks
+from moe_adapt.methods import _checks, sign_study
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import metrics as metrics_lib
@@ -74,6 +93,10 @@ PyTree = Any
 ADAPTER_KINDS = ("pfeiffer", "houlsby", "lora")
 COVARIANCE_TYPES = ("diag", "full", "spherical", "tied")
 GREEDY_RANKS = ("target", "row_mean")
+LORA_MIXING = ("product", "factors")
+MERGE_METHODS = ("task_arithmetic", "ties", "ties_member", "dare", "dare_ties", "breadcrumbs")
+# Model Breadcrumbs' share of largest-magnitude entries dropped (the paper's β = 1 %).
+BREADCRUMBS_TOP = 0.01
 NOVEL_VARIANTS = ("zero_shot", "similarity", "clustering", "all", "best_single")
 CACHE_FILE = "mixture_evals.json"
 PLOTS_DIR = "plots"
@@ -137,6 +160,41 @@ def validate_config(config) -> None:
     )
   _checks.number(config, "pruning.ties_scale", low=0.0)
   _checks.integer(config, "eval.max_examples", 0)
+  _checks.integer(config, "eval.max_val_examples", 0)
+  _checks.choice(config, "mixing.lora", LORA_MIXING)
+  if not isinstance(config.selection.zero_shot_head, bool):
+    raise ValueError(
+      f"selection.zero_shot_head={config.selection.zero_shot_head!r} is invalid; accepted: a bool"
+    )
+  if not isinstance(config.study.average_heads, bool):
+    raise ValueError(
+      f"study.average_heads={config.study.average_heads!r} is invalid; accepted: a bool"
+    )
+  number_tuple(config, "selection.threshold_sweep", "in [-1, 1]", lambda v: -1 <= v <= 1)
+  number_tuple(config, "merge.sum_lambdas", "> 0", lambda v: v > 0, non_empty=True)
+  number_tuple(config, "merge.ties_lambdas", "> 0", lambda v: v > 0, non_empty=True)
+  number_tuple(config, "merge.densities", "in (0, 1]", lambda v: 0 < v <= 1, non_empty=True)
+  _checks.names(config, "merge.methods", MERGE_METHODS, allow_empty=True)
+  sizes = config.study.sizes
+  ok = not isinstance(sizes, str) and isinstance(sizes, Sequence)
+  ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in sizes)
+  if not ok or len(set(sizes)) != len(sizes):
+    raise ValueError(
+      f"study.sizes={sizes!r} is invalid; accepted: a tuple of distinct integers >= 2 "
+      "(mixture sizes, the own adapter counted; () = all)"
+    )
+
+
+def number_tuple(config, name: str, what: str, test, *, non_empty: bool = False) -> None:
+  """The field `name` is a tuple of distinct numbers passing `test` (described by `what`)."""
+  value = _checks.field(config, name)
+  ok = not isinstance(value, str) and isinstance(value, Sequence)
+  ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and test(v) for v in value)
+  if not ok or len(set(value)) != len(value) or (non_empty and not value):
+    raise ValueError(
+      f"{name}={value!r} is invalid; accepted: a {'non-empty ' if non_empty else ''}tuple of "
+      f"distinct numbers {what}"
+    )
 
 
 class Domains(NamedTuple):
@@ -175,6 +233,19 @@ def resolve_domains(config, task: ft.Task) -> Domains:
   check("study.domains", config.study.domains, adapters, " (domains with an adapter)")
   study = tuple(config.study.domains) or adapters
   return Domains(adapters, targets, study)
+
+
+def product_model(setup: ft.Setup, k: int):
+  """The model of rank K·r that evaluates LoRA mixtures as averaged updates B·A
+  (`lora_product_average`), or None: not LoRA, or `mixing.lora='factors'`."""
+  config = setup.config
+  if config.adapter.kind != "lora" or config.mixing.lora != "product":
+    return None
+  overrides = {
+    "lora_rank": k * config.adapter.lora_rank,
+    "lora_alpha": k * config.adapter.lora_alpha,
+  }
+  return ft.build_model(setup, ft.adapter_config(config, "lora", **overrides))
 
 
 def make_setup(config) -> ft.Setup:
@@ -466,6 +537,40 @@ def stack_trees(trees: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def lora_product_average(stacked: PyTree, weights: jax.Array) -> PyTree:
+  """The weighted average of K LoRA adapters' updates ΔW_k = A_k·B_k, as one LoRA of rank K·r.
+
+  Averaging the factors (`weighted_average`) gives mean(A)·mean(B), whose cross terms
+  A_j·B_k (j ≠ k) belong to no adapter. Here the factors are concatenated along the rank:
+  A = [A_1 … A_K] ([in, K·r]) and B = [c_1·B_1; …; c_K·B_K] ([K·r, out]), c_k = w_k / Σw,
+  so A·B = Σ_k c_k·A_k·B_k exactly. Evaluate it with `lora_rank` K·r and `lora_alpha`
+  K·α, which keeps the update's scale α / r. Other leaves (heads, biases) are averaged.
+
+  Args:
+    stacked: [K, ...] adapter trees whose LoRA leaves are `lora_a` [K, in, r] and `lora_b`
+      [K, r, out].
+    weights: [K] non-negative weights, not all zero.
+
+  Returns:
+    a tree like one member, its `lora_a` [in, K·r] and `lora_b` [K·r, out].
+  """
+  w = jnp.asarray(weights, jnp.float32)
+  c = w / jnp.sum(w)
+  averaged = merging.weighted_average(stacked, w)
+
+  def leaf(path, x, avg):
+    name = getattr(path[-1], "key", None)
+    if name == "lora_a":
+      k, n_in, r = x.shape
+      return jnp.moveaxis(x, 0, -2).reshape(n_in, k * r)
+    if name == "lora_b":
+      k, r, n_out = x.shape
+      return (x * c[:, None, None].astype(x.dtype)).reshape(k * r, n_out)
+    return avg
+
+  return jax.tree_util.tree_map_with_path(leaf, stacked, averaged)
+
+
 def without_head(tree: Mapping[str, Any]) -> dict[str, Any]:
   """`tree` without its top-level 'head' subtree (adapter weights only)."""
   return {k: v for k, v in tree.items() if k != adapters_lib.HEAD_KEY}
@@ -525,6 +630,34 @@ def prune_layers(tree: PyTree, density: float, layers: Sequence[str] | None = No
   )
 
 
+def macro_f1(pred: Sequence[int], label: Sequence[int]) -> float:
+  """Macro-averaged F1 over the classes present in `label` or `pred` (sklearn's default).
+
+  Per class c: F1_c = 2·TP_c / (2·TP_c + FP_c + FN_c); the unweighted mean over classes.
+  A majority-class predictor scores 1/C_present·F1 of that class, so unlike accuracy it
+  does not reward matching the label prior.
+  """
+  pred, label = np.asarray(pred, np.int64), np.asarray(label, np.int64)
+  if pred.shape != label.shape or pred.ndim != 1 or not len(pred):
+    raise ValueError(
+      f"pred of shape {pred.shape} and label of shape {label.shape}; accepted: two [N >= 1]"
+    )
+  f1 = []
+  for c in np.union1d(pred, label):
+    tp = np.sum((pred == c) & (label == c))
+    wrong = np.sum(pred != label, where=(pred == c) | (label == c))
+    f1.append(2 * tp / (2 * tp + wrong))
+  return float(np.mean(f1))
+
+
+def scores(outcomes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+  """{'accuracy', 'macro_f1'} of a per-example entry (`results_lib.outcomes`)."""
+  return {
+    "accuracy": results_lib.accuracy(outcomes),
+    "macro_f1": macro_f1(outcomes["pred"], outcomes["label"]),
+  }
+
+
 def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:
   """Pearson and Spearman correlations (and p-values) of x and y; None where undefined."""
   from scipy import stats
@@ -552,7 +685,8 @@ def sparsity_name(sparsity: float) -> str:
 
 
 class EvalCache:
-  """Accuracies by key ('<domain>|<what>'), persisted to `<workdir>/mixture_evals.json`.
+  """Scores ({'accuracy', 'macro_f1'}) by key ('<domain>|<what>'), persisted to
+  `<workdir>/mixture_evals.json`.
 
   `get(domain, what, compute)` returns the stored value, or calls `compute()` and stores
   its result, so a resumed run evaluates nothing twice. A local file is rewritten
@@ -569,18 +703,22 @@ class EvalCache:
     ):
       raise ValueError(f"remote_flush_s={remote_flush_s!r} is invalid; accepted: a number >= 0")
     self.path = workdir_lib.as_path(workdir) / CACHE_FILE
-    self.values: dict[str, float] = {}
+    self.values: dict[str, dict[str, float]] = {}
     if self.path.is_file():
-      self.values = {k: float(v) for k, v in workdir_lib.read_json(self.path).items()}
+      # Entries of an older format (a bare accuracy) are evaluated again.
+      stored = workdir_lib.read_json(self.path)
+      self.values = {k: v for k, v in stored.items() if isinstance(v, dict)}
     self.computed = 0
     self._wait_s = remote_flush_s if not workdir_lib.is_local(self.path) else 0.0
     self._unwritten = False
     self._last_flush = time.monotonic()
 
-  def get(self, domain: str, what: str, compute: Callable[[], float]) -> float:
+  def get(
+    self, domain: str, what: str, compute: Callable[[], Mapping[str, float]]
+  ) -> dict[str, float]:
     key = f"{domain}|{what}"
     if key not in self.values:
-      self.values[key] = float(compute())
+      self.values[key] = {k: float(v) for k, v in compute().items()}
       self.computed += 1
       self._unwritten = True
       if time.monotonic() - self._last_flush >= self._wait_s:
@@ -599,6 +737,18 @@ def eval_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Exampl
   """Test examples of each domain (already cut to `eval.max_examples` by the harness, with
   a subset fixed by `data.benchmark_seed`: every seed of a sweep sees the same examples)."""
   return {d: setup.task.test[d] for d in domains}
+
+
+def val_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Examples]:
+  """Validation examples of each domain, at most `eval.max_val_examples` (0 = all): a
+  subset fixed by `data.benchmark_seed`, the same for every seed."""
+  cap = setup.config.eval.max_val_examples
+  rng = np.random.default_rng(setup.config.data.benchmark_seed)
+  out = {}
+  for d in domains:
+    ex = setup.task.val[d]
+    out[d] = ex.take(np.sort(rng.permutation(len(ex))[:cap])) if 0 < cap < len(ex) else ex
+  return out
 
 
 def evaluate_outcomes(setup: ft.Setup, model, params: PyTree, examples: ft.Examples) -> dict:
@@ -640,12 +790,17 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def plot_fsd_accuracy(
-  path: str | os.PathLike, mixtures: Sequence[Mapping], pooled: Mapping, *, seed: int | None = None
+  path: str | os.PathLike,
+  mixtures: Sequence[Mapping],
+  correlations: Mapping[str, Mapping],
+  *,
+  seed: int | None = None,
 ) -> None:
   """Scatter of FSD vs accuracy − own accuracy, mixtures of size >= 2, one colour per domain.
 
   Marker area grows with the mixture's size (number of adapters), shown in a second legend;
-  the title names the seed of the run.
+  the title names the seed of the run and the correlation within the smallest size (k = 2,
+  the paper's) with its bootstrap interval, or pooled given the size when several sizes.
   """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.2, 4.5))
@@ -670,11 +825,18 @@ def plot_fsd_accuracy(
   def fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
 
+  def ci(v):
+    return "" if v is None else f" [{v[0]:.2f}, {v[1]:.2f}]"
+
   run = "" if seed is None else f"seed {seed}: "
-  ax.set_title(
-    f"{run}pooled Pearson {fmt(pooled.get('pearson'))}, Spearman {fmt(pooled.get('spearman'))}",
-    fontsize=10,
-  )
+  parts = []
+  sizes = sorted(int(name[5:]) for name in correlations if name.startswith("size_"))
+  for name in ([f"size_{sizes[0]}"] if sizes else []) + ["pooled_given_size"]:
+    c = correlations.get(name)
+    if c:
+      label = name.replace("_", " ").replace("size ", "k = ")
+      parts.append(f"{label}: Spearman {fmt(c.get('spearman'))}{ci(c.get('spearman_ci'))}")
+  ax.set_title(run + "; ".join(parts), fontsize=9)
   if domains:
     # Two legends outside the axes: colour = domain, marker size = adapters in the mixture.
     colours = ax.legend(
@@ -737,10 +899,11 @@ def plot_lines(
 # ----------------------------------------------------------------------------
 
 
-def _with_mean(per_domain: Mapping[str, float]) -> dict[str, dict[str, float]]:
-  """{domain: {'accuracy'}, 'mean': {'accuracy'}} (mean over the given domains)."""
-  out = {d: {"accuracy": float(a)} for d, a in per_domain.items()}
-  out["mean"] = {"accuracy": float(np.mean(list(per_domain.values())))}
+def _with_mean(per_domain: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+  """{domain: scores, 'mean': the mean of each score over the given domains}."""
+  out = {d: {k: float(v) for k, v in sc.items()} for d, sc in per_domain.items()}
+  keys = list(next(iter(per_domain.values())))
+  out["mean"] = {k: float(np.mean([sc[k] for sc in per_domain.values()])) for k in keys}
   return out
 
 
@@ -767,7 +930,12 @@ class Soup:
     stacked: [K, ...] adapter + head trees.
     init_adapters: the shared initial adapter weights (no head).
     tests: domain -> test examples evaluated (`eval_subsets`).
-    cache: the accuracies computed so far.
+    vals: domain -> validation examples (`val_subsets`), where merge hyper-parameters are
+      chosen.
+    cache: the scores computed so far.
+    model_product: for LoRA adapters with `mixing.lora='product'`, the model of rank K·r
+      that evaluates mixtures as the average of the updates B·A (`lora_product_average`);
+      None: mixtures average the factors A and B.
     outcomes: '<domain>|<what>' -> per-example outcomes evaluated in this process.
     per_example: variant -> domain -> per-example outcomes of what the results report.
   """
@@ -780,7 +948,9 @@ class Soup:
   stacked: PyTree
   init_adapters: PyTree
   tests: Mapping[str, ft.Examples]
+  vals: Mapping[str, ft.Examples]
   cache: EvalCache
+  model_product: Any = None
   outcomes: dict[str, dict] = dataclasses.field(default_factory=dict)
   per_example: dict[str, dict] = dataclasses.field(default_factory=dict)
 
@@ -810,13 +980,40 @@ class Soup:
     """Full params: the backbone plus an adapters + head tree."""
     return adapters_lib.merge_params(self.base, adapter_tree)
 
-  def mixture(self, members: Sequence[str]) -> PyTree:
-    """Full params of the uniform average of `members`' adapters and heads."""
+  def head_of(self, domain: str) -> PyTree:
+    """{'head': domain's trained head} ([...] leaves)."""
+    heads = {adapters_lib.HEAD_KEY: self.stacked[adapters_lib.HEAD_KEY]}
+    return _member(heads, self.names.index(domain))
+
+  def with_head(self, adapters: PyTree, head: str | None) -> PyTree:
+    """Full params: `adapters` (no head) with `head`'s trained head, or (None) the uniform
+    average of all K heads."""
+    if head is None:
+      heads = merging.weighted_average({adapters_lib.HEAD_KEY: self.stacked[adapters_lib.HEAD_KEY]})
+    else:
+      heads = self.head_of(head)
+    return self.params({**adapters, **heads})
+
+  def mixture(self, members: Sequence[str], *, head: str | None = None) -> PyTree:
+    """Full params of the uniform average of `members`' adapters.
+
+    Args:
+      members: the mixed domains.
+      head: None: the members' heads are averaged with their adapters (novel domains,
+        which have no head of their own, and the `study.average_heads` ablation); a
+        domain: its own trained head, unaveraged (Nguyen & Le: adapters only).
+    """
     # Zero weights on the full stack: one compiled average for every subset, and exactly
     # the subset's uniform average (0·x only adds exact zeros).
-    return self.params(merging.weighted_average(self.stacked, self.weights(members)))
+    if self.model_product is not None:
+      averaged = lora_product_average(self.stacked, self.weights(members))
+    else:
+      averaged = merging.weighted_average(self.stacked, self.weights(members))
+    if head is None:
+      return self.params(averaged)
+    return self.params({**without_head(averaged), **self.head_of(head)})
 
-  def accuracy(
+  def score(
     self,
     domain: str,
     what: str,
@@ -824,49 +1021,160 @@ class Soup:
     *,
     plain: bool = False,
     variant: str | None = None,
-  ) -> float:
-    """Cached accuracy on `domain`'s test examples of the params `params_fn()` builds.
+    split: str = "test",
+    model: Any = None,
+  ) -> dict[str, float]:
+    """Cached {'accuracy', 'macro_f1'} on `domain`'s `split` examples of `params_fn()`.
 
-    With `variant`, its per-example outcomes go into `per_example[variant][domain]`
-    (evaluated again when the accuracy came from an earlier process's cache).
+    With `variant` (test split only), its per-example outcomes go into
+    `per_example[variant][domain]` (evaluated again when the scores came from an earlier
+    process's cache).
     """
-    model = self.model_plain if plain else self.model
+    model = model or (self.model_plain if plain else self.model)
+    examples = self.tests[domain] if split == "test" else self.vals[domain]
+    what = what if split == "test" else f"{split}:{what}"
     key = f"{domain}|{what}"
 
     def outcomes() -> dict:
-      self.outcomes[key] = evaluate_outcomes(self.setup, model, params_fn(), self.tests[domain])
+      self.outcomes[key] = evaluate_outcomes(self.setup, model, params_fn(), examples)
       return self.outcomes[key]
 
-    value = self.cache.get(domain, what, lambda: results_lib.accuracy(outcomes()))
+    value = self.cache.get(domain, what, lambda: scores(outcomes()))
     if variant is not None:
       self.per_example.setdefault(variant, {})[domain] = self.outcomes.get(key) or outcomes()
     return value
 
-  def single_accuracy(self, domain: str, adapter: str, *, variant: str | None = None) -> float:
-    """Accuracy on `domain` of `adapter`'s trained params as they are (no averaging)."""
+  def single_score(
+    self, domain: str, adapter: str, *, variant: str | None = None
+  ) -> dict[str, float]:
+    """Scores on `domain` of `adapter`'s trained params as they are (no averaging)."""
     i = self.names.index(adapter)
-    return self.accuracy(
+    return self.score(
       domain,
       f"adapter:{adapter}",
       lambda: self.params(_member(self.stacked, i)),
       variant=variant,
     )
 
-  def mix_accuracy(
-    self, domain: str, members: Sequence[str], *, variant: str | None = None
-  ) -> float:
-    """Accuracy on `domain` of the uniform mixture of `members`."""
-    return self.accuracy(
-      domain, f"mix:{self.key(members)}", lambda: self.mixture(members), variant=variant
+  def mix_score(
+    self,
+    domain: str,
+    members: Sequence[str],
+    *,
+    own_head: bool = False,
+    variant: str | None = None,
+  ) -> dict[str, float]:
+    """Scores on `domain` of the uniform mixture of `members`: with `own_head`, adapters
+    only and `domain`'s own head; else adapters and heads averaged (`mixture`)."""
+    if len(members) == 1 and (members[0] == domain or not own_head):
+      # One member's average is its own adapter and head: the same params exactly.
+      return self.single_score(domain, members[0], variant=variant)
+    what = f"{'mixown' if own_head else 'mix'}:{self.key(members)}"
+    if self.model_product is not None:
+      what = f"product{what}"
+    head = domain if own_head else None
+    return self.score(
+      domain,
+      what,
+      lambda: self.mixture(members, head=head),
+      variant=variant,
+      model=self.model_product,
     )
+
+
+# The config fields each trained stage depends on (train/stage_cache.py): runs that differ
+# only in what they evaluate reuse the trained adapters and heads through `stage_cache`.
+_TRAIN_FIELDS = (
+  "seed",
+  "data.benchmark",
+  "data.benchmark_seed",
+  "data.options",
+  "model",
+  "pretrain",
+  "train",
+  "num_devices",
+)
+ADAPTER_FIELDS = (*_TRAIN_FIELDS, "adapter")
+# A target's zero-shot head trains on the other adapter domains' pooled data.
+ZERO_SHOT_FIELDS = (*_TRAIN_FIELDS, "data.domains")
+
+
+def train_adapters(
+  setup: ft.Setup, workdir: str, writer, backbone: PyTree, domains: Sequence[str]
+) -> tuple[Any, PyTree, list[PyTree], dict[str, float]]:
+  """One adapter (+ head) per domain, all from the same initialisation (same key).
+
+  Returns:
+    (model, initial full params, per domain its adapters + head tree, stage -> s/step).
+  """
+  config = setup.config
+  model = ft.build_model(setup, soup_adapter_config(config))
+  init = ft.init_params(setup, model, setup.key("adapter_init"), backbone)
+  trees, step_time = [], {}
+  for d in domains:
+    stage = f"adapter_{d}"
+    result = ft.train(
+      setup,
+      workdir,
+      writer,
+      stage=stage,
+      model=model,
+      params=init,
+      train_mode="adapters",
+      examples=setup.task.train[d],
+      steps=config.train.steps,
+      lr=config.train.lr,
+      batch_size=config.train.batch_size,
+      stage_fields={stage: ADAPTER_FIELDS},
+    )
+    # Keep only the adapters + head: the frozen backbone is the same for every domain.
+    trees.append(adapters_lib.split_params(result.params, include_head=True)[1])
+    step_time[stage] = result.step_time_s
+  return model, init, trees, step_time
+
+
+def train_zero_shot_head(
+  setup: ft.Setup,
+  workdir: str,
+  writer,
+  model_plain,
+  plain_params: PyTree,
+  target: str,
+  candidates: Sequence[str],
+) -> ft.Trained:
+  """Stage `zero_shot_head_<target>`: the frozen backbone, a head on the candidates' data."""
+  stage = f"zero_shot_head_{target}"
+  cfg = setup.config
+  return ft.train(
+    setup,
+    workdir,
+    writer,
+    stage=stage,
+    model=model_plain,
+    params=plain_params,
+    train_mode="head",
+    examples=setup.task.pooled("train", candidates),
+    steps=cfg.train.steps,
+    lr=cfg.train.lr,
+    batch_size=cfg.train.batch_size,
+    stage_fields={stage: ZERO_SHOT_FIELDS},
+  )
+
+
+def threshold_name(threshold: float) -> str:
+  """Variant suffix of a similarity threshold: 0.05 -> '0.05', -0.1 -> 'm0.1'."""
+  return format(threshold, "g").replace("-", "m")
 
 
 def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir, writer) -> dict:
   """Part (a): each selection method on each novel target.
 
+  Novel targets have no head of their own: a soup averages its members' adapters and heads.
+
   Returns:
-    {'metrics': variant -> per-target results, 'selections': target -> what each chose,
-     'step_time_s': zero-shot head stage -> seconds per step}.
+    {'metrics': variant -> per-target scores (selectors also `num_adapters`),
+     'selections': target -> what each selector chose, 'step_time_s': zero-shot head
+     stage -> seconds per step}.
   """
   setup = soup.setup
   cfg = setup.config
@@ -877,14 +1185,15 @@ def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir,
     d: ft.embed(setup, soup.model_plain, plain_params, selection_sample(setup, d))
     for d in dict.fromkeys((*targets, *soup.names))
   }
-  per_target: dict[str, dict[str, float]] = {v: {} for v in NOVEL_VARIANTS}
-  singles_by_adapter: dict[str, dict[str, float]] = {}
+  per_target: dict[str, dict[str, dict]] = {}
+  singles_by_adapter: dict[str, dict[str, dict]] = {}
   selections, step_time = {}, {}
+  sweep = [float(x) for x in cfg.selection.threshold_sweep]
   for t in targets:
     candidates = [d for d in soup.names if d != t]
-    singles = {d: soup.single_accuracy(t, d, variant=f"single_{d}") for d in candidates}
-    for d, acc in singles.items():
-      singles_by_adapter.setdefault(d, {})[t] = acc
+    singles = {d: soup.single_score(t, d, variant=f"single_{d}") for d in candidates}
+    for d, sc in singles.items():
+      singles_by_adapter.setdefault(d, {})[t] = sc
     cand_emb = {d: embeddings[d] for d in candidates}
     sim = select_by_similarity(
       embeddings[t], cand_emb, top_k=cfg.selection.top_k, threshold=cfg.selection.threshold
@@ -898,47 +1207,54 @@ def novel_domains(soup: Soup, targets: Sequence[str], backbone: PyTree, workdir,
       pca_dim=cfg.selection.pca_dim,
       seed=cfg.seed,
     )
-    best = max(candidates, key=lambda d: (singles[d], -candidates.index(d)))
-    for name, members in (
-      ("similarity", sim.selected),
-      ("clustering", clu.selected),
-      ("all", candidates),
-    ):
-      per_target[name][t] = soup.mix_accuracy(t, members, variant=name)
-    per_target["best_single"][t] = soup.single_accuracy(t, best, variant="best_single")
-    # The zero-shot backbone head: the frozen backbone, a head on the candidates' data.
-    stage = f"zero_shot_head_{t}"
-    head = ft.train(
-      setup,
-      workdir,
-      writer,
-      stage=stage,
-      model=soup.model_plain,
-      params=plain_params,
-      train_mode="head",
-      examples=setup.task.pooled("train", candidates),
-      steps=cfg.train.steps,
-      lr=cfg.train.lr,
-      batch_size=cfg.train.batch_size,
-    )
-    step_time[stage] = head.step_time_s
-    per_target["zero_shot"][t] = soup.accuracy(
-      t, "zero_shot", lambda head=head: head.params, plain=True, variant="zero_shot"
-    )
+    # The oracle ranks by accuracy on the target's test split.
+    best = max(candidates, key=lambda d: (singles[d]["accuracy"], -candidates.index(d)))
+    chosen = {"similarity": sim.selected, "clustering": clu.selected, "all": tuple(candidates)}
+    # The threshold's sensitivity: the same scores, other thresholds (evaluation only).
+    for thr in sweep:
+      chosen[f"similarity_t{threshold_name(thr)}"] = _keep(
+        _rank(sim.scores, candidates), sim.scores, cfg.selection.top_k, thr
+      )
+    for name, members in chosen.items():
+      sc = soup.mix_score(t, members, variant=name)
+      per_target.setdefault(name, {})[t] = {**sc, "num_adapters": len(members)}
+    per_target.setdefault("best_single", {})[t] = {
+      **soup.single_score(t, best, variant="best_single"),
+      "num_adapters": 1,
+    }
+    if cfg.selection.zero_shot_head:
+      head = train_zero_shot_head(
+        setup, workdir, writer, soup.model_plain, plain_params, t, candidates
+      )
+      step_time[f"zero_shot_head_{t}"] = head.step_time_s
+      per_target.setdefault("zero_shot", {})[t] = soup.score(
+        t, "zero_shot", lambda head=head: head.params, plain=True, variant="zero_shot"
+      )
     selections[t] = {
       "candidates": candidates,
       "similarity": {"selected": list(sim.selected), "scores": sim.scores},
       "clustering": {"selected": list(clu.selected), "shares": clu.scores},
       "all": {"selected": candidates},
       "best_single": {"selected": [best], "note": BEST_SINGLE_NOTE},
+      **{
+        f"similarity_t{threshold_name(thr)}": {
+          "selected": list(chosen[f"similarity_t{threshold_name(thr)}"]),
+          "threshold": thr,
+        }
+        for thr in sweep
+      },
     }
-  metrics = {v: _with_mean(per_target[v]) for v in NOVEL_VARIANTS if per_target[v]}
+  metrics = {v: _with_mean(per_target[v]) for v in NOVEL_VARIANTS if v in per_target}
+  metrics.update({v: _with_mean(m) for v, m in per_target.items() if v not in metrics})
   metrics.update({f"single_{d}": _with_mean(m) for d, m in singles_by_adapter.items()})
   return {"metrics": metrics, "selections": selections, "step_time_s": step_time}
 
 
 def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> dict:
   """Parts (b) and (c): mixtures holding the own adapter, FSD, correlations, greedy.
+
+  Each mixture averages its members' adapters and keeps the evaluated domain's own head
+  (Nguyen & Le); `study.average_heads` averages the heads too (an ablation).
 
   Args:
     soup: the run's adapters.
@@ -947,21 +1263,26 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
 
   Returns:
     {'metrics', 'fsd_matrix' [K, K], 'mixtures' (one record per evaluated mixture),
-     'summary' (per domain and size: mean/best/min/n), 'greedy', 'correlations'}.
+     'summary' (per domain and size: mean/best/min/n of accuracy), 'greedy',
+     'correlations'}.
   """
   cfg = soup.setup.config
+  own_head = not cfg.study.average_heads
   k = len(soup.names)
+  sizes = set(cfg.study.sizes) or set(range(2, k + 1))
   pair = np.asarray(merging.pairwise_sign_disagreement(fsd_stacked))
-  records, own_acc, greedy = [], {}, {}
+  records, own, greedy, mix_all = [], {}, {}, {}
   for d in study:
-    own = soup.names.index(d)
-    own_acc[d] = soup.single_accuracy(d, d, variant="own")
-    own_tree = _member(fsd_stacked, own)
+    i = soup.names.index(d)
+    own[d] = soup.single_score(d, d, variant="own")
+    mix_all[d] = soup.mix_score(d, soup.names, own_head=own_head, variant="mix_all")
+    own_tree = _member(fsd_stacked, i)
     others = [x for x in soup.names if x != d]
-    for members in enumerate_mixtures(
-      d, others, max_mixtures=cfg.study.max_mixtures, seed=cfg.seed * 1009 + own
-    ):
-      acc = soup.mix_accuracy(d, members)
+    mixtures = enumerate_mixtures(
+      d, others, max_mixtures=cfg.study.max_mixtures, seed=cfg.seed * 1009 + i
+    )
+    for members in [m for m in mixtures if len(m) == 1 or len(m) in sizes]:
+      sc = soup.mix_score(d, members, own_head=own_head)
       averaged = merging.weighted_average(fsd_stacked, soup.weights(members))
       flip = merging.pairwise_sign_disagreement(stack_trees([own_tree, averaged]))[0, 1]
       records.append(
@@ -969,8 +1290,9 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
           "domain": d,
           "members": soup.ordered(members),
           "size": len(members),
-          "accuracy": acc,
-          "accuracy_delta": acc - own_acc[d],
+          **sc,
+          "accuracy_delta": sc["accuracy"] - own[d]["accuracy"],
+          "macro_f1_delta": sc["macro_f1"] - own[d]["macro_f1"],
           # The set FSD of the members (the sign paper's quantity) and the share of the own
           # adapter's weights whose sign the averaging flips (what their k > 2 bars seem
           # to show); zeros count as agreement in both.
@@ -978,48 +1300,54 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
           "own_sign_flip": float(flip),
         }
       )
-    order = greedy_order(pair, own, rank=cfg.study.greedy_rank)
+    order = greedy_order(pair, i, rank=cfg.study.greedy_rank)
     chosen = [[d, *(soup.names[j] for j in order[: size - 1])] for size in range(1, k + 1)]
     greedy[d] = {
       "order": [soup.names[j] for j in order],
-      "accuracy": [
-        soup.mix_accuracy(d, m, variant=f"greedy_{size}") for size, m in enumerate(chosen, 1)
+      "scores": [
+        soup.mix_score(d, m, own_head=own_head, variant=f"greedy_{size}")
+        for size, m in enumerate(chosen, 1)
       ],
       "fsd": [float(merging.sign_disagreement(soup.subset(fsd_stacked, m))) for m in chosen],
     }
 
-  metrics = {"own": _with_mean(own_acc)}
-  summary = {d: {"own": own_acc[d], "sizes": {}} for d in study}
-  for size in range(2, k + 1):
-    by_domain = {}
+  metrics = {"own": _with_mean(own), "mix_all": _with_mean(mix_all)}
+  summary = {d: {"own": own[d]["accuracy"], "sizes": {}} for d in study}
+  for size in sorted(s for s in sizes if s >= 2):
+    mean, best = {}, {}
     for d in study:
-      accs = [r["accuracy"] for r in records if r["domain"] == d and r["size"] == size]
-      if accs:
-        by_domain[d] = accs
+      rs = [r for r in records if r["domain"] == d and r["size"] == size]
+      if rs:
+        accs = [r["accuracy"] for r in rs]
         summary[d]["sizes"][str(size)] = {
           "mean": float(np.mean(accs)),
           "best": float(np.max(accs)),
           "min": float(np.min(accs)),
           "n": len(accs),
         }
-    if by_domain:
-      metrics[f"mix_size_{size}_mean"] = _with_mean({d: np.mean(a) for d, a in by_domain.items()})
-      metrics[f"mix_size_{size}_best"] = _with_mean({d: np.max(a) for d, a in by_domain.items()})
+        mean[d] = {m: float(np.mean([r[m] for r in rs])) for m in ("accuracy", "macro_f1")}
+        best[d] = {m: float(np.max([r[m] for r in rs])) for m in ("accuracy", "macro_f1")}
+    if mean:
+      metrics[f"mix_size_{size}_mean"] = _with_mean(mean)
+      metrics[f"mix_size_{size}_best"] = _with_mean(best)
   for size in range(1, k + 1):
-    metrics[f"greedy_{size}"] = _with_mean({d: g["accuracy"][size - 1] for d, g in greedy.items()})
+    metrics[f"greedy_{size}"] = _with_mean({d: g["scores"][size - 1] for d, g in greedy.items()})
 
   mixed = [r for r in records if r["size"] >= 2]
   correlations = {}
   for quantity in ("fsd", "own_sign_flip"):
     per = {
-      d: correlation(
+      d: sign_study.partial_correlation(
         [r[quantity] for r in mixed if r["domain"] == d],
         [r["accuracy"] for r in mixed if r["domain"] == d],
+        [r["size"] for r in mixed if r["domain"] == d],
+        seed=cfg.seed,
       )
       for d in study
     }
-    # Pooled over domains: accuracy relative to each domain's own adapter.
-    per["pooled"] = correlation([r[quantity] for r in mixed], [r["accuracy_delta"] for r in mixed])
+    # Over domains: accuracy relative to each domain's own adapter; within each size, and
+    # pooled with the size as a covariate (FSD and accuracy both move with the size).
+    per.update(sign_study.within_size(mixed, quantity, seed=cfg.seed))
     correlations[quantity] = per
   return {
     "metrics": metrics,
@@ -1031,21 +1359,33 @@ def in_domain_study(soup: Soup, study: Sequence[str], fsd_stacked: PyTree) -> di
   }
 
 
+def rescaled_like(tree: PyTree, reference: PyTree) -> PyTree:
+  """`tree` times ‖reference‖₂ / ‖tree‖₂ (norms over all leaves): `tree`'s direction at
+  `reference`'s magnitude (`tree` unchanged when its norm is 0)."""
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+  ref = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(reference)))
+  factor = jnp.where(norm > 0, ref / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return jax.tree.map(lambda x: (x * factor).astype(x.dtype), tree)
+
+
 def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
   """Part (d): magnitude pruning, highest-FSD-layer pruning and TIES at each sparsity.
 
-  Pruning acts on adapter weights only (heads stay dense); FSD statistics are on adapter
-  weights only.
+  Pruning acts on adapter weights only; each domain is evaluated with its own head (the
+  heads averaged with `study.average_heads`). FSD statistics are on adapter weights only.
+  `avg_like_ties_<s>` is TIES' magnitude control: the uniform average of the deltas
+  rescaled to the norm of TIES' merged delta at the same density (TIES' disjoint mean
+  divides by the agreeing members, not K, which scales the deltas up).
 
   Returns:
-    {'metrics': variant -> per-domain results, 'info': FSD before/after, layers pruned,
+    {'metrics': variant -> per-domain scores, 'info': FSD before/after, layers pruned,
      'curves': name -> (sparsities, mean accuracy) for the plot}.
   """
   cfg = soup.setup.config
+  own_head = not cfg.study.average_heads
+  suffix = "" if own_head else ":avghead"
   k = len(soup.names)
   adapters = without_head(soup.stacked)
-  heads = {adapters_lib.HEAD_KEY: soup.stacked[adapters_lib.HEAD_KEY]}
-  mean_head = merging.weighted_average(heads)
   members = [_member(adapters, i) for i in range(k)]
   layers, per_layer = layer_fsd(adapters)
   chosen_layers = {
@@ -1056,6 +1396,7 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
   }
   everyone = soup.key(soup.names)
   off_diagonal = ~np.eye(k, dtype=bool)
+  deltas = jax.tree.map(lambda x, x0: x - x0[None], adapters, soup.init_adapters)
 
   def fsd_of(stacked: PyTree) -> dict[str, float]:
     pair = np.asarray(merging.pairwise_sign_disagreement(stacked))
@@ -1064,10 +1405,10 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
       "mean_pairwise_fsd": float(pair[off_diagonal].mean()),
     }
 
-  def average(stacked: PyTree) -> PyTree:
-    return soup.params({**merging.weighted_average(stacked), **mean_head})
+  def on_init(delta: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, soup.init_adapters, delta)
 
-  per: dict[str, dict[str, float]] = {}
+  per: dict[str, dict[str, dict]] = {}
   fsd_stats = {"dense": fsd_of(adapters)}
   for s in cfg.pruning.sparsities:
     density, tag = 1.0 - s, sparsity_name(s)
@@ -1075,47 +1416,50 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
     layered = stack_trees(
       [prune_layers(m, density, chosen_layers[soup.names[i]]) for i, m in enumerate(members)]
     )
-
-    def ties(density=density) -> PyTree:
-      # TIES merges task vectors: the deltas from the shared initialisation.
-      deltas = jax.tree.map(lambda x, x0: x - x0[None], adapters, soup.init_adapters)
-      merged = merging.ties_merge(deltas, density=density, scale=cfg.pruning.ties_scale)
-      return soup.params({**jax.tree.map(jnp.add, soup.init_adapters, merged), **mean_head})
-
+    ties = functools.cache(
+      lambda density=density: merging.ties_merge(
+        deltas, density=density, scale=cfg.pruning.ties_scale
+      )
+    )
+    # Each params function runs at once (or never, when cached): binding by default
+    # arguments only silences the late-binding lint.
+    builds = {
+      "prune": lambda pruned=pruned: merging.weighted_average(pruned),
+      "prune_fsd": lambda layered=layered: merging.weighted_average(layered),
+      "ties": lambda ties=ties: on_init(ties()),
+      "avg_like_ties": lambda ties=ties: on_init(
+        rescaled_like(merging.weighted_average(deltas), ties())
+      ),
+    }
     for d in study:
       i = soup.names.index(d)
-      # Each params function runs at once (or never, when cached): binding by default
-      # arguments only silences the late-binding lint.
-      per.setdefault(f"prune_own_{tag}", {})[d] = soup.accuracy(
+      head = d if own_head else None
+      per.setdefault(f"prune_own_{tag}", {})[d] = soup.score(
         d,
         f"prune{tag}:{d}",
-        lambda i=i, pruned=pruned: soup.params({**_member(pruned, i), **_member(heads, i)}),
+        lambda i=i, d=d, pruned=pruned: soup.with_head(_member(pruned, i), d),
         variant=f"prune_own_{tag}",
       )
-      per.setdefault(f"prune_{tag}", {})[d] = soup.accuracy(
-        d, f"prune{tag}:{everyone}", lambda pruned=pruned: average(pruned), variant=f"prune_{tag}"
-      )
-      per.setdefault(f"prune_fsd_{tag}", {})[d] = soup.accuracy(
-        d,
-        f"prunefsd{tag}:{everyone}",
-        lambda layered=layered: average(layered),
-        variant=f"prune_fsd_{tag}",
-      )
-      per.setdefault(f"ties_{tag}", {})[d] = soup.accuracy(
-        d, f"ties{tag}:{everyone}", ties, variant=f"ties_{tag}"
-      )
+      for name, build in builds.items():
+        what = f"{name.replace('_', '')}{tag}:{everyone}{suffix}"
+        per.setdefault(f"{name}_{tag}", {})[d] = soup.score(
+          d,
+          what,
+          lambda build=build, head=head: soup.with_head(build(), head),
+          variant=f"{name}_{tag}",
+        )
     fsd_stats[tag] = {
       "magnitude": fsd_of(pruned),
       "highest_fsd_layers": fsd_of(layered),
     }
 
-  def mean_of(values: Mapping[str, float]) -> float:
-    return float(np.mean(list(values.values())))
+  def mean_of(values: Mapping[str, Mapping[str, float]]) -> float:
+    return float(np.mean([v["accuracy"] for v in values.values()]))
 
   sparsities = [float(s) for s in cfg.pruning.sparsities]
   tags = [sparsity_name(s) for s in sparsities]
-  own_dense = mean_of({d: soup.single_accuracy(d, d) for d in study})
-  all_dense = mean_of({d: soup.mix_accuracy(d, soup.names) for d in study})
+  own_dense = mean_of({d: soup.single_score(d, d) for d in study})
+  all_dense = mean_of({d: soup.mix_score(d, soup.names, own_head=own_head) for d in study})
   curves = {}
   if sparsities:
     xs = [0.0, *sparsities]
@@ -1127,6 +1471,10 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
         [all_dense, *(mean_of(per[f"prune_fsd_{t}"]) for t in tags)],
       ),
       f"all {k}, TIES": (sparsities, [mean_of(per[f"ties_{t}"]) for t in tags]),
+      f"all {k}, average at TIES' norm": (
+        sparsities,
+        [mean_of(per[f"avg_like_ties_{t}"]) for t in tags],
+      ),
     }
   others = [[j for j in range(k) if j != i] for i in range(k)]
   info = {
@@ -1138,9 +1486,125 @@ def pruning_study(soup: Soup, study: Sequence[str]) -> dict:
       for i in range(k)
     },
     "pruned_layers": chosen_layers,
-    "ties": "TIES on the deltas from the shared initialisation; heads averaged densely",
+    "ties": "TIES (per-tensor trim, λ = pruning.ties_scale) on the deltas from the shared "
+    "initialisation; avg_like_ties: the uniform average of the deltas at TIES' norm",
+    "heads": "own head of each domain" if own_head else "heads averaged",
   }
   return {"metrics": {v: _with_mean(m) for v, m in per.items()}, "info": info, "curves": curves}
+
+
+def merge_candidates(config) -> dict[str, list[dict[str, float]]]:
+  """Per merge method of `merge.methods`, its grid of hyper-parameters (chosen on validation).
+
+  Methods that sum the K deltas (task arithmetic, DARE, Breadcrumbs) take λ from
+  `merge.sum_lambdas` (λ = 1/K is the uniform average); TIES-style disjoint means take it
+  from `merge.ties_lambdas`; sparsifying methods take the density from `merge.densities`.
+  """
+  m = config.merge
+  grids = {
+    "task_arithmetic": [{"lambda": lam} for lam in m.sum_lambdas],
+    "ties": [{"density": d, "lambda": lam} for d in m.densities for lam in m.ties_lambdas],
+    "ties_member": [{"density": d, "lambda": lam} for d in m.densities for lam in m.ties_lambdas],
+    "dare": [{"density": d, "lambda": lam} for d in m.densities for lam in m.sum_lambdas],
+    "dare_ties": [{"density": d, "lambda": lam} for d in m.densities for lam in m.ties_lambdas],
+    "breadcrumbs": [{"density": d, "lambda": lam} for d in m.densities for lam in m.sum_lambdas],
+  }
+  return {name: grids[name] for name in m.methods}
+
+
+def merged_delta(name: str, deltas: PyTree, hp: Mapping[str, float], key: jax.Array) -> PyTree:
+  """The merged task vector of method `name` (of MERGE_METHODS) with hyper-parameters `hp`.
+
+  Args:
+    name: the merge method.
+    deltas: [K, ...] task vectors (adapters minus their shared initialisation).
+    hp: {'lambda'[, 'density']}.
+    key: PRNG key of DARE's drops.
+  """
+  lam = hp["lambda"]
+  if name == "task_arithmetic":
+    return merging.task_arithmetic(deltas, scale=lam)
+  if name in ("ties", "ties_member"):
+    trim = "leaf" if name == "ties" else "member"
+    return merging.ties_merge(deltas, density=hp["density"], scale=lam, trim=trim)
+  if name == "dare":
+    return merging.dare(key, deltas, density=hp["density"], scale=lam)
+  if name == "dare_ties":
+    return merging.dare_ties(key, deltas, density=hp["density"], scale=lam)
+  if name == "breadcrumbs":
+    return merging.breadcrumbs(
+      deltas, density=hp["density"], top_fraction=BREADCRUMBS_TOP, scale=lam
+    )
+  raise ValueError(f"merge method {name!r} is unknown; accepted: {', '.join(MERGE_METHODS)}")
+
+
+def _hp_name(hp: Mapping[str, float]) -> str:
+  return ",".join(f"{k}={v:g}" for k, v in hp.items())
+
+
+def merge_study(soup: Soup, study: Sequence[str]) -> dict:
+  """Part (e): the merge family on the K adapters, each domain with its own head.
+
+  For each method of `merge.methods` and each setting of its grid (`merge_candidates`),
+  the merged task vector is added to the shared initialisation and scored on every study
+  domain's VALIDATION split (`eval.max_val_examples`); the setting of best mean validation
+  accuracy is then scored on the test splits (variant `merge_<method>`). No test label
+  takes part in any choice. `merge_avg_like_ties` is the uniform average of the deltas at
+  the norm of the chosen TIES merge (its magnitude control).
+
+  Returns:
+    {'metrics': variant -> per-domain scores, 'selection': variant -> chosen
+     hyper-parameters and their mean validation accuracy, 'validation': variant ->
+     setting -> mean validation accuracy}.
+  """
+  cfg = soup.setup.config
+  own_head = not cfg.study.average_heads
+  suffix = "" if own_head else ":avghead"
+  adapters = without_head(soup.stacked)
+  deltas = jax.tree.map(lambda x, x0: x - x0[None], adapters, soup.init_adapters)
+  key = soup.setup.key("merge_dare")
+  everyone = soup.key(soup.names)
+
+  def params_fn(delta_fn: Callable[[], PyTree], d: str) -> Callable[[], PyTree]:
+    return lambda: soup.with_head(
+      jax.tree.map(jnp.add, soup.init_adapters, delta_fn()), d if own_head else None
+    )
+
+  metrics, selection, validation, chosen_delta = {}, {}, {}, {}
+  for name, grid in merge_candidates(cfg).items():
+    val = {}
+    for hp in grid:
+      delta = functools.cache(lambda hp=hp, name=name: merged_delta(name, deltas, hp, key))
+      what = f"{name}[{_hp_name(hp)}]:{everyone}{suffix}"
+      val[_hp_name(hp)] = float(
+        np.mean([soup.score(d, what, params_fn(delta, d), split="val")["accuracy"] for d in study])
+      )
+    best = max(range(len(grid)), key=lambda j: (val[_hp_name(grid[j])], -j))
+    hp = grid[best]
+    variant = f"merge_{name}"
+    selection[variant] = {**hp, "val_accuracy": val[_hp_name(hp)]}
+    validation[variant] = val
+    delta = functools.cache(lambda hp=hp, name=name: merged_delta(name, deltas, hp, key))
+    chosen_delta[name] = delta
+    what = f"{name}[{_hp_name(hp)}]:{everyone}{suffix}"
+    metrics[variant] = _with_mean(
+      {d: soup.score(d, what, params_fn(delta, d), variant=variant) for d in study}
+    )
+  if "ties" in chosen_delta:
+    ties = chosen_delta["ties"]
+    hp = _hp_name(selection["merge_ties"])
+    metrics["merge_avg_like_ties"] = _with_mean(
+      {
+        d: soup.score(
+          d,
+          f"avglike[ties,{hp}]:{everyone}{suffix}",
+          params_fn(lambda: rescaled_like(merging.weighted_average(deltas), ties()), d),
+          variant="merge_avg_like_ties",
+        )
+        for d in study
+      }
+    )
+  return {"metrics": metrics, "selection": selection, "validation": validation}
 
 
 def _greedy_curves(config, study: dict, study_domains, k: int) -> dict:
@@ -1181,28 +1645,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   backbone = ft.pretrained_backbone(setup, workdir, writer)
 
-  # One adapter (+ head) per domain, all from the same initialisation (same key).
-  model = ft.build_model(setup, soup_adapter_config(config))
-  init = ft.init_params(setup, model, setup.key("adapter_init"), backbone)
+  model, init, trees, step_time = train_adapters(setup, workdir, writer, backbone, domains.adapters)
   base, init_tree = adapters_lib.split_params(init, include_head=True)
-  trees, step_time = [], {}
-  for d in domains.adapters:
-    result = ft.train(
-      setup,
-      workdir,
-      writer,
-      stage=f"adapter_{d}",
-      model=model,
-      params=init,
-      train_mode="adapters",
-      examples=setup.task.train[d],
-      steps=config.train.steps,
-      lr=config.train.lr,
-      batch_size=config.train.batch_size,
-    )
-    # Keep only the adapters + head: the frozen backbone is `base` for every domain.
-    trees.append(adapters_lib.split_params(result.params, include_head=True)[1])
-    step_time[f"adapter_{d}"] = result.step_time_s
 
   soup = Soup(
     setup=setup,
@@ -1213,7 +1657,9 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     stacked=stack_trees(trees),
     init_adapters=without_head(init_tree),
     tests=eval_subsets(setup, list(dict.fromkeys((*domains.adapters, *domains.targets)))),
+    vals=val_subsets(setup, domains.study),
     cache=EvalCache(workdir),
+    model_product=product_model(setup, len(domains.adapters)),
   )
   novel = novel_domains(soup, domains.targets, backbone, workdir, writer)
   step_time.update(novel["step_time_s"])
@@ -1221,6 +1667,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   fsd_stacked = soup.stacked if config.study.fsd_include_head else without_head(soup.stacked)
   study = in_domain_study(soup, domains.study, fsd_stacked)
   pruning = pruning_study(soup, domains.study)
+  merges = merge_study(soup, domains.study)
   soup.cache.flush()
   logging.info("adapter_soup: %d evaluations in this run", soup.cache.computed)
 
@@ -1228,10 +1675,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   if jax.process_index() == 0:
     plots.mkdir(parents=True, exist_ok=True)
     plot_fsd_accuracy(
-      plots / "fsd_accuracy.png",
-      study["mixtures"],
-      study["correlations"]["fsd"]["pooled"],
-      seed=config.seed,
+      plots / "fsd_accuracy.png", study["mixtures"], study["correlations"]["fsd"], seed=config.seed
     )
     plot_fsd_matrix(plots / "fsd_matrix.png", study["fsd_matrix"], domains.adapters)
     if pruning["curves"]:
@@ -1255,10 +1699,19 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "num_examples": {"test_eval": {d: len(ex) for d, ex in soup.tests.items()}},
     "step_time_s": step_time,
     "notes": {"best_single": BEST_SINGLE_NOTE},
-    "metrics": {**novel["metrics"], **study["metrics"], **pruning["metrics"]},
+    "metrics": {
+      **novel["metrics"],
+      **study["metrics"],
+      **pruning["metrics"],
+      **merges["metrics"],
+    },
     # Aggregates over several mixtures (mix_size_*) have no per-example outcomes.
     results_lib.PER_EXAMPLE: soup.per_example,
     "selections": novel["selections"],
+    # Hyper-parameters chosen on the study domains' validation splits (DESIGN.md).
+    "selection": merges["selection"],
+    "merge_validation": merges["validation"],
+    "heads": "averaged (ablation)" if config.study.average_heads else "own head per domain",
     "fsd_matrix": {"domains": list(domains.adapters), "values": study["fsd_matrix"].tolist()},
     "in_domain": study["summary"],
     "greedy": study["greedy"],

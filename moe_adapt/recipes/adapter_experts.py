@@ -23,8 +23,12 @@ Stages (checkpointed under `<workdir>/checkpoints/<stage>`, skipped when finishe
 5. Weight space, on each held-out domain (accuracy on all of its images, as Meta-DMoE):
    `soup_uniform` (all N adapter sets and heads averaged), `soup_ties_<d>` (TIES on the
    deltas from the shared initialisation at density d, heads averaged), `soup_greedy_<l>`
-   (FSD-greedy soups of l members, below), `expert_<k>` (each expert alone) and
-   `best_single_oracle` (the best expert on the domain's LABELS: an oracle).
+   (FSD-greedy soups of l members, below), `expert_<k>` (each expert alone),
+   `best_single_oracle` (the best expert on the domain's LABELS: an oracle), and the merge
+   family `soup_<method>` (`merge.methods`: task arithmetic, TIES with per-tensor or
+   whole-vector trim, DARE, DARE-TIES, Breadcrumbs; heads averaged) with λ and density
+   chosen on the pooled source validation images (`merge_family`; results.json
+   `selection`).
 
 FSD-greedy soups use no target label and the same information as Meta-DMoE's adaptation:
 the k = `adapt.support_size` unlabeled target images of each of the `adapt.repeats` draws
@@ -105,6 +109,13 @@ def validate_config(config) -> None:
   _checks.integer(config, "soup.num_samples", 1)
   _checks.number(config, "soup.ties_scale", low=0.0)
   _checks.integer(config, "timing_steps", 1)
+  _checks.integer(config, "soup.max_val_examples", 0)
+  _checks.names(config, "merge.methods", soup_lib.MERGE_METHODS, allow_empty=True)
+  for name in ("merge.sum_lambdas", "merge.ties_lambdas"):
+    soup_lib.number_tuple(config, name, "> 0", lambda v: v > 0, non_empty=True)
+  soup_lib.number_tuple(
+    config, "merge.densities", "in (0, 1]", lambda v: 0 < v <= 1, non_empty=True
+  )
   densities = config.soup.ties_densities
   ok = not isinstance(densities, str) and isinstance(densities, Sequence)
   ok = ok and all(
@@ -434,7 +445,8 @@ def weight_space(
 
   Returns:
     (variant -> {domain: {'accuracy', ...}}, domain -> what the greedy soups chose per draw,
-    variant -> {domain: per-example outcomes}); the greedy soups, averaged over draws, have
+    variant -> {domain: per-example outcomes}, variant -> hyper-parameters chosen on the
+    source validation split (`merge_family`)); the greedy soups, averaged over draws, have
     no per-example outcomes.
   """
   cfg, h = setup.meta.config, setup.harness
@@ -457,6 +469,8 @@ def weight_space(
     merged = merging.ties_merge(deltas, density=density, scale=cfg.soup.ties_scale)
     tag = format(100 * density, "g")
     soups[f"soup_ties_{tag}"] = {**jax.tree.map(jnp.add, init_adapters, merged), **mean_head}
+  family, selection = merge_family(setup, experts, deltas, init_adapters, mean_head)
+  soups.update(family)
 
   per: dict[str, dict] = {}
   per_example: dict[str, dict] = {}
@@ -514,7 +528,52 @@ def weight_space(
     per_domain["mean"] = {
       "accuracy": float(np.mean([per_domain[d]["accuracy"] for d in setup.meta.targets]))
     }
-  return per, selections, per_example
+  return per, selections, per_example, selection
+
+
+def source_val(setup: Setup) -> ft.Examples:
+  """At most `soup.max_val_examples` (0 = all) validation images of the source domains,
+  pooled: where the merge family's hyper-parameters are chosen (no held-out image)."""
+  cfg = setup.meta.config
+  val = setup.harness.task.pooled("val", setup.meta.sources)
+  cap = cfg.soup.max_val_examples
+  if 0 < cap < len(val):
+    # A fixed subset (seed 0): the same images for every run seed.
+    val = val.take(np.sort(np.random.default_rng(0).permutation(len(val))[:cap]))
+  return val
+
+
+def merge_family(
+  setup: Setup, experts: AdapterExperts, deltas: PyTree, init_adapters: PyTree, mean_head: PyTree
+) -> tuple[dict[str, PyTree], dict[str, dict]]:
+  """The merge family (`merge.methods`: task arithmetic, TIES with per-tensor or whole-vector
+  trim, DARE, DARE-TIES, Breadcrumbs) on the experts' deltas, heads averaged.
+
+  Each setting of a method's grid (`adapter_soup.merge_candidates`) is scored on the pooled
+  source validation images (`source_val`); the best one is the variant `soup_<method>`.
+
+  Returns:
+    (variant -> adapters + head tree, variant -> chosen hyper-parameters with their source
+    validation accuracy).
+  """
+  cfg = setup.meta.config
+  val = source_val(setup)
+  # DARE's drops: a key of their own, from the run's seed.
+  key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(b"merge_dare") % 2**31)
+  bs = cfg.eval_batch_size
+  trees, selection = {}, {}
+  for name, grid in soup_lib.merge_candidates(cfg).items():
+    best = None
+    for hp in grid:
+      delta = soup_lib.merged_delta(name, deltas, hp, key)
+      tree = {**jax.tree.map(jnp.add, init_adapters, delta), **mean_head}
+      logits = ft.predict_logits(experts.model, experts.params(tree), val, batch_size=bs)
+      acc = results_lib.accuracy(results_lib.outcomes(logits, val.labels))
+      if best is None or acc > best[0]:
+        best = (acc, hp, tree)
+    trees[f"soup_{name}"] = best[2]
+    selection[f"soup_{name}"] = {**best[1], "source_val_accuracy": best[0]}
+  return trees, selection
 
 
 # ----------------------------------------------------------------------------
@@ -603,7 +662,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   metrics = meta_dmoe.evaluate_with(
     meta, outputs, trained.aggregator["params"], trained.student, trained.meta
   )
-  soups, selections, per_example = weight_space(setup, experts, outputs=outputs)
+  soups, selections, per_example, selection = weight_space(setup, experts, outputs=outputs)
   metrics.update(soups)
   return {
     "method": "adapter_experts",
@@ -620,6 +679,8 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     "feature_cache_s": round(feature_time, 2),
     "step_time_s": experts.step_time_s,
     "selections": selections,
+    # The merge family's hyper-parameters, chosen on the source validation images.
+    "selection": selection,
     "notes": {
       "best_single_oracle": BEST_SINGLE_NOTE,
       "soup_greedy": "label-free: first member by similarity to the k unlabeled support "

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 from moe_adapt import main as main_lib
+from moe_adapt.core import merging
 from moe_adapt.methods import adapter_soup as soup
+from moe_adapt.methods import sign_study
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -33,6 +35,7 @@ DOMAINS = ("rot0", "rot45", "rot75")
 OVERRIDES = {
   "data.domains": DOMAINS,
   "pruning.sparsities": (0.5, 0.9),
+  "selection.threshold_sweep": (-1.0, 0.99),
 }
 
 
@@ -220,18 +223,169 @@ def test_correlation_against_numpy():
   assert soup.correlation([0.1, 0.2], [1, 2])["spearman"] is None
 
 
+def test_macro_f1_against_sklearn():
+  from sklearn.metrics import f1_score
+
+  rng = np.random.default_rng(0)
+  for n, c in ((50, 3), (7, 4), (30, 2)):
+    label, pred = rng.integers(0, c, n), rng.integers(0, c, n)
+    assert soup.macro_f1(pred, label) == pytest.approx(f1_score(label, pred, average="macro"))
+  # The majority-class predictor: accuracy = the prior, macro-F1 much lower.
+  label = np.array([0] * 8 + [1, 2])
+  sc = soup.scores({"correct": (label == 0).astype(int).tolist(), "pred": [0] * 10,
+                    "label": label.tolist()})  # fmt: skip
+  assert sc["accuracy"] == 0.8 and sc["macro_f1"] == pytest.approx((2 * 8 / 18) / 3)
+  with pytest.raises(ValueError, match="pred of shape"):
+    soup.macro_f1([0, 1], [0])
+
+
+def test_partial_correlation_against_residuals():
+  rng = np.random.default_rng(1)
+  size = np.repeat([2, 3, 4], 20)
+  x = 0.1 * size + rng.normal(size=60)  # x and y both move with the size
+  y = -0.3 * size - 0.5 * x + rng.normal(size=60)
+  c = sign_study.partial_correlation(x, y, size, samples=300, seed=0)
+  # Reference: residuals of x and y on stratum indicators (least squares), then Pearson.
+  design = (size[:, None] == np.array([2, 3, 4])[None]).astype(float)
+  rx = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+  ry = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+  assert c["pearson"] == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-12)
+  # The slope of x in y ~ x + stratum (least squares on [x, indicators]).
+  coef = np.linalg.lstsq(np.column_stack([x, design]), y, rcond=None)[0]
+  assert c["slope"] == pytest.approx(coef[0], abs=1e-10)
+  assert c["n"] == 60 and c["pearson_ci"][0] <= c["pearson"] <= c["pearson_ci"][1]
+  assert c["spearman_ci"][1] < 0  # a clear negative effect given the size
+  # One stratum: the plain coefficients.
+  plain = sign_study.partial_correlation(x, y, samples=0)
+  assert plain["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1]) and plain["pearson_ci"] is None
+  assert sign_study.partial_correlation([1, 2], [1, 2])["pearson"] is None
+  with pytest.raises(ValueError, match="strata has shape"):
+    sign_study.partial_correlation(x, y, size[:3])
+
+
+def test_within_size_separates_the_size_effect():
+  # FSD rises with the size and accuracy falls with it, but within a size they are unrelated.
+  rng = np.random.default_rng(2)
+  records = [
+    {"domain": "a", "size": k, "fsd": 0.1 * k + 0.01 * rng.normal(),
+     "accuracy_delta": -0.05 * k + 0.01 * rng.normal()}
+    for k in (2, 3, 4) for _ in range(30)
+  ]  # fmt: skip
+  c = sign_study.within_size(records, samples=200)
+  assert set(c) == {"size_2", "size_3", "size_4", "pooled_given_size"}
+  pooled = np.corrcoef([r["fsd"] for r in records], [r["accuracy_delta"] for r in records])
+  assert pooled[0, 1] < -0.9  # what a pooled correlation would report
+  for name in ("size_2", "pooled_given_size"):
+    lo, hi = c[name]["pearson_ci"]
+    assert lo < 0 < hi, name
+
+
+def test_rescaled_like_keeps_direction_and_takes_the_norm():
+  tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+  ref = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([[0.0]])}
+  out = soup.rescaled_like(tree, ref)
+  assert np.allclose(out["a"], np.array([3.0, 0.0]) * np.sqrt(2) / 5)
+  assert np.allclose(out["b"], np.array([[4.0]]) * np.sqrt(2) / 5)
+  zero = {"a": jnp.zeros(2), "b": jnp.zeros((1, 1))}
+  assert np.all(soup.rescaled_like(zero, ref)["a"] == 0)
+
+
+def test_merged_delta_is_the_core_merge():
+  rng = np.random.default_rng(3)
+  deltas = {"w": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)}
+  key = jnp.zeros((2,), jnp.uint32)
+  hp = {"density": 0.5, "lambda": 0.7}
+  pairs = {
+    "task_arithmetic": merging.task_arithmetic(deltas, scale=0.7),
+    "ties": merging.ties_merge(deltas, density=0.5, scale=0.7),
+    "ties_member": merging.ties_merge(deltas, density=0.5, scale=0.7, trim="member"),
+    "breadcrumbs": merging.breadcrumbs(
+      deltas, density=0.5, top_fraction=soup.BREADCRUMBS_TOP, scale=0.7
+    ),
+  }
+  for name, want in pairs.items():
+    got = soup.merged_delta(name, deltas, hp, key)
+    np.testing.assert_array_equal(got["w"], want["w"], err_msg=name)
+  # λ = 1/K task arithmetic is the uniform average.
+  avg = soup.merged_delta("task_arithmetic", deltas, {"lambda": 1 / 3}, key)
+  np.testing.assert_allclose(avg["w"], merging.weighted_average(deltas)["w"], atol=1e-6)
+  with pytest.raises(ValueError, match="merge method 'fisher' is unknown"):
+    soup.merged_delta("fisher", deltas, hp, key)
+  grids = soup.merge_candidates(tiny_config(**{"merge.methods": ("ties", "task_arithmetic")}))
+  assert list(grids) == ["ties", "task_arithmetic"]
+  assert grids["task_arithmetic"] == [{"lambda": 0.5}, {"lambda": 1.0}]  # the tiny grid
+
+
+def test_mixture_averages_adapters_and_keeps_the_own_head():
+  k = 3
+  stacked = {
+    "backbone": {"adapter": jnp.arange(k * 2, dtype=jnp.float32).reshape(k, 2)},
+    "head": {"kernel": 10.0 * jnp.arange(1, k + 1, dtype=jnp.float32)[:, None]},
+  }
+  s = soup.Soup(
+    setup=None, names=("a", "b", "c"), model=None, model_plain=None, base={}, stacked=stacked,
+    init_adapters=None, tests={}, vals={}, cache=None,
+  )  # fmt: skip
+  own = s.mixture(["a", "c"], head="c")
+  np.testing.assert_allclose(own["backbone"]["adapter"], [2.0, 3.0])  # mean of rows 0, 2
+  np.testing.assert_allclose(own["head"]["kernel"], [30.0])  # c's head, unaveraged
+  both = s.mixture(["a", "c"])  # the ablation: heads averaged too
+  np.testing.assert_allclose(both["head"]["kernel"], [20.0])
+  np.testing.assert_allclose(s.with_head({"backbone": {}}, None)["head"]["kernel"], [20.0])
+
+
+def test_lora_product_average_is_the_mean_update():
+  from moe_adapt.models import adapters as adapters_lib
+
+  rng = np.random.default_rng(4)
+  k, n_in, r, n_out = 3, 5, 2, 4
+  kernel, bias = rng.normal(size=(n_in, n_out)), rng.normal(size=n_out)
+  a, b = rng.normal(size=(k, n_in, r)), rng.normal(size=(k, r, n_out))
+  stacked = {
+    "q": {
+      "kernel": jnp.asarray(np.broadcast_to(kernel, (k, n_in, n_out)), jnp.float32),
+      "bias": jnp.asarray(np.broadcast_to(bias, (k, n_out)), jnp.float32),
+      "lora_a": jnp.asarray(a, jnp.float32),
+      "lora_b": jnp.asarray(b, jnp.float32),
+    }
+  }
+  w = np.array([1.0, 0.0, 3.0])
+  merged = soup.lora_product_average(stacked, jnp.asarray(w))
+  c = w / w.sum()
+  want = sum(c[i] * a[i] @ b[i] for i in range(k))
+  np.testing.assert_allclose(merged["q"]["lora_a"] @ merged["q"]["lora_b"], want, atol=1e-5)
+  # Factor averaging differs: mean(A)·mean(B) has cross terms.
+  mean_a, mean_b = np.einsum("k,kij->ij", c, a), np.einsum("k,kij->ij", c, b)
+  assert not np.allclose(mean_a @ mean_b, want, atol=1e-3)
+  # Through the layer: rank K·r with alpha K·α gives the mean of the members' outputs.
+  x = jnp.asarray(rng.normal(size=(6, n_in)), jnp.float32)
+
+  def apply(params, rank, alpha):
+    layer = adapters_lib.LoRADense(features=n_out, rank=rank, alpha=alpha)
+    return np.asarray(layer.apply({"params": params}, x))
+
+  outs = [apply({n: v[i] for n, v in stacked["q"].items()}, r, 16.0) for i in range(k)]
+  np.testing.assert_allclose(
+    apply(merged["q"], k * r, k * 16.0), sum(c[i] * outs[i] for i in range(k)), atol=1e-4
+  )
+
+
 def test_eval_cache_computes_each_key_once(tmp_path):
   cache = soup.EvalCache(tmp_path)
-  assert cache.get("rot0", "mix:a+b", lambda: 0.5) == 0.5
-  assert cache.get("rot0", "mix:a+b", lambda: 1 / 0) == 0.5
+  value = {"accuracy": 0.5, "macro_f1": 0.25}
+  assert cache.get("rot0", "mix:a+b", lambda: value) == value
+  assert cache.get("rot0", "mix:a+b", lambda: 1 / 0) == value
   assert cache.computed == 1
 
   def fail():
     raise AssertionError("evaluated a second time")
 
   again = soup.EvalCache(tmp_path)  # a resumed run
-  assert again.get("rot0", "mix:a+b", fail) == 0.5 and again.computed == 0
-  assert json.loads((tmp_path / soup.CACHE_FILE).read_text()) == {"rot0|mix:a+b": 0.5}
+  assert again.get("rot0", "mix:a+b", fail) == value and again.computed == 0
+  assert json.loads((tmp_path / soup.CACHE_FILE).read_text()) == {"rot0|mix:a+b": value}
+  # An entry of the older format (a bare accuracy) is evaluated again.
+  (tmp_path / soup.CACHE_FILE).write_text(json.dumps({"rot0|mix:a+b": 0.5}))
+  assert soup.EvalCache(tmp_path).get("rot0", "mix:a+b", lambda: value) == value
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -265,7 +419,7 @@ def cli_run(tmp_path_factory):
     env=env,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=1800,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, json.loads((workdir / "results.json").read_text())
@@ -277,28 +431,55 @@ def test_cli_results(cli_run):
   assert r["method"] == "adapter_soup" and r["adapter_domains"] == list(DOMAINS)
   assert r["target_domains"] == ["rot75"] and r["study_domains"] == list(DOMAINS)
   singles = {f"single_{d}" for d in DOMAINS[:-1]}
-  in_domain = {"own"} | {f"greedy_{n}" for n in range(1, k + 1)}
+  sweep = {"similarity_tm1", "similarity_t0.99"}
+  novel = set(soup.NOVEL_VARIANTS) | singles | sweep
+  in_domain = {"own", "mix_all"} | {f"greedy_{n}" for n in range(1, k + 1)}
   in_domain |= {f"mix_size_{s}_{stat}" for s in range(2, k + 1) for stat in ("mean", "best")}
-  in_domain |= {f"{v}_{s}" for v in ("prune_own", "prune", "prune_fsd", "ties") for s in (50, 90)}
-  assert set(r["metrics"]) == set(soup.NOVEL_VARIANTS) | singles | in_domain
+  pruning = ("prune_own", "prune", "prune_fsd", "ties", "avg_like_ties")
+  in_domain |= {f"{v}_{s}" for v in pruning for s in (50, 90)}
+  merges = {f"merge_{m}" for m in soup.MERGE_METHODS} | {"merge_avg_like_ties"}
+  assert set(r["metrics"]) == novel | in_domain | merges
   for variant, per in r["metrics"].items():
-    domains = ["rot75"] if variant in soup.NOVEL_VARIANTS or variant in singles else DOMAINS
+    domains = ["rot75"] if variant in novel else DOMAINS
     assert set(per) == {*domains, "mean"}, variant
-    assert all(0.0 <= v["accuracy"] <= 1.0 for v in per.values())
+    assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0 for v in per.values())
+  # Hyper-parameters of every merge, chosen on validation, from its grid.
+  grids = soup.merge_candidates(tiny_config())
+  assert set(r["selection"]) == {f"merge_{m}" for m in soup.MERGE_METHODS}
+  for method, grid in grids.items():
+    chosen = dict(r["selection"][f"merge_{method}"])
+    val = chosen.pop("val_accuracy")
+    assert chosen in grid and val == max(r["merge_validation"][f"merge_{method}"].values())
   # Per-example outcomes of every variant but the aggregates over several mixtures.
   configs_util.check_per_example(r, {v for v in r["metrics"] if not v.startswith("mix_size_")})
   m = r["metrics"]
   assert m["best_single"]["rot75"]["accuracy"] == max(m[s]["rot75"]["accuracy"] for s in singles)
   sel = r["selections"]["rot75"]
   assert sel["candidates"] == list(DOMAINS[:-1])
-  for method in ("similarity", "clustering"):
+  for method in ("similarity", "clustering", "all", "best_single", *sweep):
     chosen = sel[method]["selected"]
     assert 1 <= len(chosen) <= 3 and set(chosen) <= set(DOMAINS[:-1])
+    # Each selector's row says how many adapters it averaged.
+    assert m[method]["rot75"]["num_adapters"] == len(chosen), method
+  # Threshold -1 keeps the top_k most similar; 0.99 (no MiniLM-like cosine reaches it) one.
+  assert len(sel["similarity_tm1"]["selected"]) == min(3, len(DOMAINS) - 1)
+  assert len(sel["similarity_t0.99"]["selected"]) == 1
   assert "ORACLE" in r["notes"]["best_single"]
   assert {p.name for p in (workdir / "plots").iterdir()} == set(soup.PLOT_FILES)
   assert r["plots"] == sorted(f"plots/{p}" for p in soup.PLOT_FILES)
   for stage in (*(f"adapter_{d}" for d in DOMAINS), "zero_shot_head_rot75", "pretrain"):
     assert (workdir / "checkpoints" / stage).is_dir()
+
+
+def test_sign_study_tables_of_a_run(cli_run, capsys):
+  workdir, _ = cli_run
+  assert sign_study.main(["--sweep_dir", str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert "| fsd | size 2 |" in out and "pooled given size" in out
+  assert "| rot75 | similarity_t0.99 | 0 |" in out
+  assert "| merge_ties |" in out and "density=" in out
+  with pytest.raises(ValueError, match="holds no adapter_soup results"):
+    sign_study.load_runs(str(workdir / "plots"))
 
 
 def test_cli_in_domain_invariants(cli_run):
@@ -311,19 +492,26 @@ def test_cli_in_domain_invariants(cli_run):
   for d in DOMAINS:
     own = [x for x in mixtures if x["domain"] == d and x["size"] == 1]
     assert len(own) == 1 and own[0]["members"] == [d] and own[0]["fsd"] == 0.0
-    # The size-1 mixture (averaging path) is the trained adapter exactly.
+    # The size-1 mixture is the trained adapter exactly.
     assert own[0]["accuracy"] == m["own"][d]["accuracy"] == m["greedy_1"][d]["accuracy"]
+    assert m["mix_all"][d] == m[f"greedy_{k}"][d]
     for x in mixtures:
       if x["domain"] == d and x["size"] == 2:
         i, j = (DOMAINS.index(n) for n in x["members"])
         assert x["fsd"] == pytest.approx(fsd[i, j], abs=1e-6)
     # One mixture holds all K: its mean is its best and the all-K entry of greedy mixing.
     assert m[f"mix_size_{k}_mean"][d] == m[f"mix_size_{k}_best"][d] == m[f"greedy_{k}"][d]
+    # Greedy mixing by row-mean FSD (Alg. 1, the default).
     order = r["greedy"][d]["order"]
-    row = fsd[DOMAINS.index(d)]
-    assert [row[DOMAINS.index(o)] for o in order] == sorted(row[DOMAINS.index(o)] for o in order)
-  corr = r["correlations"]["fsd"]["pooled"]
-  assert corr["n"] == sum(x["size"] >= 2 for x in mixtures)
+    row_mean = fsd.mean(axis=1)
+    assert [row_mean[DOMAINS.index(o)] for o in order] == sorted(
+      row_mean[DOMAINS.index(o)] for o in order
+    )
+  corr = r["correlations"]["fsd"]
+  for size in range(2, k + 1):
+    assert corr[f"size_{size}"]["n"] == sum(x["size"] == size for x in mixtures)
+  assert corr["pooled_given_size"]["n"] == sum(x["size"] >= 2 for x in mixtures)
+  assert r["heads"] == "own head per domain"
   pr = r["pruning"]
   assert set(pr["fsd"]) == {"dense", "50", "90"}
   # Pruning zeroes entries, and zeros never count as sign differences.
@@ -352,7 +540,13 @@ def test_rerun_of_a_finished_workdir_does_no_work(cli_run, monkeypatch):
   [
     ({"adapter.kind": "adamix"}, "adapter.kind='adamix' is unknown"),
     ({"selection.top_k": 0}, "selection.top_k=0"),
-    ({"selection.threshold": 2.0}, "selection.threshold=2.0"),
+    ({"selection.threshold": 2.0}, r"selection.threshold=2.0 is invalid; accepted: .*\[-1"),
+    ({"selection.threshold_sweep": (0.1, -1.5)}, "selection.threshold_sweep="),
+    ({"study.sizes": (1,)}, "study.sizes=\\(1,\\)"),
+    ({"merge.densities": (0.0,)}, "merge.densities="),
+    ({"merge.sum_lambdas": ()}, "merge.sum_lambdas="),
+    ({"merge.methods": ("fisher",)}, "merge.methods has unknown 'fisher'"),
+    ({"eval.max_val_examples": -1}, "eval.max_val_examples=-1"),
     ({"selection.covariance": "dense"}, "selection.covariance='dense' is unknown"),
     ({"study.max_mixtures": 0}, "study.max_mixtures=0"),
     ({"study.greedy_rank": "max"}, "study.greedy_rank='max' is unknown"),

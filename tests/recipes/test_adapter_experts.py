@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_adapt.methods import adapter_soup as soup_lib
 from moe_adapt.methods import finetune as ft
 from moe_adapt.recipes import adapter_experts as ae
 from tests.methods import configs_util
@@ -39,6 +40,12 @@ VARIANTS = (
   "meta_dmoe",
   "soup_uniform",
   "soup_ties_50",
+  "soup_task_arithmetic",
+  "soup_ties",
+  "soup_ties_member",
+  "soup_dare",
+  "soup_dare_ties",
+  "soup_breadcrumbs",
   "soup_greedy_1",
   "soup_greedy_2",
   "best_single_oracle",
@@ -149,6 +156,12 @@ def test_cli_run_reports_both_recipes(cli_run):
   assert results["meta_step_ms"]["median"] > 0
   draws = results["selections"]["rot75"]
   assert len(draws) == 1 and sorted(draws[0]["order"]) == [0, 1]
+  # The merge family's λ / density, chosen on the source validation images, from the grids.
+  grids = soup_lib.merge_candidates(tiny_config())
+  assert set(results["selection"]) == {f"soup_{m}" for m in grids}
+  for method, grid in grids.items():
+    chosen = dict(results["selection"][f"soup_{method}"])
+    assert 0.0 <= chosen.pop("source_val_accuracy") <= 1.0 and chosen in grid
 
 
 def test_param_counts_come_from_the_trees(cli_run, restored):
