@@ -75,10 +75,10 @@ def partial_correlation(
     seed: seed of the resampling.
 
   Returns:
-    {'n', 'pearson', 'pearson_ci': [lo, hi], 'spearman', 'spearman_ci', 'slope',
-     'slope_ci'}; a coefficient is None where undefined (constant values, N < 3 or fewer
-    than 2 pairs in every stratum), an interval None when fewer than half the resamples
-    define it.
+    A dict with keys 'n', 'pearson', 'pearson_ci' ([lo, hi]), 'spearman', 'spearman_ci',
+    'slope' and 'slope_ci'; a coefficient is None where undefined (constant values, N < 3
+    or fewer than 2 pairs in every stratum), an interval None when fewer than half the
+    resamples define it.
   """
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if x.shape != y.shape or x.ndim != 1:

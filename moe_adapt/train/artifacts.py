@@ -2,10 +2,12 @@
 
 Two forms, both written atomically (`workdir.write_*_atomic`) by JAX process 0 and readable
 from local or remote (`gs://`) workdirs:
+
 - `JsonCache`: small results by key (e.g. one accuracy per evaluated mixture), a JSON
   object rewritten as values arrive;
 - `cached_arrays`: one computation's arrays (e.g. teacher confidences over a transfer set),
   an .npz file checked against the shapes the run expects.
+
 The workdir belongs to one config (`workdir.prepare_workdir`), so names and keys need not
 name the config.
 """
