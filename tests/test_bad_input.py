@@ -59,7 +59,7 @@ CLI_CASES = {
   "cli_unknown_override_key": (
     [f"--config={MD_TINY}", "--config.experts.nope=1"],
     r"--config\.experts\.nope names no field of the config: experts has no 'nope'; "
-    r"accepted: batch_size, lr, num_experts",
+    r"accepted: batch_size, lr, mesh_shape, num_experts",
   ),
   "cli_out_of_range_value": (
     [f"--config={MD_TINY}", "--config.experts.steps=0"],

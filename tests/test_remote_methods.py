@@ -145,21 +145,23 @@ def test_tiny_run_with_a_gs_workdir(method, gcs, tmp_path, monkeypatch):
 
 def test_eval_cache_rewrites_a_remote_object_at_most_every_flush_interval(gcs, tmp_path):
   cache = adapter_soup.EvalCache("gs://bucket/soup", remote_flush_s=3600)
-  assert cache.get("rot0", "a", lambda: 0.25) == 0.25
-  assert cache.get("rot0", "b", lambda: 0.5) == 0.5
+  assert cache.get("rot0", "a", lambda: {"accuracy": 0.25}) == {"accuracy": 0.25}
+  assert cache.get("rot0", "b", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
   assert gcs.writes == []  # Within the interval: kept in memory.
   cache.flush()
   cache.flush()  # Nothing new: no rewrite.
   assert gcs.writes == ["/bucket/soup/mixture_evals.json"]
   again = adapter_soup.EvalCache("gs://bucket/soup")
-  assert again.values == {"rot0|a": 0.25, "rot0|b": 0.5}
+  assert again.values == {"rot0|a": {"accuracy": 0.25}, "rot0|b": {"accuracy": 0.5}}
   # remote_flush_s=0, and any local cache: written at every new value.
   every = adapter_soup.EvalCache("gs://bucket/soup", remote_flush_s=0)
-  every.get("rot0", "c", lambda: 1.0)
+  every.get("rot0", "c", lambda: {"accuracy": 1.0})
   assert len(gcs.writes) == 2
   local = adapter_soup.EvalCache(tmp_path, remote_flush_s=3600)
-  local.get("rot0", "a", lambda: 0.75)
-  assert json.loads((tmp_path / adapter_soup.CACHE_FILE).read_text()) == {"rot0|a": 0.75}
+  local.get("rot0", "a", lambda: {"accuracy": 0.75})
+  assert json.loads((tmp_path / adapter_soup.CACHE_FILE).read_text()) == {
+    "rot0|a": {"accuracy": 0.75}
+  }
   with pytest.raises(ValueError, match=r"remote_flush_s=-1 is invalid; accepted: a number >= 0"):
     adapter_soup.EvalCache(tmp_path, remote_flush_s=-1)
 

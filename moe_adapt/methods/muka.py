@@ -71,6 +71,7 @@ from moe_adapt.train import artifacts, benchmarks, evaluation, stages, steps
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
+from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
@@ -499,6 +500,8 @@ def teacher_scores(setup: Setup, teachers: Sequence[dict], workdir: str) -> dict
   n, k = len(setup.train.y), setup.num_teachers
   expected = {"mc": (n, k), "single": (n, k)}
   expected.update({f"logits_{j}": (n, len(c)) for j, c in enumerate(setup.chunks)})
+  if (workdir_lib.as_path(workdir) / CONFIDENCE_FILE).is_file():
+    logging.info("teacher scores: read %s", workdir_lib.as_path(workdir) / CONFIDENCE_FILE)
   return artifacts.cached_arrays(
     workdir, CONFIDENCE_FILE, lambda: compute_scores(setup, teachers), expected_shapes=expected
   )

@@ -48,11 +48,14 @@ def test_fsd_scatter_has_a_size_legend_and_the_seed(tmp_path, figures):
     for k in (1, 2, 3)
   ]
   adapter_soup.plot_fsd_accuracy(
-    tmp_path / "fsd.png", mixtures, {"pearson": 0.5, "spearman": None}, seed=2
+    tmp_path / "fsd.png",
+    mixtures,
+    {"size_2": {"spearman": 0.5, "spearman_ci": [0.1, 0.9]}, "pooled_given_size": {}},
+    seed=2,
   )
   (fig,) = figures
   (ax,) = fig.axes
-  assert ax.get_title().startswith("seed 2: pooled Pearson 0.50, Spearman n/a")
+  assert ax.get_title() == "seed 2: k = 2: Spearman 0.50 [0.10, 0.90]"
   legends = [a for a in ax.get_children() if type(a).__name__ == "Legend"]
   titles = {leg.get_title().get_text(): leg for leg in legends}
   assert set(titles) == {"domain", "adapters mixed"}

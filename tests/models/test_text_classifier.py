@@ -46,7 +46,9 @@ def test_pooling_choices(pooling):
 
 
 def test_with_pretrained_encoder_keeps_adapters_and_head():
-  model = text_classifier.TextClassifier(TINY, 3, adapter=adapters.AdapterConfig("houlsby"))
+  model = text_classifier.TextClassifier(
+    TINY, 3, adapter=adapters.AdapterConfig("houlsby", bottleneck=4)
+  )
   params = model.init(jax.random.key(0), IDS, MASK)["params"]
   pretrained = bert.load_hf_weights(TINY, hf_state_dict())
   loaded = text_classifier.with_pretrained_encoder(params, pretrained)

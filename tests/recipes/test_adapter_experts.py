@@ -197,7 +197,7 @@ def test_stacked_map_equals_a_loop_over_experts(restored):
 def test_soup_selection_uses_no_target_labels(cli_run, restored):
   _, results = cli_run
   setup, experts = restored
-  metrics, selections, outcomes = ae.weight_space(setup, experts)
+  metrics, selections, outcomes, _ = ae.weight_space(setup, experts)
   for got, want in zip(selections["rot75"], results["selections"]["rot75"], strict=True):
     assert got["order"] == want["order"]
     np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=1e-5)
@@ -223,7 +223,7 @@ def test_soup_selection_uses_no_target_labels(cli_run, restored):
     }
   )
   permuted = dataclasses.replace(setup, meta=dataclasses.replace(setup.meta, splits=splits))
-  metrics_p, selections_p, _ = ae.weight_space(permuted, experts)
+  metrics_p, selections_p, _, _ = ae.weight_space(permuted, experts)
   assert selections_p == selections
   assert metrics_p["soup_uniform"]["rot75"] != metrics["soup_uniform"]["rot75"]
 
