@@ -70,7 +70,6 @@ import io
 import itertools
 import math
 import os
-import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -84,6 +83,7 @@ from moe_adapt.core import merging
 from moe_adapt.methods import _checks, sign_study
 from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import artifacts
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
 from moe_adapt.train import workdir as workdir_lib
@@ -684,53 +684,24 @@ def sparsity_name(sparsity: float) -> str:
 # ----------------------------------------------------------------------------
 
 
-class EvalCache:
+class EvalCache(artifacts.JsonCache):
   """Scores ({'accuracy', 'macro_f1'}) by key ('<domain>|<what>'), persisted to
-  `<workdir>/mixture_evals.json`.
-
-  `get(domain, what, compute)` returns the stored value, or calls `compute()` and stores
-  its result, so a resumed run evaluates nothing twice. A local file is rewritten
-  atomically at once; a remote object (`gs://`) at most every `remote_flush_s` seconds
-  (object stores limit how often one object may be rewritten) and on `flush()`. The
-  workdir belongs to one config (`prepare_workdir`), so keys need not name the config.
+  `<workdir>/mixture_evals.json` (`artifacts.JsonCache`: a resumed run evaluates nothing
+  twice; a remote object is rewritten at most every `remote_flush_s` seconds).
   """
 
   def __init__(
     self, workdir: str | os.PathLike, *, remote_flush_s: float = metrics_lib.REMOTE_FLUSH_S
   ):
-    if isinstance(remote_flush_s, bool) or not (
-      isinstance(remote_flush_s, int | float) and remote_flush_s >= 0
-    ):
-      raise ValueError(f"remote_flush_s={remote_flush_s!r} is invalid; accepted: a number >= 0")
-    self.path = workdir_lib.as_path(workdir) / CACHE_FILE
-    self.values: dict[str, dict[str, float]] = {}
-    if self.path.is_file():
-      # Entries of an older format (a bare accuracy) are evaluated again.
-      stored = workdir_lib.read_json(self.path)
-      self.values = {k: v for k, v in stored.items() if isinstance(v, dict)}
-    self.computed = 0
-    self._wait_s = remote_flush_s if not workdir_lib.is_local(self.path) else 0.0
-    self._unwritten = False
-    self._last_flush = time.monotonic()
+    super().__init__(workdir, CACHE_FILE, remote_flush_s=remote_flush_s)
+    # Entries of an older format (a bare accuracy) are evaluated again.
+    self.values = {k: v for k, v in self.values.items() if isinstance(v, dict)}
 
   def get(
     self, domain: str, what: str, compute: Callable[[], Mapping[str, float]]
   ) -> dict[str, float]:
-    key = f"{domain}|{what}"
-    if key not in self.values:
-      self.values[key] = {k: float(v) for k, v in compute().items()}
-      self.computed += 1
-      self._unwritten = True
-      if time.monotonic() - self._last_flush >= self._wait_s:
-        self.flush()
-    return self.values[key]
-
-  def flush(self) -> None:
-    """Writes the values not yet in the file (JAX process 0 only)."""
-    if self._unwritten and jax.process_index() == 0:
-      workdir_lib.write_json_atomic(self.path, self.values)
-    self._unwritten = False
-    self._last_flush = time.monotonic()
+    """The scores of `what` on `domain`, computed (and stored) the first time."""
+    return super().get(f"{domain}|{what}", lambda: {k: float(v) for k, v in compute().items()})
 
 
 def eval_subsets(setup: ft.Setup, domains: Sequence[str]) -> dict[str, ft.Examples]:
