@@ -160,7 +160,9 @@ def make_setup(config) -> Setup:
   bounds = np.cumsum([0, *map(len, config.teachers.label_sets)])
   chunks = tuple(tuple(range(bounds[k], bounds[k + 1])) for k in range(len(bounds) - 1))
   # Teacher k: the union task restricted to label set k, with its own head and batch streams.
-  teachers = tuple(co_tuning.restrict(union, chunk, stream=1 + k) for k, chunk in enumerate(chunks))
+  teachers = tuple(
+    co_tuning_data.restrict(union, chunk, stream=1 + k) for k, chunk in enumerate(chunks)
+  )
   return Setup(
     config=config, union=union, teachers=teachers, student=student_setup(config, union, chunks)
   )

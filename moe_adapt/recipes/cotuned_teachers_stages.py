@@ -1,7 +1,7 @@
 """The stages of the cotuned_teachers recipe: Co-Tuning's teachers, MUKI's students.
 
 Each stage is built from the methods' pieces: a teacher is `co_tuning.finetune_variant` on
-the union task restricted to its label set (`co_tuning.restrict`); the students are
+the union task restricted to its label set (`co_tuning_data.restrict`); the students are
 muka's student step on the teachers' MC-dropout scores (`muka.teacher_scores`,
 `muka.variant_targets`); the union models are co_tuning's own variants.
 """
