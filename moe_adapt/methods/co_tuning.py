@@ -69,6 +69,7 @@ import optax
 from absl import logging
 
 from moe_adapt import core
+from moe_adapt.methods.co_tuning_checks import BASELINE as BASELINE
 from moe_adapt.methods.co_tuning_checks import RELATIONSHIPS, validate_config
 from moe_adapt.methods.co_tuning_checks import VARIANTS as VARIANTS
 from moe_adapt.methods.co_tuning_data import Setup, make_setup
@@ -77,13 +78,14 @@ from moe_adapt.methods.co_tuning_finetune import (
   candidate_stage,
   candidates,
   evaluate_target_outcomes,
-  finetune_start,
+  finetune_kwargs,
   finetune_variant,
-  make_finetune_step,
   make_optimizer,
   make_target_predict,
   validation_accuracy,
 )
+from moe_adapt.methods.co_tuning_finetune import finetune_start as finetune_start
+from moe_adapt.methods.co_tuning_finetune import make_finetune_step as make_finetune_step
 from moe_adapt.methods.co_tuning_finetune import set_weight_decay as set_weight_decay
 from moe_adapt.methods.co_tuning_relationship import (
   calibrate,
@@ -306,19 +308,12 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
 
   # 3. Fine-tuning: every variant from the same starting point, once per candidate.
   tx = make_optimizer(config)
-  finetune_kwargs = {
-    "source": source,
-    "start": finetune_start(setup, source),
-    "relationships": relationships,
-    "step_fn": make_finetune_step(setup, tx),
-    "tx": tx,
-    "writer": writer,
-  }
+  kwargs = finetune_kwargs(setup, source, relationships, tx, writer)
   predict = make_target_predict(setup)
   metrics, per_example, tried = {}, {}, {}
   for variant in config.variants:
     state, selection[variant], tried[variant] = select_variant(
-      setup, workdir, variant, predict=predict, **finetune_kwargs
+      setup, workdir, variant, predict=predict, **kwargs
     )
     # 4. Evaluation of the chosen candidate on the target test split.
     result, outcomes = evaluate_target_outcomes(setup, predict, state)

@@ -16,6 +16,8 @@ from moe_adapt.methods import _checks
 RELATIONSHIPS = ("direct", "reverse")
 VARIANTS = ("fine_tune", "l2_sp", *(f"co_tuning_{kind}" for kind in RELATIONSHIPS))
 _CO_TUNING_PREFIX = "co_tuning_"
+# The variant the others are compared with (paired differences; launch.collect.BASELINES).
+BASELINE = "fine_tune"
 # model.source_checkpoint: a file of these suffixes is in this project's layout
 # (save_source_checkpoint); any other path is a Hugging Face / timm checkpoint directory.
 CHECKPOINT_SUFFIXES = (".npz", ".safetensors")
@@ -127,6 +129,7 @@ def _check_numbers(config) -> None:
 
 def _check_lists(config) -> None:
   _check_variants(config.variants)
+  _checks.runs_baseline(config, "variants", BASELINE)
   _check_class_list("data.source_classes", config.data.source_classes)
   _check_class_list("data.target_classes", config.data.target_classes)
   for name in ("data.source_domain", "data.target_domain", "model.source_checkpoint"):

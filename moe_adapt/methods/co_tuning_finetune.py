@@ -199,6 +199,22 @@ def finetune_start(setup: Setup, source: PyTree) -> dict:
   }
 
 
+def finetune_kwargs(
+  setup: Setup, source: PyTree, relationships: Mapping[str, np.ndarray], tx, writer
+) -> dict:
+  """`finetune_variant`'s keyword arguments shared by every variant of `setup`: the source
+  model, the common start (`finetune_start`), the relationships, the step and optimiser
+  (`make_finetune_step(setup, tx)`, `tx` of `make_optimizer`) and the metric writer."""
+  return {
+    "source": source,
+    "start": finetune_start(setup, source),
+    "relationships": relationships,
+    "step_fn": make_finetune_step(setup, tx),
+    "tx": tx,
+    "writer": writer,
+  }
+
+
 def _step_arguments(
   setup: Setup, settings: Mapping, relationships: Mapping[str, np.ndarray], source: PyTree
 ) -> tuple:

@@ -102,6 +102,11 @@ def validate_config(config) -> None:
   _checks.names(config, "teachers.variants", co_tuning.VARIANTS)
   _checks.names(config, "union.variants", co_tuning.VARIANTS, allow_empty=True)
   _checks.names(config, "student.variants", STUDENT_VARIANTS)
+  # The baseline of the recipe's table, vanilla_kd_from_fine_tune: vanilla KD from
+  # fine-tuned teachers (launch.collect.BASELINES).
+  _checks.runs_baseline(config, "teachers.variants", co_tuning.BASELINE)
+  _checks.runs_baseline(config, "student.variants", "vanilla_kd")
+  _checks.runs_baseline(config, "union.variants", co_tuning.BASELINE)
   _checks.choice(config, "student.init", STUDENT_INITS)
   for name in ("teachers.dropout", "student.dropout"):
     number(name, low=0.0, high=1.0, low_open=False)
@@ -135,7 +140,10 @@ def co_tuning_config(config) -> ml_collections.ConfigDict:
   c.data.target_classes = union_classes(config)
   c.model.source_checkpoint = ""
   c.model.num_source_classes = 0
-  c.variants = tuple(dict.fromkeys((*config.teachers.variants, *config.union.variants)))
+  # Every co_tuning variant the recipe trains (and co_tuning's baseline, so that its check
+  # of the list holds; the recipe checks its own lists).
+  variants = (co_tuning.BASELINE, *config.teachers.variants, *config.union.variants)
+  c.variants = tuple(dict.fromkeys(variants))
   # co_tuning's validation hold-out (20 % of the target pool, fixed per seed) and no
   # selection grid: the teachers use the configured lr, λ and α.
   c.data.val_fraction = 0.2

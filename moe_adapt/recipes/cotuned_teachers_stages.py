@@ -242,21 +242,10 @@ def train_teachers(
   for k, t_setup in enumerate(setup.teachers):
     kinds = needed_kinds(setup.config.teachers.variants)
     relationships = relationships_for(t_setup, source, *calibrated, kinds)
-    step_fn = co_tuning.make_finetune_step(t_setup, tx)
-    start = co_tuning.finetune_start(t_setup, source)
+    kwargs = co_tuning.finetune_kwargs(t_setup, source, relationships, tx, writer)
     for variant in setup.config.teachers.variants:
-      state = co_tuning.finetune_variant(
-        t_setup,
-        workdir,
-        variant,
-        source=source,
-        start=start,
-        relationships=relationships,
-        step_fn=step_fn,
-        tx=tx,
-        writer=writer,
-        stage=f"teacher_{k}_{variant}",
-      )
+      stage = f"teacher_{k}_{variant}"
+      state = co_tuning.finetune_variant(t_setup, workdir, variant, stage=stage, **kwargs)
       variables = teacher_variables(state)
       teachers_by_variant.setdefault(variant, []).append(variables)
       report.add(
@@ -324,23 +313,11 @@ def train_union(
   with the same labels (what splitting the label set costs)."""
   union, variants = setup.union, setup.config.union.variants
   relationships = relationships_for(union, source, *calibrated, needed_kinds(variants))
-  step_fn = co_tuning.make_finetune_step(union, tx)
-  start = co_tuning.finetune_start(union, source)
+  kwargs = co_tuning.finetune_kwargs(union, source, relationships, tx, writer)
   predict = co_tuning.make_target_predict(union)
   domain = union.task.target_domain
   for variant in variants:
-    state = co_tuning.finetune_variant(
-      union,
-      workdir,
-      variant,
-      source=source,
-      start=start,
-      relationships=relationships,
-      step_fn=step_fn,
-      tx=tx,
-      writer=writer,
-      stage=f"union_{variant}",
-    )
+    state = co_tuning.finetune_variant(union, workdir, variant, stage=f"union_{variant}", **kwargs)
     result, outcomes = co_tuning.evaluate_target_outcomes(union, predict, state)
     metrics = {domain: result, "mean": {"accuracy": result["accuracy"]}}
     report.add(f"union_{variant}", metrics, {domain: outcomes})

@@ -232,6 +232,11 @@ def test_sweep_declares_the_sampling_rates():
     ("variants", ("erm",), r"variants has unknown 'erm'; accepted: fine_tune, l2_sp"),
     ("variants", (), r"variants=\(\) is invalid"),
     ("variants", ("l2_sp", "l2_sp"), r"lists a variant twice"),
+    (
+      "variants",
+      ("l2_sp", "co_tuning_direct"),
+      r"variants=\('l2_sp', 'co_tuning_direct'\) compares 2 variants without 'fine_tune'",
+    ),
     ("co_tuning.trade_off", -1.0, r"co_tuning\.trade_off=-1\.0 is invalid"),
     ("l2_sp.alpha", -0.01, r"l2_sp\.alpha=-0\.01 is invalid"),
     ("finetune.momentum", 1.0, r"finetune\.momentum=1\.0 is invalid; accepted: .*\[0, 1\)"),
@@ -253,6 +258,11 @@ def test_sweep_declares_the_sampling_rates():
 def test_validate_config_names_the_bad_field(name, value, match):
   with pytest.raises(ValueError, match=match):
     co_tuning.validate_config(tiny_config(**{name: value}))
+
+
+def test_a_single_variant_needs_no_baseline():
+  co_tuning.validate_config(tiny_config(variants=("co_tuning_direct",)))
+  co_tuning.validate_config(tiny_config(variants=("co_tuning_reverse", "fine_tune")))
 
 
 def test_calibration_without_source_data_needs_a_temperature(tmp_path):
