@@ -264,16 +264,18 @@ def select_variant(
     candidate's choice in grid order). Ties go to the earlier candidate.
   """
   grid = candidates(setup.config, variant)
-  states, tried = [], []
-  for candidate in grid:
+  best_state, tried = None, []
+  for i, candidate in enumerate(grid):
     stage = variant if len(grid) == 1 else candidate_stage(variant, candidate)
     state = finetune_variant(
       setup, workdir, variant, stage=stage, candidate=candidate, **finetune_kwargs
     )
-    states.append(state)
     tried.append({**candidate, "val_accuracy": validation_accuracy(setup, predict, state)})
+    # Only the best state so far is kept (a grid of large models need not fit in memory).
+    if stages.choose({j: t["val_accuracy"] for j, t in enumerate(tried)}) == i:
+      best_state = state
   best = stages.choose({i: t["val_accuracy"] for i, t in enumerate(tried)})
-  return states[best], dict(tried[best]), tried
+  return best_state, dict(tried[best]), tried
 
 
 # ----------------------------------------------------------------------------
