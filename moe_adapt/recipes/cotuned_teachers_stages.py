@@ -225,7 +225,7 @@ def _student_results(st: muka.Setup, variables: dict, domain: str) -> tuple[dict
 
 
 # ----------------------------------------------------------------------------
-# The pipeline
+# The stages (run in this order by cotuned_teachers.run)
 # ----------------------------------------------------------------------------
 
 
