@@ -131,6 +131,7 @@ MU = ("muka", "fmnist,tiny")
 FT = ("finetune", "digits,tiny")
 AM = ("adamix", "digits,tiny")
 AS = ("adapter_soup", "digits,tiny")
+CT = ("recipes/cotuned_teachers", "fmnist,tiny")
 
 # id -> (config builder, expected message).
 CONFIG_CASES = {
@@ -192,6 +193,17 @@ CONFIG_CASES = {
   "config_unknown_variant": (
     lambda: config(*AM, variants=("adamix", "nope")),
     r"variants has unknown 'nope'; accepted: adapter, adamix, ",
+  ),
+  # A comparison without the variant its paired differences are measured against.
+  "config_baseline_not_run": (
+    lambda: config(*CO, variants=("l2_sp", "co_tuning_direct")),
+    r"variants=\('l2_sp', 'co_tuning_direct'\) compares 2 variants without 'fine_tune', the "
+    r"baseline their paired differences are measured against; accepted: a list that includes "
+    r"'fine_tune', or a single variant",
+  ),
+  "config_recipe_baseline_not_run": (
+    lambda: config(*CT, **{"student.variants": ("muki", "oracle")}),
+    r"student\.variants=\('muki', 'oracle'\) compares 2 variants without 'vanilla_kd'",
   ),
   "config_unknown_protocol": (
     lambda: config(*FT, **{"data.protocol": "nope"}),

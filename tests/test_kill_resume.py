@@ -90,7 +90,7 @@ CASES = {
   "co_tuning": Case(
     (
       "--config=configs/co_tuning.py:fmnist,tiny",
-      "--config.variants=('l2_sp','co_tuning_reverse')",
+      "--config.variants=('fine_tune','l2_sp','co_tuning_reverse')",  # the baseline is run
       "--config.selection.lr_grid=(0.03,)",  # one candidate: stages named by variant
     ),
     (

@@ -15,6 +15,7 @@ __all__ = [
   "feature_mse",
   "grouped_kl",
   "kl_divergence",
+  "l2_sp_penalty",
   "masked_kl",
   "soft_cross_entropy",
   "symmetric_kl",
@@ -256,3 +257,45 @@ def masked_kl(target_probs: jax.Array, logits: jax.Array, mask: jax.Array) -> ja
   log_p = z[:, None, :] - lse[:, :, None]  # [B, G, C]
   q = jnp.where(member[None], jnp.asarray(target_probs, jnp.float32), 0.0)
   return jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------
+# Parameter penalties (a scalar per model, not per example)
+# ----------------------------------------------------------------------------
+
+
+def l2_sp_penalty(params, anchor=None, *, alpha: float | jax.Array) -> jax.Array:
+  r"""L2-SP's pull of `params` toward a starting point: α/2 · ||θ − θ⁰||² over every leaf.
+
+  .. math::
+    \Omega(\theta) = \frac{\alpha}{2} \sum_{\text{leaves}} \lVert \theta - \theta^0 \rVert_2^2
+
+  Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with
+  Convolutional Networks", ICML 2018: α toward the pre-trained weights θ⁰ on the transferred
+  layers; with `anchor=None` (θ⁰ = 0) it is the plain L2 term β/2 · ||θ||² L2-SP puts on the
+  new layers.
+
+  Args:
+    params: a pytree of arrays θ.
+    anchor: a pytree of the same structure and shapes (θ⁰), or None for zeros.
+    alpha: the coefficient α (a number or a traced scalar).
+
+  Returns:
+    float32 scalar.
+  """
+  if anchor is None:
+    anchor = jax.tree.map(jnp.zeros_like, params)
+  leaves, anchors = jax.tree.leaves(params), jax.tree.leaves(anchor)
+  if jax.tree.structure(params) != jax.tree.structure(anchor):
+    raise ValueError(
+      f"anchor has structure {jax.tree.structure(anchor)} but params has "
+      f"{jax.tree.structure(params)}; accepted: the same pytree structure"
+    )
+  for a, b in zip(leaves, anchors, strict=True):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+        f"anchor has a leaf of shape {jnp.shape(b)} where params has {jnp.shape(a)}; "
+        "accepted: the same shapes"
+      )
+  distance = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(leaves, anchors, strict=True))
+  return 0.5 * alpha * distance

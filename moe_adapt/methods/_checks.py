@@ -76,3 +76,18 @@ def compute_dtype(config: Any, name: str = "model.dtype") -> Any:
   if not isinstance(value, str) or value not in COMPUTE_DTYPES:
     raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(COMPUTE_DTYPES)}")
   return COMPUTE_DTYPES[value]
+
+
+def runs_baseline(config: Any, name: str, baseline: str) -> None:
+  """The variant list in field `name` runs `baseline` whenever it compares variants.
+
+  `baseline` is the variant the paired differences of a run's table are measured against
+  (`launch.collect.BASELINES`); a list of one variant compares nothing and needs none.
+  """
+  value = tuple(field(config, name))
+  if len(value) > 1 and baseline not in value:
+    raise ValueError(
+      f"{name}={value!r} compares {len(value)} variants without {baseline!r}, the baseline "
+      f"their paired differences are measured against; accepted: a list that includes "
+      f"{baseline!r}, or a single variant"
+    )

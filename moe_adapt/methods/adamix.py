@@ -76,6 +76,7 @@ def validate_config(config) -> None:
   """Checks every field this method reads; raises ValueError naming the field."""
   ft.validate_harness_config(config)
   _checks.names(config, "variants", tuple(VARIANTS))
+  _checks.runs_baseline(config, "variants", "adapter")  # launch.collect.BASELINES["adamix"]
   _checks.integer(config, "adamix.num_experts", 1)
   _checks.integer(config, "eval.routing_samples", 1)
   _checks.number(config, "adamix.consistency_weight", low=0.0, low_open=False)

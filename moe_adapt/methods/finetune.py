@@ -221,6 +221,7 @@ def validate_config(config) -> None:
   validate_harness_config(config)
   _checks.choice(config, "data.protocol", PROTOCOLS)
   _checks.names(config, "variants", tuple(VARIANTS))
+  _checks.runs_baseline(config, "variants", "full")  # launch.collect.BASELINES["finetune"]
 
 
 # ----------------------------------------------------------------------------

@@ -27,30 +27,32 @@ trained on unlabeled target-domain images. Stages (each checkpointed under
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from moe_adapt import data, models
-from moe_adapt.methods import _checks, co_tuning, muka
-from moe_adapt.train import benchmarks, evaluation, stages
+from moe_adapt.methods import _checks, co_tuning, co_tuning_data, muka
+from moe_adapt.recipes.cotuned_teachers_stages import (
+  DISTILL_VARIANTS,
+  ORACLE_VARIANTS,
+  Report,
+  Setup,
+  train_students,
+  train_teachers,
+  train_union,
+)
+from moe_adapt.train import benchmarks
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
-from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
-
-DISTILL_VARIANTS = ("muki", "hard", "no_margin", "single_pass", "vanilla_kd", "uhc")
-ORACLE_VARIANTS = ("oracle", "oracle_all")
 STUDENT_VARIANTS = (*DISTILL_VARIANTS, *ORACLE_VARIANTS)
 STUDENT_INITS = ("source", "scratch")
 
@@ -100,6 +102,11 @@ def validate_config(config) -> None:
   _checks.names(config, "teachers.variants", co_tuning.VARIANTS)
   _checks.names(config, "union.variants", co_tuning.VARIANTS, allow_empty=True)
   _checks.names(config, "student.variants", STUDENT_VARIANTS)
+  # The baseline of the recipe's table, vanilla_kd_from_fine_tune: vanilla KD from
+  # fine-tuned teachers (launch.collect.BASELINES).
+  _checks.runs_baseline(config, "teachers.variants", co_tuning.BASELINE)
+  _checks.runs_baseline(config, "student.variants", "vanilla_kd")
+  _checks.runs_baseline(config, "union.variants", co_tuning.BASELINE)
   _checks.choice(config, "student.init", STUDENT_INITS)
   for name in ("teachers.dropout", "student.dropout"):
     number(name, low=0.0, high=1.0, low_open=False)
@@ -133,7 +140,10 @@ def co_tuning_config(config) -> ml_collections.ConfigDict:
   c.data.target_classes = union_classes(config)
   c.model.source_checkpoint = ""
   c.model.num_source_classes = 0
-  c.variants = tuple(dict.fromkeys((*config.teachers.variants, *config.union.variants)))
+  # Every co_tuning variant the recipe trains (and co_tuning's baseline, so that its check
+  # of the list holds; the recipe checks its own lists).
+  variants = (co_tuning.BASELINE, *config.teachers.variants, *config.union.variants)
+  c.variants = tuple(dict.fromkeys(variants))
   # co_tuning's validation hold-out (20 % of the target pool, fixed per seed) and no
   # selection grid: the teachers use the configured lr, λ and α.
   c.data.val_fraction = 0.2
@@ -144,62 +154,6 @@ def co_tuning_config(config) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------
 # Setup: the union task, the teachers' tasks, the student's transfer set
 # ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherSetup(co_tuning.Setup):
-  """co_tuning's Setup of teacher `index`: its own PRNG streams (head init, batches)."""
-
-  index: int = 0
-
-  def key(self, stage: str) -> jax.Array:
-    base = super().key(stage)
-    return base if stage == "source" else jax.random.fold_in(base, 1 + self.index)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything the stages share.
-
-  Attributes:
-    config: the recipe's config.
-    union: co_tuning's Setup of the union task (labeled subset at `data.sampling_rate`).
-    teachers: teacher k's co_tuning Setup: the union task restricted to label set k.
-    student: muka's Setup: the transfer set (the target domain's training images of the
-      union classes, labels used only by `oracle_all`), the union test split, the
-      teachers' MC-dropout models and the student model; chunks = label sets in union order.
-  """
-
-  config: Any
-  union: co_tuning.Setup
-  teachers: tuple[TeacherSetup, ...]
-  student: muka.Setup
-
-  @property
-  def chunks(self) -> tuple[tuple[int, ...], ...]:
-    """Teacher k's classes as indices into the union label order."""
-    return self.student.chunks
-
-
-def _restrict(split: data.Split, positions: Sequence[int]) -> data.Split:
-  """The examples whose label is in `positions`, relabelled 0..len-1 (an empty split stays)."""
-  relabel = np.full(max(max(positions), int(split.y.max(initial=0))) + 1, -1, np.int32)
-  relabel[list(positions)] = np.arange(len(positions), dtype=np.int32)
-  keep = np.isin(split.y, positions)
-  return data.Split(split.x[keep], relabel[split.y[keep]])
-
-
-def teacher_task(task: co_tuning.Task, positions: Sequence[int]) -> co_tuning.Task:
-  """The union task restricted to the classes at `positions` of the union label order."""
-  return dataclasses.replace(
-    task,
-    target_names=tuple(task.target_names[p] for p in positions),
-    target_train=_restrict(task.target_train, positions),
-    target_val=_restrict(task.target_val, positions),
-    target_test=_restrict(task.target_test, positions),
-  )
-
-
 def make_setup(config) -> Setup:
   """Loads the data, builds the tasks and models; every data-dependent check happens here."""
   validate_config(config)
@@ -210,44 +164,42 @@ def make_setup(config) -> Setup:
       f"teachers.label_sets has class(es) {bad} beyond benchmark {config.data.benchmark!r}'s "
       f"{num_classes} classes; accepted: indices in [0, {num_classes})"
     )
-  ct_config = co_tuning_config(config)
-  union = co_tuning.make_setup(ct_config)
-  task, rep = union.task, mesh_lib.replicated(union.mesh)
-  backbone = union.target_model.backbone
+  union = co_tuning.make_setup(co_tuning_config(config))
   bounds = np.cumsum([0, *map(len, config.teachers.label_sets)])
   chunks = tuple(tuple(range(bounds[k], bounds[k + 1])) for k in range(len(bounds) - 1))
+  # Teacher k: the union task restricted to label set k, with its own head and batch streams.
+  teachers = tuple(
+    co_tuning_data.restrict(union, chunk, stream=1 + k) for k, chunk in enumerate(chunks)
+  )
+  return Setup(
+    config=config, union=union, teachers=teachers, student=student_setup(config, union, chunks)
+  )
 
-  teachers = []
-  for k, chunk in enumerate(chunks):
-    t_task = teacher_task(task, chunk)
-    teachers.append(
-      TeacherSetup(
-        config=ct_config,
-        task=t_task,
-        mesh=union.mesh,
-        source_model=union.source_model,
-        target_model=models.Classifier(backbone=backbone, num_classes=len(chunk)),
-        x_source=union.x_source,
-        y_source=union.y_source,
-        x_target=jax.device_put(t_task.target_train.x, rep),
-        y_target=jax.device_put(t_task.target_train.y, rep),
-        index=k,
-      )
-    )
 
-  # The transfer set: co_tuning's whole target pool of the union (train capped at
-  # transfer_per_class, and val), validation hold-out included; the labeled subset is part
-  # of it (both pools take each class's first images in split order).
+def transfer_set(config) -> data.Split:
+  """The student's transfer set: co_tuning's whole target pool of the union.
+
+  The target domain's training images of the union classes (at most
+  `data.transfer_per_class` each) and its val split, validation hold-out included; the
+  labeled subset is part of it (both pools take each class's first images in split order).
+  """
   transfer_config = co_tuning_config(config)
   transfer_config.data.target_train_per_class = config.data.transfer_per_class
   transfer_config.data.sampling_rate = 1.0
-  transfer_task = co_tuning.make_task(transfer_config)
-  transfer = co_tuning.concat_splits(transfer_task.target_train, transfer_task.target_val)
+  task = co_tuning_data.make_task(transfer_config)
+  return co_tuning_data.concat_splits(task.target_train, task.target_val)
+
+
+def student_setup(config, union: co_tuning.Setup, chunks) -> muka.Setup:
+  """muka's Setup of the students: the transfer set, the union's test split, the teachers'
+  MC-dropout models (chunks = their label sets in union order) and the student model."""
+  transfer = transfer_set(config)
+  backbone, task = union.target_model.backbone, union.task
 
   def classifier(num_classes: int, rate: float) -> models.DropoutClassifier:
     return models.DropoutClassifier(backbone=backbone, num_classes=num_classes, rate=rate)
 
-  student = muka.Setup(
+  return muka.Setup(
     config=config,
     domain=task.target_domain,
     class_names=task.target_names,
@@ -258,173 +210,8 @@ def make_setup(config) -> Setup:
     mesh=union.mesh,
     teacher_models=tuple(classifier(len(c), config.teachers.dropout) for c in chunks),
     student_model=classifier(len(task.target_names), config.student.dropout),
-    x_train=jax.device_put(transfer.x, rep),
+    x_train=jax.device_put(transfer.x, mesh_lib.replicated(union.mesh)),
   )
-  return Setup(config=config, union=union, teachers=tuple(teachers), student=student)
-
-
-# ----------------------------------------------------------------------------
-# Teachers
-# ----------------------------------------------------------------------------
-
-
-def relationships_for(
-  setup: co_tuning.Setup, source: PyTree, logits_fn, temperature: float, kinds: Sequence[str]
-) -> dict[str, np.ndarray]:
-  """kind -> [C_t, C_s] relationship on `setup`'s labeled target examples (co_tuning)."""
-  task = setup.task
-
-  def probs(x: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.nn.softmax(jnp.asarray(logits_fn(source, x)) / temperature, -1))
-
-  p_train, p_val = probs(task.target_train.x), probs(task.target_val.x)
-  return {
-    kind: co_tuning.compute_relationship(
-      kind,
-      p_train,
-      task.target_train.y,
-      p_val,
-      task.target_val.y,
-      setup.num_target_classes,
-      max_iter=setup.config.co_tuning.reverse_max_iter,
-    )[0]  # the relationship; the reverse approach's choices are not logged here
-    for kind in kinds
-  }
-
-
-def needed_kinds(variants: Sequence[str]) -> list[str]:
-  """The relationship kinds the co_tuning variants use."""
-  return [k for k in co_tuning.RELATIONSHIPS if f"co_tuning_{k}" in variants]
-
-
-def teacher_variables(state: PyTree) -> dict:
-  """A fine-tuned co_tuning state as the {'params': {'backbone', 'head'}, 'batch_stats'} of
-  muka's DropoutClassifier (the target head H becomes the head; G is dropped)."""
-  params = state["params"]
-  return {
-    "params": {"backbone": params["backbone"], "head": params["target_head"]},
-    "batch_stats": state["batch_stats"],
-  }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_batch(model: models.DropoutClassifier, variables: dict, xb: jax.Array) -> jax.Array:
-  # `model` is static (Linen modules hash by their fields): one compile per architecture.
-  return model.apply(variables, xb, train=False)
-
-
-def concat_teachers_outcomes(setup: Setup, teachers: Sequence[dict]) -> dict[str, list[int]]:
-  """Per-example test outcomes of argmax over the teachers' concatenated logits."""
-  st = setup.student
-  x, bs = st.test.x, setup.config.eval_batch_size
-  logits = []
-  for k, variables in enumerate(teachers):
-    logits_fn = functools.partial(_logits_batch, st.teacher_models[k], variables)
-    logits.append(evaluation.map_batched(logits_fn, x, bs))
-  return results_lib.outcomes(np.concatenate(logits, axis=1), st.test.y)
-
-
-def concat_teachers_accuracy(setup: Setup, teachers: Sequence[dict]) -> float:
-  """Test accuracy of argmax over the teachers' concatenated logits (no student, no labels)."""
-  return results_lib.accuracy(concat_teachers_outcomes(setup, teachers))
-
-
-def owner_rate(setup: Setup, confidences: np.ndarray) -> float:
-  """Fraction of transfer examples whose most confident teacher owns the gold label [N, K]."""
-  owner = np.zeros(setup.student.num_classes, np.int64)
-  for k, chunk in enumerate(setup.chunks):
-    owner[list(chunk)] = k
-  return float(np.mean(np.argmax(confidences, axis=1) == owner[setup.student.train.y]))
-
-
-# ----------------------------------------------------------------------------
-# Students
-# ----------------------------------------------------------------------------
-
-
-def student_start(setup: Setup, source: PyTree, tx: optax.GradientTransformation) -> PyTree:
-  """The student's initial {'params', 'batch_stats', 'opt_state'} (replicated).
-
-  `student.init='source'`: the pre-trained source backbone (and its BatchNorm statistics)
-  with a new head over the union, as MUKI's student starts from the pre-trained PLM;
-  'scratch': muka's random initialisation.
-  """
-  st = setup.student
-  state = muka.init_model(st.student_model, st.key("student_init"), st.input_shape, tx)
-  if setup.config.student.init == "source":
-    params = {**state["params"], "backbone": source["params"]["backbone"]}
-    state = {"params": params, "batch_stats": source["batch_stats"], "opt_state": tx.init(params)}
-  return mesh_lib.replicate(state, st.mesh)
-
-
-def oracle_targets(setup: Setup, variant: str) -> tuple[jax.Array, dict]:
-  """(images [N, H, W, C], targets of muka's student step) of an oracle variant.
-
-  `oracle`: the union's labeled subset (the teachers' labels, pooled); `oracle_all`: the
-  whole transfer set with its labels.
-  """
-  if variant == "oracle":
-    x, y = setup.union.x_target, np.asarray(setup.union.y_target)
-  else:
-    x, y = setup.student.x_train, setup.student.train.y
-  c = setup.student.num_classes
-  return x, {
-    "targets": np.eye(c, dtype=np.float32)[y],
-    "weights": np.ones(len(y), np.float32),
-    "temperature": 1.0,
-    "scale": 1.0,
-    "groups": np.zeros(c, np.int32),
-  }
-
-
-def train_student(
-  setup: Setup, workdir: str, stage: str, step_fn, start: PyTree, x: jax.Array, t: dict, writer
-) -> dict:
-  """One student stage (muka's compiled step) on images `x` with targets `t`; its variables."""
-  rep = mesh_lib.replicated(setup.student.mesh)
-  arrays = jax.device_put(
-    (
-      t["targets"].astype(np.float32),
-      t["weights"].astype(np.float32),
-      t["groups"],
-      {"temperature": np.float32(t["temperature"]), "scale": np.float32(t["scale"])},
-    ),
-    rep,
-  )
-  # Copies: donation inside the loop must not invalidate the shared starting point.
-  state = jax.tree.map(jnp.copy, start)
-  cfg = setup.config
-  state = stages.run_stage(
-    cfg,
-    workdir,
-    stage,
-    stages.bind(step_fn, x, *arrays),
-    state,
-    cfg.student.steps,
-    writer=writer,
-    stage_fields={},
-  )
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}
-
-
-PARTIAL_FILE = "partial_metrics.json"
-
-
-def _save_partial(workdir: str, metrics: dict) -> None:
-  """The metrics so far, rewritten after every evaluated stage (long runs cut short)."""
-  if jax.process_index() == 0:
-    workdir_lib.write_json_atomic(workdir_lib.as_path(workdir) / PARTIAL_FILE, metrics)
-
-
-def _with_domain(metrics: dict, domain: str) -> dict:
-  """muka's student metrics plus `<domain>` (= the union accuracy), as DESIGN.md's results."""
-  return {domain: {"accuracy": metrics["union"]["accuracy"]}, **metrics}
-
-
-def _student_results(st: muka.Setup, variables: dict, domain: str) -> tuple[dict, dict]:
-  """A student's metrics and per-example outcomes, each with `<domain>` = the union's."""
-  metrics, outcomes = muka.evaluate_student_outcomes(st, variables)
-  return _with_domain(metrics, domain), {domain: outcomes["union"], **outcomes}
 
 
 # ----------------------------------------------------------------------------
@@ -438,131 +225,49 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   if setup is None:
     setup = make_setup(config)
   union, st = setup.union, setup.student
-  domain = union.task.target_domain
   logging.info(
     "cotuned_teachers: label sets %s of %s, %d labeled / %d transfer / %d test images",
     [[union.task.target_names[p] for p in chunk] for chunk in setup.chunks],
-    domain,
+    st.domain,
     len(union.task.target_train.y),
     len(st.train.y),
     len(st.test.y),
   )
   writer = metrics_lib.MetricWriter(workdir)
-  metrics, diagnostics, per_example = {}, {}, {}
+  report = Report(workdir)
 
-  # 1-2. The shared source model, its calibration, the relationships.
+  # 1-2. The shared source model, its calibration; 3. the teachers.
   source = co_tuning.pretrained_source(union, workdir, writer)
   logits_fn = co_tuning.make_logits_fn(union)
   calibration = co_tuning.calibrate(union, logits_fn, source)
-  temperature = calibration["temperature"]
-  ct_config = union.config
-  tx = co_tuning.make_optimizer(ct_config)
-
-  # 3. Teachers: one co_tuning fine-tuning per (teacher variant, label set).
-  teachers_by_variant = {}
-  for k, t_setup in enumerate(setup.teachers):
-    relationships = relationships_for(
-      t_setup, source, logits_fn, temperature, needed_kinds(config.teachers.variants)
-    )
-    step_fn = co_tuning.make_finetune_step(t_setup, tx)
-    start = co_tuning.finetune_start(t_setup, source)
-    for variant in config.teachers.variants:
-      state = co_tuning.finetune_variant(
-        t_setup,
-        workdir,
-        variant,
-        source=source,
-        start=start,
-        relationships=relationships,
-        step_fn=step_fn,
-        tx=tx,
-        writer=writer,
-        stage=f"teacher_{k}_{variant}",
-      )
-      variables = teacher_variables(state)
-      teachers_by_variant.setdefault(variant, []).append(variables)
-      name = f"teacher_{k}_{variant}"
-      metrics[name], per_example[name] = muka.evaluate_teacher_outcomes(st, k, variables)
-      _save_partial(workdir, metrics)
-
-  # 4-5. Teacher scores, then the students (all from one start, one compiled step).
-  student_tx = optax.adam(config.student.lr)
-  student_step = muka.make_student_step(st, student_tx)
-  student_init = student_start(setup, source, student_tx)
-  distill = [v for v in config.student.variants if v in DISTILL_VARIANTS]
-  for t_variant, teachers in teachers_by_variant.items():
-    scores_dir = workdir_lib.as_path(workdir) / f"scores_{t_variant}"
-    scores_dir.mkdir(parents=True, exist_ok=True)
-    scores = muka.teacher_scores(st, teachers, str(scores_dir))
-    outcomes = concat_teachers_outcomes(setup, teachers)
-    concat = {"accuracy": results_lib.accuracy(outcomes)}
-    metrics[f"teachers_concat_{t_variant}"] = {domain: concat, "mean": dict(concat)}
-    per_example[f"teachers_concat_{t_variant}"] = {domain: outcomes}
-    diagnostics[t_variant] = {
-      "mc_selects_owner": owner_rate(setup, scores["mc"]),
-      "single_selects_owner": owner_rate(setup, scores["single"]),
-      "mc_mean": [float(v) for v in scores["mc"].mean(axis=0)],
-    }
-    for variant in distill:
-      targets = muka.variant_targets(st, variant, scores)
-      variables = train_student(
-        setup,
-        workdir,
-        f"student_{variant}_from_{t_variant}",
-        student_step,
-        student_init,
-        st.x_train,
-        targets,
-        writer,
-      )
-      name = f"{variant}_from_{t_variant}"
-      metrics[name], per_example[name] = _student_results(st, variables, domain)
-      _save_partial(workdir, metrics)
-  for variant in config.student.variants:
-    if variant in ORACLE_VARIANTS:
-      x, targets = oracle_targets(setup, variant)
-      variables = train_student(
-        setup, workdir, f"student_{variant}", student_step, student_init, x, targets, writer
-      )
-      metrics[variant], per_example[variant] = _student_results(st, variables, domain)
-      _save_partial(workdir, metrics)
-
-  # 6. co_tuning's single-task models on the union, with the same labels (last: the
-  # students are the recipe's point, and a run cut short has them).
+  calibrated = (logits_fn, calibration["temperature"])
+  tx = co_tuning.make_optimizer(union.config)
+  teachers = train_teachers(setup, workdir, source, calibrated, tx, writer, report)
+  # 4-5. Teacher scores, then the students.
+  diagnostics = train_students(setup, workdir, source, teachers, writer, report)
+  # 6. The single-task models on the union (last: the students are the recipe's point, and
+  # a run cut short has them).
   if config.union.variants:
-    relationships = relationships_for(
-      union, source, logits_fn, temperature, needed_kinds(config.union.variants)
-    )
-    step_fn = co_tuning.make_finetune_step(union, tx)
-    start = co_tuning.finetune_start(union, source)
-    predict = co_tuning.make_target_predict(union)
-    for variant in config.union.variants:
-      state = co_tuning.finetune_variant(
-        union,
-        workdir,
-        variant,
-        source=source,
-        start=start,
-        relationships=relationships,
-        step_fn=step_fn,
-        tx=tx,
-        writer=writer,
-        stage=f"union_{variant}",
-      )
-      result, outcomes = co_tuning.evaluate_target_outcomes(union, predict, state)
-      metrics[f"union_{variant}"] = {domain: result, "mean": {"accuracy": result["accuracy"]}}
-      per_example[f"union_{variant}"] = {domain: outcomes}
-      _save_partial(workdir, metrics)
-
+    train_union(setup, workdir, source, calibrated, tx, writer, report)
   writer.close()
+  return {
+    **_run_header(setup),
+    "source_calibration": calibration,
+    "confidences": diagnostics,
+    "metrics": report.metrics,
+    results_lib.PER_EXAMPLE: report.per_example,
+  }
 
-  task = union.task
+
+def _run_header(setup: Setup) -> dict:
+  """The results' description of the run: method, data, class names, example counts."""
+  config, task, st = setup.config, setup.union.task, setup.student
   return {
     "method": "cotuned_teachers",
     "benchmark": config.data.benchmark,
     "seed": config.seed,
     "source_domains": [task.source_domain],
-    "target_domains": [domain],
+    "target_domains": [task.target_domain],
     "source_classes": list(task.source_names),
     "teacher_classes": [[task.target_names[p] for p in chunk] for chunk in setup.chunks],
     "sampling_rate": float(config.data.sampling_rate),
@@ -572,8 +277,4 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
       "transfer": len(st.train.y),
       "test": len(st.test.y),
     },
-    "source_calibration": calibration,
-    "confidences": diagnostics,
-    "metrics": metrics,
-    results_lib.PER_EXAMPLE: per_example,
   }

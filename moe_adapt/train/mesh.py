@@ -432,3 +432,19 @@ def initialize_distributed(mode: str) -> None:
   if "JAX_PROCESS_ID" in os.environ:
     kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
   jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Sharding constraints inside jitted steps
+# ----------------------------------------------------------------------------
+
+
+def constrain_batch(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`x` [B, ...] with its leading (batch) axis sharded over the mesh's batch axis.
+
+  For use inside a jitted step (e.g. on a batch gathered from replicated data). `x` is
+  returned unchanged on a one-device mesh and when B does not divide evenly.
+  """
+  if mesh.size == 1 or x.shape[0] % _batch_devices(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, data_sharding(mesh))

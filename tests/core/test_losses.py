@@ -173,3 +173,39 @@ def test_errors():
     losses.cross_entropy(a, np.array([0.0, 1.0]))
   with pytest.raises(ValueError, match="labels has shape"):
     losses.cross_entropy(a, np.array([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------
+# l2_sp_penalty
+# ----------------------------------------------------------------------------
+
+
+def test_l2_sp_penalty_matches_numpy():
+  rng = np.random.default_rng(2)
+  params = {"a": rng.normal(size=(3, 4)), "b": {"c": rng.normal(size=(5,))}}
+  anchor = {"a": rng.normal(size=(3, 4)), "b": {"c": rng.normal(size=(5,))}}
+  params, anchor = jax.tree.map(lambda x: x.astype(np.float32), (params, anchor))
+  pairs = zip(jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True)
+  ref = 0.5 * 0.3 * sum(((np.float64(p) - q) ** 2).sum() for p, q in pairs)
+  got = jax.jit(losses.l2_sp_penalty)(params, anchor, alpha=0.3)
+  assert got.shape == () and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  # No anchor: the plain L2 term toward 0; zero at the anchor itself.
+  ref0 = 0.5 * 2.0 * sum((np.float64(x) ** 2).sum() for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(losses.l2_sp_penalty(params, alpha=2.0), ref0, rtol=1e-6)
+  assert float(losses.l2_sp_penalty(params, params, alpha=5.0)) == 0.0
+
+
+def test_l2_sp_penalty_gradient_is_alpha_times_distance():
+  rng = np.random.default_rng(3)
+  params = {"w": rng.normal(size=(4,)).astype(np.float32)}
+  anchor = {"w": rng.normal(size=(4,)).astype(np.float32)}
+  grad = jax.grad(lambda p: losses.l2_sp_penalty(p, anchor, alpha=0.5))(params)
+  np.testing.assert_allclose(grad["w"], 0.5 * (params["w"] - anchor["w"]), rtol=1e-6)
+
+
+def test_l2_sp_penalty_errors():
+  with pytest.raises(ValueError, match="same pytree structure"):
+    losses.l2_sp_penalty({"a": np.zeros(2)}, {"b": np.zeros(2)}, alpha=1.0)
+  with pytest.raises(ValueError, match="anchor has a leaf of shape"):
+    losses.l2_sp_penalty({"a": np.zeros(2)}, {"a": np.zeros(3)}, alpha=1.0)

@@ -26,7 +26,7 @@ import optax
 import pytest
 
 from moe_adapt import data
-from moe_adapt.methods import co_tuning
+from moe_adapt.methods import co_tuning, co_tuning_data, co_tuning_finetune
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 
@@ -232,6 +232,11 @@ def test_sweep_declares_the_sampling_rates():
     ("variants", ("erm",), r"variants has unknown 'erm'; accepted: fine_tune, l2_sp"),
     ("variants", (), r"variants=\(\) is invalid"),
     ("variants", ("l2_sp", "l2_sp"), r"lists a variant twice"),
+    (
+      "variants",
+      ("l2_sp", "co_tuning_direct"),
+      r"variants=\('l2_sp', 'co_tuning_direct'\) compares 2 variants without 'fine_tune'",
+    ),
     ("co_tuning.trade_off", -1.0, r"co_tuning\.trade_off=-1\.0 is invalid"),
     ("l2_sp.alpha", -0.01, r"l2_sp\.alpha=-0\.01 is invalid"),
     ("finetune.momentum", 1.0, r"finetune\.momentum=1\.0 is invalid; accepted: .*\[0, 1\)"),
@@ -253,6 +258,11 @@ def test_sweep_declares_the_sampling_rates():
 def test_validate_config_names_the_bad_field(name, value, match):
   with pytest.raises(ValueError, match=match):
     co_tuning.validate_config(tiny_config(**{name: value}))
+
+
+def test_a_single_variant_needs_no_baseline():
+  co_tuning.validate_config(tiny_config(variants=("co_tuning_direct",)))
+  co_tuning.validate_config(tiny_config(variants=("co_tuning_reverse", "fine_tune")))
 
 
 def test_calibration_without_source_data_needs_a_temperature(tmp_path):
@@ -301,38 +311,40 @@ def _split(labels) -> data.Split:
 
 def test_select_classes_relabels_in_the_given_order():
   split = _split([5, 1, 7, 1, 5, 2])
-  out = co_tuning.select_classes(split, (5, 1), where="test")
+  out = co_tuning_data.select_classes(split, (5, 1), where="test")
   np.testing.assert_array_equal(out.y, [0, 1, 1, 0])
   np.testing.assert_array_equal(out.x.ravel(), [0, 1, 3, 4])
 
 
 def test_select_classes_names_an_empty_class():
   with pytest.raises(ValueError, match=r"target domain 'd' \(train split\) has no example of"):
-    co_tuning.select_classes(_split([0, 0, 1]), (0, 2), where="target domain 'd' (train split)")
+    co_tuning_data.select_classes(
+      _split([0, 0, 1]), (0, 2), where="target domain 'd' (train split)"
+    )
 
 
 def test_cap_and_subsample_are_stratified_and_seeded():
   y = np.repeat(np.arange(3), [20, 30, 10])
   split = _split(np.random.default_rng(0).permutation(y))
-  capped = co_tuning.cap_per_class(split, 3, 12)
+  capped = co_tuning_data.cap_per_class(split, 3, 12)
   np.testing.assert_array_equal(np.bincount(capped.y), [12, 12, 10])
   for c in range(3):  # the first 12 of each class, in split order
     np.testing.assert_array_equal(capped.x[capped.y == c], split.x[split.y == c][:12])
   names = ("a", "b", "c")
-  sub = co_tuning.subsample(
+  sub = co_tuning_data.subsample(
     capped, 0.5, np.random.default_rng(1), class_names=names, where="t", allow_empty=False
   )
   np.testing.assert_array_equal(np.bincount(sub.y), [6, 6, 5])  # round(0.5 · n_c)
   assert set(sub.x.ravel()) <= set(capped.x.ravel())
-  again = co_tuning.subsample(
+  again = co_tuning_data.subsample(
     capped, 0.5, np.random.default_rng(1), class_names=names, where="t", allow_empty=False
   )
   np.testing.assert_array_equal(again.x, sub.x)
-  other = co_tuning.subsample(
+  other = co_tuning_data.subsample(
     capped, 0.5, np.random.default_rng(2), class_names=names, where="t", allow_empty=False
   )
   assert not np.array_equal(other.x, sub.x)
-  empty = co_tuning.subsample(
+  empty = co_tuning_data.subsample(
     capped, 0.01, np.random.default_rng(1), class_names=names, where="t", allow_empty=True
   )
   assert len(empty.y) == 0
@@ -351,7 +363,7 @@ def test_optimizer_group_learning_rates_decay_and_weight_decay():
     "target_head": {"w": jnp.full((2,), 2.0)},
   }
   grads = jax.tree.map(jnp.ones_like, params)
-  state = co_tuning.set_weight_decay(tx.init(params), 0.0)
+  state = co_tuning_finetune.set_weight_decay(tx.init(params), 0.0)
   momentum = cfg.momentum
   trace = 0.0
   for step in range(7):
@@ -364,7 +376,7 @@ def test_optimizer_group_learning_rates_decay_and_weight_decay():
     np.testing.assert_allclose(updates["source_head"]["w"], expected, rtol=1e-5)
     np.testing.assert_allclose(updates["target_head"]["w"], cfg.head_lr_mult * expected, rtol=1e-5)
   # Weight decay adds wd·w to the gradient (first step: −lr·(1 + μ)·(g + wd·w)).
-  state = co_tuning.set_weight_decay(tx.init(params), 0.5)
+  state = co_tuning_finetune.set_weight_decay(tx.init(params), 0.5)
   updates, _ = tx.update(grads, state, params)
   np.testing.assert_allclose(
     updates["backbone"]["w"], -cfg.lr * (1 + momentum) * (1.0 + 0.5 * 2.0), rtol=1e-5
@@ -373,18 +385,20 @@ def test_optimizer_group_learning_rates_decay_and_weight_decay():
 
 def test_variant_settings():
   config = tiny_config()
-  ft = co_tuning.variant_settings(config, "fine_tune")
+  ft = co_tuning_finetune.variant_settings(config, "fine_tune")
   assert ft["trade_off"] == ft["l2sp_alpha"] == ft["l2sp_beta"] == 0.0
   assert ft["weight_decay"] == 5e-4 and ft["relationship"] is None
-  sp = co_tuning.variant_settings(config, "l2_sp")
+  sp = co_tuning_finetune.variant_settings(config, "l2_sp")
   assert (sp["l2sp_alpha"], sp["l2sp_beta"], sp["weight_decay"]) == (0.01, 0.01, 0.0)
-  ct = co_tuning.variant_settings(config, "co_tuning_reverse")
+  ct = co_tuning_finetune.variant_settings(config, "co_tuning_reverse")
   assert ct["trade_off"] == 2.3 and ct["relationship"] == "reverse"
   assert ft["lr_scale"] == sp["lr_scale"] == ct["lr_scale"] == 1.0
   lr = config.finetune.lr
-  ct = co_tuning.variant_settings(config, "co_tuning_direct", {"lr": 2 * lr, "trade_off": 0.5})
+  ct = co_tuning_finetune.variant_settings(
+    config, "co_tuning_direct", {"lr": 2 * lr, "trade_off": 0.5}
+  )
   assert (ct["trade_off"], ct["lr_scale"]) == (0.5, pytest.approx(2.0))
-  sp = co_tuning.variant_settings(config, "l2_sp", {"lr": lr, "alpha": 0.2})
+  sp = co_tuning_finetune.variant_settings(config, "l2_sp", {"lr": lr, "alpha": 0.2})
   assert (sp["l2sp_alpha"], sp["l2sp_beta"], sp["lr_scale"]) == (0.2, 0.01, 1.0)
 
 
@@ -432,7 +446,7 @@ def test_setup_tasks(tiny_setup):
 
 def test_validation_is_fixed_per_seed_whatever_the_rate():
   tasks = {
-    (seed, rate): co_tuning.make_task(tiny_config(seed=seed, **{"data.sampling_rate": rate}))
+    (seed, rate): co_tuning_data.make_task(tiny_config(seed=seed, **{"data.sampling_rate": rate}))
     for seed in (0, 1)
     for rate in (1.0, 0.3)
   }
@@ -449,11 +463,11 @@ def test_validation_is_fixed_per_seed_whatever_the_rate():
 
 def test_hold_out_is_stratified_and_names_an_empty_hold_out():
   split = _split(np.repeat(np.arange(3), [10, 5, 20]))
-  rest, held = co_tuning.hold_out(split, 0.2, np.random.default_rng(0), num_classes=3)
+  rest, held = co_tuning_data.hold_out(split, 0.2, np.random.default_rng(0), num_classes=3)
   np.testing.assert_array_equal(np.bincount(held.y), [2, 1, 4])
   np.testing.assert_array_equal(np.sort(np.concatenate([rest.x, held.x]).ravel()), split.x.ravel())
   with pytest.raises(ValueError, match=r"data\.val_fraction=0\.01 holds out no target example"):
-    co_tuning.hold_out(split, 0.01, np.random.default_rng(0), num_classes=3)
+    co_tuning_data.hold_out(split, 0.01, np.random.default_rng(0), num_classes=3)
 
 
 STEP_PARAMS = ("trade_off", "l2sp_alpha", "l2sp_beta", "lr_scale")
@@ -467,7 +481,7 @@ def step_inputs(tiny_setup):
   rng = np.random.default_rng(0)
   moved = jax.tree.map(lambda w: w + rng.normal(size=w.shape).astype(np.float32) * 0.1, anchor)
   feature_dim = tiny_setup.config.model.options.feature_dim
-  head = co_tuning.init_target_head(tiny_setup, feature_dim)["head"]
+  head = co_tuning_finetune.init_target_head(tiny_setup, feature_dim)["head"]
   params = {"backbone": moved, "source_head": variables["params"]["head"], "target_head": head}
   return jax.device_get(
     {"params": params, "batch_stats": variables["batch_stats"], "anchor": anchor}

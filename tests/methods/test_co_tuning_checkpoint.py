@@ -24,7 +24,7 @@ import pytest
 import safetensors.numpy
 
 from moe_adapt import data, models
-from moe_adapt.methods import co_tuning
+from moe_adapt.methods import co_tuning, co_tuning_data, co_tuning_source
 from moe_adapt.models import hf_io
 from tests.methods import configs_util
 
@@ -37,7 +37,7 @@ CONFIGS = configs_util.config_module("co_tuning")
   "name, architecture", [("resnet50", "resnet"), ("resnet50_timm", "timm_resnet")]
 )
 def test_source_model_gives_the_reference_logits(name, architecture):
-  loaded = co_tuning.load_source_model(str(FIXTURES / name))
+  loaded = co_tuning_source.load_source_model(str(FIXTURES / name))
   assert loaded.architecture == architecture
   assert set(loaded.variables) == {"params", "batch_stats"}
   assert set(loaded.variables["params"]) == {"backbone", "head"}
@@ -53,8 +53,8 @@ def test_source_model_gives_the_reference_logits(name, architecture):
     else tuple(f"source_{j}" for j in range(5))
   )
   assert loaded.class_names == expected_names
-  np.testing.assert_allclose(loaded.mean, co_tuning.IMAGENET_MEAN)
-  np.testing.assert_allclose(loaded.std, co_tuning.IMAGENET_STD)
+  np.testing.assert_allclose(loaded.mean, co_tuning_source.IMAGENET_MEAN)
+  np.testing.assert_allclose(loaded.std, co_tuning_source.IMAGENET_STD)
 
 
 def _copy_fixture(tmp_path, name: str) -> pathlib.Path:
@@ -66,7 +66,7 @@ def test_normalisation_comes_from_the_checkpoint(tmp_path):
   (hf / "preprocessor_config.json").write_text(
     json.dumps({"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25] * 3})
   )
-  loaded = co_tuning.load_source_model(str(hf))
+  loaded = co_tuning_source.load_source_model(str(hf))
   np.testing.assert_allclose(loaded.mean, [0.5] * 3)
   np.testing.assert_allclose(loaded.std, [0.25] * 3)
   timm = _copy_fixture(tmp_path, "resnet50_timm")
@@ -74,13 +74,13 @@ def test_normalisation_comes_from_the_checkpoint(tmp_path):
   config["pretrained_cfg"] = {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]}
   config["label_names"] = ["a", "b", "c", "d", "e"]
   (timm / "config.json").write_text(json.dumps(config))
-  loaded = co_tuning.load_source_model(str(timm))
+  loaded = co_tuning_source.load_source_model(str(timm))
   np.testing.assert_allclose(loaded.mean, [0.1, 0.2, 0.3])
   assert loaded.class_names == ("a", "b", "c", "d", "e")
   # normalize_task works in place on every split: (x - mean) / std.
   splits = [data.Split(np.ones((2, 4, 4, 3), np.float32), np.zeros(2, np.int32)) for _ in "abc"]
   task = co_tuning.Task("", "t", ("s",), ("t",), None, None, None, *splits, (4, 4, 3))
-  co_tuning.normalize_task(task, np.float32([0.5] * 3), np.float32([0.25] * 3))
+  co_tuning_data.normalize_task(task, np.float32([0.5] * 3), np.float32([0.25] * 3))
   for split in splits:
     np.testing.assert_allclose(split.x, 2.0)  # (1 - 0.5) / 0.25
 
@@ -88,9 +88,9 @@ def test_normalisation_comes_from_the_checkpoint(tmp_path):
 def test_bad_checkpoints_name_the_field(tmp_path):
   field = r"model\.source_checkpoint="
   with pytest.raises(ValueError, match=field + r"'.*' is not a checkpoint directory"):
-    co_tuning.load_source_model(str(tmp_path))
+    co_tuning_source.load_source_model(str(tmp_path))
   with pytest.raises(ValueError, match=field + r"'.*bert' holds a 'bert' checkpoint; accepted"):
-    co_tuning.load_source_model(str(FIXTURES / "bert"))
+    co_tuning_source.load_source_model(str(FIXTURES / "bert"))
   headless = _copy_fixture(tmp_path, "resnet50")
   tensors = safetensors.numpy.load_file(str(headless / "model.safetensors"))
   hf_io.save_file(
@@ -98,7 +98,7 @@ def test_bad_checkpoints_name_the_field(tmp_path):
     headless / "model.safetensors",
   )
   with pytest.raises(ValueError, match=field + r"'.*' has no linear classification head"):
-    co_tuning.load_source_model(str(headless))
+    co_tuning_source.load_source_model(str(headless))
   # The weights file of a checkpoint directory, given where the project's layout is read.
   config = CONFIGS.get_config("cub")
   config.model.source_checkpoint = str(FIXTURES / "resnet50" / "model.safetensors")

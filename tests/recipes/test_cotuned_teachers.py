@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from moe_adapt import data, models
-from moe_adapt.methods import co_tuning, muka
+from moe_adapt.methods import co_tuning, co_tuning_data, muka
 from moe_adapt.recipes import cotuned_teachers as recipe
+from moe_adapt.recipes import cotuned_teachers_stages as stages
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -189,14 +190,14 @@ def test_teacher_as_dropout_classifier_gives_the_target_head_logits(tiny_setup):
     method=models.Classifier.features,
   )
   expected = feats @ start["target_head"]["kernel"] + start["target_head"]["bias"]
-  got = st.teacher_models[1].apply(recipe.teacher_variables(state), x, train=False)
+  got = st.teacher_models[1].apply(stages.teacher_variables(state), x, train=False)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
   # Teachers draw their own head initialisation (not the union's, not each other's).
   other = co_tuning.finetune_start(tiny_setup.teachers[0], source)["target_head"]["kernel"]
   assert not np.allclose(other, start["target_head"]["kernel"])
 
 
-def test_teacher_task_restricts_and_relabels():
+def test_restrict_task_restricts_and_relabels():
   x = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1)
   split = data.Split(x, np.array([0, 3, 2, 1, 3, 0], np.int32))
   task = co_tuning.Task(
@@ -212,7 +213,7 @@ def test_teacher_task_restricts_and_relabels():
     target_test=split,
     input_shape=(1, 1, 1),
   )
-  sub = recipe.teacher_task(task, (2, 3))
+  sub = co_tuning_data.restrict_task(task, (2, 3))
   assert sub.target_names == ("c2", "c3")
   np.testing.assert_array_equal(sub.target_train.y, [1, 0, 1])
   np.testing.assert_array_equal(sub.target_train.x.ravel(), [1, 2, 4])
@@ -220,12 +221,12 @@ def test_teacher_task_restricts_and_relabels():
 
 
 def test_oracle_targets_are_the_labels(tiny_setup):
-  x, t = recipe.oracle_targets(tiny_setup, "oracle")
+  x, t = stages.oracle_targets(tiny_setup, "oracle")
   y = tiny_setup.union.task.target_train.y
   assert x.shape[0] == len(y)
   np.testing.assert_array_equal(np.argmax(t["targets"], -1), y)
   np.testing.assert_array_equal(t["targets"].sum(-1), np.ones(len(y)))
-  x_all, t_all = recipe.oracle_targets(tiny_setup, "oracle_all")
+  x_all, t_all = stages.oracle_targets(tiny_setup, "oracle_all")
   assert x_all.shape[0] == len(tiny_setup.student.train.y) == len(t_all["weights"])
 
 
@@ -234,7 +235,7 @@ def test_student_start_from_source_keeps_the_backbone(tiny_setup):
 
   init = co_tuning.init_source(tiny_setup.union, optax.adam(1e-3))
   source = {"params": init["params"], "batch_stats": init["batch_stats"]}
-  start = recipe.student_start(tiny_setup, source, optax.adam(1e-3))
+  start = stages.student_start(tiny_setup, source, optax.adam(1e-3))
   same = jax.tree.map(
     lambda a, b: bool(jnp.array_equal(a, b)),
     start["params"]["backbone"],
@@ -247,7 +248,7 @@ def test_student_start_from_source_keeps_the_backbone(tiny_setup):
 def test_muka_scores_shapes(tiny_setup):
   st = tiny_setup.student
   assert isinstance(st, muka.Setup)
-  owner = recipe.owner_rate(tiny_setup, np.tile([[1.0, 0.0]], (len(st.train.y), 1)))
+  owner = stages.owner_rate(tiny_setup, np.tile([[1.0, 0.0]], (len(st.train.y), 1)))
   assert owner == pytest.approx(np.mean(np.isin(st.train.y, (0, 1))))
 
 
