@@ -26,6 +26,14 @@ input normalisation are used, docs/meta_dmoe.md):
     --config.data.options.tfds_name=pacs --config.data.options.data_dir=/data/tfds \
     --config.data.target_domains="('sketch',)"
 
+At DomainNet scale the same preset streams its images instead of holding them in memory
+(`data.streaming`; docs/scaling.md):
+
+  moe-adapt --config=configs/meta_dmoe.py:tfds --workdir=runs/mdmoe_domainnet \
+    --config.data.streaming=True --config.backbone.checkpoint=/path/to/resnet-50 \
+    --config.data.options.tfds_name=domainnet --config.data.options.data_dir=/data/tfds \
+    --config.data.target_domains="('sketch',)"
+
 The argument is `<benchmark>[,tiny]`; `tiny` shrinks every stage to a few steps
 (for tests and smoke runs). Any field can be overridden on the command line, e.g.
 `--config.seed=1 --config.data.target_domains="('rot0',)" --config.aggregator.kind=mean`.
@@ -67,6 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Empty = the benchmark's default held-out targets / all remaining domains.
   c.data.target_domains = ()
   c.data.source_domains = ()
+  # Streaming (the `tfds` benchmark only; docs/scaling.md): images are read from disk,
+  # decoded and augmented inside each step's input (data.augment for training,
+  # data.eval_augment for evaluation and the unlabeled supports, at data.options.image_size)
+  # and the frozen experts run inside the later stages' steps: no image array and no
+  # feature cache, for datasets that do not fit in memory (DomainNet). False: every image
+  # in host and device memory, the experts' features of all source images cached.
+  c.data.streaming = False
+  c.data.augment = ("random_resized_crop", "flip")
+  c.data.eval_augment = ("center_crop",)
 
   # Student and experts share the architecture (as in the paper).
   c.model = ml_collections.ConfigDict()

@@ -177,6 +177,33 @@ def validate_config(config) -> None:
     raise ValueError(
       f"num_devices={config.num_devices!r} is invalid; accepted: 0 (all devices) or a count"
     )
+  if streaming(config):
+    _stream_module().validate_stream_config(config)
+
+
+# ----------------------------------------------------------------------------
+# The streaming path (data.streaming=True) lives in meta_dmoe_stream, which builds on this
+# module; these are the only places that hand over to it.
+# ----------------------------------------------------------------------------
+
+
+def streaming(config) -> bool:
+  """`data.streaming` (False when the preset has no such field).
+
+  Raises:
+    ValueError: naming data.streaming when it is not a bool.
+  """
+  value = config.data.get("streaming", False)
+  if not isinstance(value, bool):
+    raise ValueError(f"data.streaming={value!r} is invalid; accepted: True or False")
+  return value
+
+
+def _stream_module():
+  # Imported on use: meta_dmoe_stream imports this module.
+  from moe_adapt.methods import meta_dmoe_stream
+
+  return meta_dmoe_stream
 
 
 # ----------------------------------------------------------------------------
@@ -211,6 +238,11 @@ class Setup:
   @property
   def num_experts(self) -> int:
     return self.config.experts.num_experts
+
+  @property
+  def num_source_train(self) -> int:
+    """N_src, the number of source training examples."""
+    return int(self.y.shape[0])
 
   def key(self, stage: str) -> jax.Array:
     """The PRNG key of a stage; steps fold their index into it."""
@@ -272,7 +304,12 @@ def partition_domains(sources: tuple[str, ...], num_experts: int, seed: int):
 
 
 def make_setup(config) -> Setup:
-  """Loads data, checks sizes against the config, builds models and device arrays."""
+  """Loads data, checks sizes against the config, builds models and device arrays.
+
+  With `data.streaming`, `meta_dmoe_stream.make_setup` (no images loaded).
+  """
+  if streaming(config):
+    return _stream_module().make_setup(config)
   options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
   benchmark = data.get_benchmark(config.data.benchmark, **options)
   sources, targets = resolve_domains(config, benchmark)
@@ -295,42 +332,10 @@ def make_setup(config) -> Setup:
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   expert_mesh = make_expert_mesh(config)
-  # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
-  # statistics, optimiser state, heads (float32 logits) and losses stay float32.
-  dtype = _checks.compute_dtype(config)
-  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  model, agg_model, checkpoint = make_models(config, benchmark)
   if checkpoint is not None:
-    # The checkpoint's network is the architecture of experts and student, and its input
-    # normalisation is applied once to every image on the host.
-    checkpoint.check_input(benchmark.input_shape)
-    backbone = checkpoint.module.clone(dtype=dtype)
+    # The checkpoint's input normalisation is applied once to every image on the host.
     splits = {d: normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()}
-    logging.info(
-      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
-      "normalised with mean %s, std %s",
-      config.backbone.checkpoint,
-      checkpoint.architecture,
-      config.model.backbone,
-      checkpoint.mean.tolist(),
-      checkpoint.std.tolist(),
-    )
-  else:
-    options = config.model.options.to_dict()
-    if dtype != jnp.float32:
-      options["dtype"] = dtype
-    backbone = models.get_backbone(config.model.backbone, **options)
-  model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
-  agg_model = models.AggregatorClassifier(
-    aggregator=models.Aggregator(
-      kind=config.aggregator.kind,
-      depth=config.aggregator.depth,
-      num_heads=config.aggregator.num_heads,
-      mlp_ratio=config.aggregator.mlp_ratio,
-      dropout=config.aggregator.dropout,
-      dtype=dtype,
-    ),
-    num_classes=benchmark.num_classes,
-  )
 
   source, domain_ids, index = data.concat_domains([splits[d].train for d in sources])
   super_domains = partition_domains(sources, config.experts.num_experts, config.seed)
@@ -362,6 +367,56 @@ def make_setup(config) -> Setup:
     checkpoint_info=None if checkpoint is None else checkpoint.info(config.backbone.checkpoint),
     expert_mesh=expert_mesh,
   )
+
+
+class Models(NamedTuple):
+  """The networks of a run (`make_models`)."""
+
+  model: models.Classifier  # the experts' and the student's architecture
+  agg_model: models.AggregatorClassifier
+  checkpoint: BackboneCheckpoint | None  # backbone.checkpoint's header, when a directory
+
+
+def make_models(config, benchmark) -> Models:
+  """The student / expert network and the aggregator for `benchmark`'s inputs and classes.
+
+  With a `backbone.checkpoint` directory its network is the architecture (its input
+  normalisation is the caller's to apply); `model.dtype` is the compute dtype.
+  """
+  # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
+  # statistics, optimiser state, heads (float32 logits) and losses stay float32.
+  dtype = _checks.compute_dtype(config)
+  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  if checkpoint is not None:
+    checkpoint.check_input(benchmark.input_shape)
+    backbone = checkpoint.module.clone(dtype=dtype)
+    logging.info(
+      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
+      "normalised with mean %s, std %s",
+      config.backbone.checkpoint,
+      checkpoint.architecture,
+      config.model.backbone,
+      checkpoint.mean.tolist(),
+      checkpoint.std.tolist(),
+    )
+  else:
+    options = config.model.options.to_dict()
+    if dtype != jnp.float32:
+      options["dtype"] = dtype
+    backbone = models.get_backbone(config.model.backbone, **options)
+  model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
+  agg_model = models.AggregatorClassifier(
+    aggregator=models.Aggregator(
+      kind=config.aggregator.kind,
+      depth=config.aggregator.depth,
+      num_heads=config.aggregator.num_heads,
+      mlp_ratio=config.aggregator.mlp_ratio,
+      dropout=config.aggregator.dropout,
+      dtype=dtype,
+    ),
+    num_classes=benchmark.num_classes,
+  )
+  return Models(model, agg_model, checkpoint)
 
 
 def make_expert_mesh(config) -> jax.sharding.Mesh | None:
@@ -633,31 +688,16 @@ def load_backbone(path: str, template: PyTree) -> PyTree:
   return serialization.from_state_dict(template, loaded)
 
 
-def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
-  """One jitted SGD step of all experts, each on a batch from its super-domain."""
-  cfg = setup.config.experts
-  model, stack_map = setup.model, _stack_map(setup)
+def make_expert_update(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """`update(state, xb [E, B, ...], yb [E, B]) -> (state, metrics)`: one SGD step of all
+  experts, expert k on batch k (traced inside a jitted step; the data-parallel mesh).
 
-  def loss_one(args):
-    params, stats, xb, yb = args
-    logits, updates = model.apply(
-      {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-    )
-    return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
+  Shared by the in-memory step (`make_expert_step`, batches sampled from the pools) and the
+  streaming one (`meta_dmoe_stream`, one stream per super-domain).
+  """
+  loss_one, stack_map = expert_loss(setup), _stack_map(setup)
 
-  def sample(step, pools, pool_sizes):
-    key = jax.random.fold_in(setup.key("experts"), step)
-    u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
-    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
-
-  if setup.expert_mesh is not None:
-    return _ExpertMeshStep(setup, tx, sample, loss_one)
-
-  def step(state, step, x, y, pools, pool_sizes):
-    idx = sample(step, pools, pool_sizes)
-    xb = setup.constrain(x[idx], leading=1)
-    yb = y[idx]
-
+  def update(state, xb, yb):
     def total(params):
       losses, stats = stack_map(loss_one, (params, state["batch_stats"], xb, yb))
       return losses.sum(), (losses, stats)
@@ -667,6 +707,45 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "batch_stats": stats, "opt_state": opt_state}
     return new, {"loss": losses.mean(), "loss_max": losses.max()}
+
+  return update
+
+
+def expert_loss(setup: Setup) -> Callable:
+  """`loss_one((params, stats, xb, yb)) -> (mean CE, new batch_stats)` of one expert."""
+  model = setup.model
+
+  def loss_one(args):
+    params, stats, xb, yb = args
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+    )
+    return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
+
+  return loss_one
+
+
+def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """One jitted SGD step of all experts, each on a batch from its super-domain."""
+  cfg = setup.config.experts
+
+  def sample(step, pools, pool_sizes):
+    key = jax.random.fold_in(setup.key("experts"), step)
+    u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
+    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+
+  if setup.expert_mesh is not None:
+    take = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+    return ExpertMeshStep(
+      setup,
+      tx,
+      lambda step: take(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes),
+    )
+  update = make_expert_update(setup, tx)
+
+  def step(state, step, x, y, pools, pool_sizes):
+    idx = sample(step, pools, pool_sizes)
+    return update(state, setup.constrain(x[idx], leading=1), y[idx])
 
   return stages.bind(
     jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.expert_pools, setup.pool_sizes
@@ -695,23 +774,24 @@ def _features_fn(model: models.Classifier, stack_map: str) -> Callable:
   return features
 
 
-class _ExpertMeshStep:
+class ExpertMeshStep:
   """The experts step on the (data, expert) mesh (`mesh_lib.make_stacked_step`).
 
-  Samples the same batches as the data-parallel step (same keys), places them as
-  [E, B, ...] split over (expert, data) and runs the stacked step, whose state (params,
-  BatchNorm statistics, optimiser state) stays split over `expert`. The stacked step is
-  built at the first call, from the state it gets.
+  `batch(step) -> (xb [E, B, ...], yb [E, B])` gives step `step`'s batches (the in-memory
+  step samples them with the data-parallel step's keys; the streaming one reads one stream
+  per super-domain); they are placed split over (expert, data) and the stacked step runs,
+  its state (params, BatchNorm statistics, optimiser state) staying split over `expert`.
+  The stacked step is built at the first call, from the state it gets.
   """
 
-  def __init__(self, setup: Setup, tx, sample: Callable, loss_one: Callable):
-    self._setup, self._tx, self._loss_one = setup, tx, loss_one
-    self._batch = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+  def __init__(self, setup: Setup, tx, batch: Callable):
+    self._setup, self._tx, self._batch = setup, tx, batch
+    self._loss_one = expert_loss(setup)
     self._step = None
 
   def __call__(self, state: PyTree, step: jax.Array):
-    setup, mesh = self._setup, self._setup.expert_mesh
-    xb, yb = self._batch(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes)
+    mesh = self._setup.expert_mesh
+    xb, yb = self._batch(step)
     batch = {
       name: jax.device_put(a, mesh_lib.expert_batch_sharding(mesh, a.ndim))
       for name, a in (("x", xb), ("y", yb))
@@ -740,6 +820,13 @@ def place_experts(setup: Setup, experts: PyTree) -> PyTree:
   return mesh_lib.shard_stacked(experts, setup.expert_mesh, num_experts=setup.num_experts)
 
 
+def expert_tokens(setup: Setup, experts: PyTree, xb: jax.Array) -> jax.Array:
+  """Every expert's features of a batch as aggregator tokens: [B, E, D] (traceable: the
+  streaming path computes them inside its jitted steps)."""
+  features = _features_fn(setup.model, setup.config.experts.stack_map)
+  return jnp.swapaxes(features(experts["params"], experts["batch_stats"], xb), 0, 1)
+
+
 def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
   """Features of every expert on `x`: [E, N, D], computed in eval batches."""
   features = _features_fn(setup.model, setup.config.experts.stack_map)
@@ -755,28 +842,60 @@ def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
-  """CE through the aggregator's pretraining head, all experts, all source data."""
-  cfg = setup.config.aggregator
+def make_aggregator_update(setup: Setup, tx) -> Callable:
+  """`update(state, tokens [B, E, D], y [B], key) -> (state, metrics)`: one CE step through
+  the aggregator's pretraining head (dropout drawn from `key`)."""
 
-  def step(state, step, y, feats):
-    key = jax.random.fold_in(setup.key("aggregator"), step)
-    k_idx, k_drop = jax.random.split(key)
-    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, y.shape[0])
-    tokens = setup.constrain(jnp.swapaxes(feats[:, idx], 0, 1))  # [B, E, D]
-
+  def update(state, tokens, y, key):
     def loss_fn(params):
       logits = setup.agg_model.apply(
-        {"params": params}, tokens, deterministic=False, rngs={"dropout": k_drop}
+        {"params": params}, tokens, deterministic=False, rngs={"dropout": key}
       )
-      return core.losses.cross_entropy(logits, y[idx]).mean()
+      return core.losses.cross_entropy(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {"loss": loss}
 
+  return update
+
+
+def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
+  """CE through the aggregator's pretraining head, all experts, all source data."""
+  cfg = setup.config.aggregator
+  update = make_aggregator_update(setup, tx)
+
+  def step(state, step, y, feats):
+    key = jax.random.fold_in(setup.key("aggregator"), step)
+    k_idx, k_drop = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, y.shape[0])
+    tokens = setup.constrain(jnp.swapaxes(feats[:, idx], 0, 1))  # [B, E, D]
+    return update(state, tokens, y[idx], k_drop)
+
   return stages.bind(jax.jit(step, donate_argnums=0), setup.y, feats)
+
+
+def make_student_update(setup: Setup, tx) -> Callable:
+  """`update(state, xb [B, ...], yb [B]) -> (state, metrics)`: one ERM step (BatchNorm in
+  training mode)."""
+
+  def update(state, xb, yb):
+    def loss_fn(params):
+      logits, updates = setup.model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
+        xb,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+
+  return update
 
 
 def make_student_step(setup: Setup, tx, *, stage: str = "student") -> Callable:
@@ -785,25 +904,12 @@ def make_student_step(setup: Setup, tx, *, stage: str = "student") -> Callable:
   `stage` ('student' or 'backbone') picks the config group (batch size) and the key.
   """
   cfg = setup.config[stage]
+  update = make_student_update(setup, tx)
 
   def step(state, step, x, y):
     key = jax.random.fold_in(setup.key(stage), step)
     idx = jax.random.randint(key, (cfg.batch_size,), 0, y.shape[0])
-    xb = setup.constrain(x[idx])
-
-    def loss_fn(params):
-      logits, updates = setup.model.apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
-        xb,
-        train=True,
-        mutable=["batch_stats"],
-      )
-      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+    return update(state, setup.constrain(x[idx]), y[idx])
 
   return stages.bind(jax.jit(step, donate_argnums=0), setup.x, setup.y)
 
@@ -881,33 +987,22 @@ def make_losses(setup: Setup) -> tuple[Callable, Callable]:
   return inner_loss, outer_loss
 
 
-def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callable:
-  """One second-order meta-step on one single-domain episode."""
+def make_meta_update(setup: Setup, tx_student, tx_agg, feature_dim: int) -> Callable:
+  """`update(state, support, query) -> (state, metrics)`: one second-order meta-step.
+
+  support: {'x' [S, ...], 'tokens' [S, E, D], 'mask' [E]}; query: {'x' [Q, ...], 'y' [Q]}
+  (one single-domain episode, the in-domain expert masked). BatchNorm statistics are
+  frozen. Shared by the in-memory step (`make_meta_step`, tokens from the feature cache)
+  and the streaming one (`meta_dmoe_stream`, tokens computed in the step).
+  """
   cfg = setup.config.meta
   inner_loss, outer_loss = make_losses(setup)
-  experts = jnp.arange(setup.num_experts)
-  alpha = inner_lr(setup.config, feats.shape[-1])
+  alpha = inner_lr(setup.config, feature_dim)
 
-  def step(state, step, x, y, feats, offsets, sizes, expert_of_domain):
-    key = jax.random.fold_in(setup.key("meta"), step)
-    index = setup.index._replace(offsets=offsets, sizes=sizes)
-    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
-    if cfg.mask_in_domain_expert:
-      mask = experts != expert_of_domain[ep.domain]
-    else:
-      mask = jnp.ones_like(experts, dtype=bool)
+  def update(state, support, query):
     stats = state["batch_stats"]
-    support = {
-      "x": setup.constrain(x[ep.support_idx]),
-      "tokens": setup.constrain(jnp.swapaxes(feats[:, ep.support_idx], 0, 1)),
-      "mask": mask,
-      "batch_stats": stats,
-    }
-    query = {
-      "x": setup.constrain(x[ep.query_idx]),
-      "y": y[ep.query_idx],
-      "batch_stats": stats,
-    }
+    support = {**support, "batch_stats": stats}
+    query = {**query, "batch_stats": stats}
     student = state["student"]
     loss, (g_backbone, g_context) = core.meta.meta_value_and_grad(
       outer_loss,
@@ -935,6 +1030,36 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
     agg_norm = optax.tree.norm(g_agg) if jax.tree.leaves(g_agg) else jnp.zeros(())
     return new, {"loss": loss, "grad_norm_aggregator": agg_norm}
 
+  return update
+
+
+def expert_mask(setup: Setup, expert_of_domain: jax.Array, domain: jax.Array) -> jax.Array:
+  """[E] bool: the experts an episode of source domain `domain` (an index into
+  `setup.sources`; `expert_of_domain` [D_src] as `setup.expert_of_domain`) distils from:
+  all but its own super-domain's expert (`meta.mask_in_domain_expert`), else all."""
+  experts = jnp.arange(setup.num_experts)
+  if setup.config.meta.mask_in_domain_expert:
+    return experts != expert_of_domain[domain]
+  return jnp.ones_like(experts, dtype=bool)
+
+
+def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callable:
+  """One second-order meta-step on one single-domain episode."""
+  cfg = setup.config.meta
+  update = make_meta_update(setup, tx_student, tx_agg, feats.shape[-1])
+
+  def step(state, step, x, y, feats, offsets, sizes, expert_of_domain):
+    key = jax.random.fold_in(setup.key("meta"), step)
+    index = setup.index._replace(offsets=offsets, sizes=sizes)
+    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
+    support = {
+      "x": setup.constrain(x[ep.support_idx]),
+      "tokens": setup.constrain(jnp.swapaxes(feats[:, ep.support_idx], 0, 1)),
+      "mask": expert_mask(setup, expert_of_domain, ep.domain),
+    }
+    query = {"x": setup.constrain(x[ep.query_idx]), "y": y[ep.query_idx]}
+    return update(state, support, query)
+
   return stages.bind(
     jax.jit(step, donate_argnums=0),
     setup.x,
@@ -946,25 +1071,15 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
   )
 
 
-def make_continued_step(setup: Setup, tx) -> Callable:
-  """The `erm_continued` control: the meta stage without its inner step.
+def make_continued_update(setup: Setup, tx) -> Callable:
+  """`update(state, xq [Q, ...], yq [Q]) -> (state, metrics)`: CE on a query batch,
+  BatchNorm frozen (the `erm_continued` control's step)."""
 
-  From the ERM student, CE on the same query batches as `make_meta_step` (the same
-  episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
-  frozen as there: what meta-training adds beyond more supervised steps at a small lr.
-  """
-  cfg = setup.config.meta
-
-  def step(state, step, x, y, offsets, sizes):
-    key = jax.random.fold_in(setup.key("meta"), step)
-    index = setup.index._replace(offsets=offsets, sizes=sizes)
-    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
-    xq = setup.constrain(x[ep.query_idx])
-
+  def update(state, xq, yq):
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state["batch_stats"]}
       logits = setup.model.apply(variables, xq, train=False)
-      return core.losses.cross_entropy(logits, y[ep.query_idx]).mean()
+      return core.losses.cross_entropy(logits, yq).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -974,6 +1089,25 @@ def make_continued_step(setup: Setup, tx) -> Callable:
       "opt_state": opt_state,
     }
     return new, {"loss": loss}
+
+  return update
+
+
+def make_continued_step(setup: Setup, tx) -> Callable:
+  """The `erm_continued` control: the meta stage without its inner step.
+
+  From the ERM student, CE on the same query batches as `make_meta_step` (the same
+  episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
+  frozen as there: what meta-training adds beyond more supervised steps at a small lr.
+  """
+  cfg = setup.config.meta
+  update = make_continued_update(setup, tx)
+
+  def step(state, step, x, y, offsets, sizes):
+    key = jax.random.fold_in(setup.key("meta"), step)
+    index = setup.index._replace(offsets=offsets, sizes=sizes)
+    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
+    return update(state, setup.constrain(x[ep.query_idx]), y[ep.query_idx])
 
   return stages.bind(
     jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.index.offsets, setup.index.sizes
@@ -1286,13 +1420,39 @@ def select_on_sources(
     for step, m in candidates["meta"]
     for f in factors
   }
-  m_step, m_factor = stages.choose(meta_scores)
   pre_scores = {
     f: adapted_score(student_erm["params"], student_erm["batch_stats"], aggregator_pre, f)
     for f in factors
   }
+  cont_scores = {
+    step: plain_score(c["params"], c["batch_stats"])
+    for step, c in candidates.get("erm_continued") or ()
+  }
+  feature_dim = sources_val[0].tokens.shape[-1]
+  return choose_on_sources(setup, feature_dim, candidates, meta_scores, pre_scores, cont_scores)
+
+
+def choose_on_sources(
+  setup: Setup,
+  feature_dim: int,
+  candidates: dict,
+  meta_scores: dict,
+  pre_scores: dict,
+  cont_scores: dict,
+):
+  """`select_on_sources`' choice from its scores (mean source-validation accuracies).
+
+  meta_scores: {(step, factor): score} over `candidates['meta']` × the factors;
+  pre_scores: {factor: score}; cont_scores: {step: score} over
+  `candidates['erm_continued']` (empty: no such candidates). Shared with the streaming
+  path, which computes the scores over streamed validation splits.
+
+  Returns:
+    as `select_on_sources`.
+  """
+  m_step, m_factor = stages.choose(meta_scores)
   p_factor = stages.choose(pre_scores)
-  alpha = inner_lr(setup.config, sources_val[0].tokens.shape[-1])
+  alpha = inner_lr(setup.config, feature_dim)
   selection = {
     "meta_dmoe": {
       "checkpoint_step": m_step,
@@ -1309,10 +1469,7 @@ def select_on_sources(
     },
   }
   continued = None
-  if candidates.get("erm_continued"):
-    cont_scores = {
-      step: plain_score(c["params"], c["batch_stats"]) for step, c in candidates["erm_continued"]
-    }
+  if cont_scores:
     c_step = stages.choose(cont_scores)
     continued = dict(candidates["erm_continued"])[c_step]
     selection["erm_continued"] = {
@@ -1366,17 +1523,26 @@ def meta_schedule(config, lr: float, setup: Setup) -> optax.Schedule:
   """
   cfg = config.meta
   per_epoch = cfg.steps_per_epoch or max(
-    1, int(setup.y.shape[0]) // (cfg.support_size + cfg.query_size)
+    1, setup.num_source_train // (cfg.support_size + cfg.query_size)
   )
   return optax.exponential_decay(lr, per_epoch, cfg.lr_decay, staircase=True)
 
 
-def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=STAGE_FIELDS):
+def train_backbone(
+  config,
+  workdir: str,
+  setup: Setup,
+  *,
+  writer,
+  stage_fields=STAGE_FIELDS,
+  step: Callable | None = None,
+):
   """The shared starting point of every expert and the student: {'params', 'batch_stats'}.
 
   Loaded from `backbone.checkpoint` when set (shapes checked), otherwise ERM on the pooled
   source domains (stage 'shared_backbone', the analogue of the paper's ImageNet pre-training),
-  written to `<workdir>/backbone.msgpack` for reuse.
+  written to `<workdir>/backbone.msgpack` for reuse. `step`: `tx -> step` of that stage
+  (default: the in-memory `make_student_step(..., stage='backbone')`).
   """
   template = init_model(setup, jax.random.fold_in(setup.key("init"), 2))
   if config.backbone.checkpoint:
@@ -1388,7 +1554,7 @@ def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=S
     config,
     workdir,
     "shared_backbone",
-    make_student_step(setup, tx, stage="backbone"),
+    (step or memory_steps(setup).backbone)(tx),
     state,
     config.backbone.steps,
     writer=writer,
@@ -1407,6 +1573,8 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   built it to check the inputs.
   """
   validate_config(config)
+  if streaming(config):
+    return _stream_module().run(config, workdir, setup=setup)
   if setup is None:
     setup = make_setup(config)
   logging.info("super-domains: %s", setup.super_domains)
@@ -1464,6 +1632,30 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   }
 
 
+class StepBuilders(NamedTuple):
+  """The steps of the stages after the experts', from their optimisers: what differs
+  between the in-memory path (`memory_steps`, batches indexed from device arrays and the
+  feature cache) and the streaming one (`meta_dmoe_stream`)."""
+
+  backbone: Callable  # tx -> step (the shared-backbone ERM stage)
+  aggregator: Callable  # tx -> step
+  student: Callable  # tx -> step
+  meta: Callable  # (tx_student, tx_aggregator) -> step
+  continued: Callable  # tx -> step (the erm_continued control)
+
+
+def memory_steps(setup: Setup, feats: jax.Array | None = None) -> StepBuilders:
+  """The in-memory path's steps; `feats` [E, N_src, D] (the frozen experts' features of
+  `setup.x`) is needed by the aggregator and meta stages only."""
+  return StepBuilders(
+    backbone=lambda tx: make_student_step(setup, tx, stage="backbone"),
+    aggregator=lambda tx: make_aggregator_step(setup, tx, feats),
+    student=lambda tx: make_student_step(setup, tx),
+    meta=lambda tx_s, tx_a: make_meta_step(setup, tx_s, tx_a, feats),
+    continued=lambda tx: make_continued_step(setup, tx),
+  )
+
+
 def train_from_features(
   config,
   workdir: str,
@@ -1487,9 +1679,34 @@ def train_from_features(
     backbone: the shared starting point of the student ({'params', 'batch_stats'}); when
       None and `model.shared_init`, the backbone stage is run (or loaded) here.
   """
+  return train_stages(
+    config,
+    workdir,
+    setup,
+    memory_steps(setup, feats),
+    int(feats.shape[-1]),
+    writer=writer,
+    stage_fields=stage_fields,
+    backbone=backbone,
+  )
+
+
+def train_stages(
+  config,
+  workdir: str,
+  setup: Setup,
+  steps: StepBuilders,
+  feature_dim: int,
+  *,
+  writer: metrics_lib.MetricWriter | None,
+  stage_fields: dict[str, tuple[str, ...]] = STAGE_FIELDS,
+  backbone: PyTree | None = None,
+) -> Trained:
+  """Stages 2-4 with the given steps (`train_from_features`' arguments; `feature_dim` is D,
+  the experts' and the student's feature size)."""
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
-  tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
+  tokens = jnp.zeros((1, setup.num_experts, feature_dim), jnp.float32)
   agg_params = jax.jit(setup.agg_model.init)(setup.key("init"), tokens)["params"]
   aggregator = mesh_lib.replicate(
     {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
@@ -1498,7 +1715,7 @@ def train_from_features(
     config,
     workdir,
     "aggregator",
-    make_aggregator_step(setup, tx, feats),
+    steps.aggregator(tx),
     aggregator,
     config.aggregator.pretrain_steps,
     writer=writer,
@@ -1507,7 +1724,9 @@ def train_from_features(
 
   # 3. ERM student, from the shared backbone (or, as an ablation, a random initialisation).
   if backbone is None and config.model.shared_init:
-    backbone = train_backbone(config, workdir, setup, writer=writer, stage_fields=stage_fields)
+    backbone = train_backbone(
+      config, workdir, setup, writer=writer, stage_fields=stage_fields, step=steps.backbone
+    )
   if backbone is None:
     backbone = init_model(setup, jax.random.fold_in(setup.key("init"), 1))
   tx = optax.adam(config.student.lr)
@@ -1516,7 +1735,7 @@ def train_from_features(
     config,
     workdir,
     "student",
-    make_student_step(setup, tx),
+    steps.student(tx),
     student,
     config.student.steps,
     writer=writer,
@@ -1544,7 +1763,7 @@ def train_from_features(
     config,
     workdir,
     "meta",
-    make_meta_step(setup, tx_s, tx_a, feats),
+    steps.meta(tx_s, tx_a),
     meta,
     config.meta.steps,
     config.selection.meta_checkpoints,
@@ -1566,7 +1785,7 @@ def train_from_features(
     config,
     workdir,
     "erm_continued",
-    make_continued_step(setup, tx_s),
+    steps.continued(tx_s),
     continued,
     config.meta.steps,
     config.selection.meta_checkpoints,
