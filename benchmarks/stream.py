@@ -161,7 +161,7 @@ def meta_step_row(name: str, data_dir: str, args: argparse.Namespace) -> dict:
   config.data.options.image_size = args.image_size
   config.model.options.num_filters = args.meta_filters
   config.meta.steps = 2 * (args.meta_step + 1)
-  setup = meta_dmoe.make_setup(config)
+  setup = meta_dmoe_stream.make_setup(config)
   tx = optax.adam(1e-4)
   experts = meta_dmoe.init_experts(setup, tx, None)
   experts = {"params": experts["params"], "batch_stats": experts["batch_stats"]}

@@ -69,21 +69,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.options.image_key = "image"
     c.data.options.label_key = "label"
     c.data.options.image_size = 224
+    # Streaming (this preset only; docs/scaling.md): images are read from disk,
+    # decoded and augmented inside each step's input (data.augment for training,
+    # data.eval_augment for evaluation and the unlabeled supports, at data.options.image_size)
+    # and the frozen experts run inside the later stages' steps: no image array and no
+    # feature cache, for datasets that do not fit in memory (DomainNet). False: every image
+    # in host and device memory, the experts' features of all source images cached.
+    c.data.streaming = False
+    c.data.augment = ("random_resized_crop", "flip")
+    c.data.eval_augment = ("center_crop",)
   else:
     c.data.options.data_dir = ""
     c.data.options.max_per_domain = 2000 if benchmark == "fmnist_rot" else 1500
   # Empty = the benchmark's default held-out targets / all remaining domains.
   c.data.target_domains = ()
   c.data.source_domains = ()
-  # Streaming (the `tfds` benchmark only; docs/scaling.md): images are read from disk,
-  # decoded and augmented inside each step's input (data.augment for training,
-  # data.eval_augment for evaluation and the unlabeled supports, at data.options.image_size)
-  # and the frozen experts run inside the later stages' steps: no image array and no
-  # feature cache, for datasets that do not fit in memory (DomainNet). False: every image
-  # in host and device memory, the experts' features of all source images cached.
-  c.data.streaming = False
-  c.data.augment = ("random_resized_crop", "flip")
-  c.data.eval_augment = ("center_crop",)
 
   # Student and experts share the architecture (as in the paper).
   c.model = ml_collections.ConfigDict()

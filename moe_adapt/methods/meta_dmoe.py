@@ -23,7 +23,9 @@ when finished):
 
 The experts are frozen after stage 1, so their features on all data are
 computed once and cached on device: a meta-step runs only the student and the
-aggregator (the official code re-runs every expert on every episode).
+aggregator (the official code re-runs every expert on every episode). For datasets that do
+not fit in memory, `meta_dmoe_stream` (`data.streaming=True`) streams the images and runs
+the experts inside the steps, reusing this module's updates.
 """
 
 from __future__ import annotations
@@ -177,14 +179,7 @@ def validate_config(config) -> None:
     raise ValueError(
       f"num_devices={config.num_devices!r} is invalid; accepted: 0 (all devices) or a count"
     )
-  if streaming(config):
-    _stream_module().validate_stream_config(config)
-
-
-# ----------------------------------------------------------------------------
-# The streaming path (data.streaming=True) lives in meta_dmoe_stream, which builds on this
-# module; these are the only places that hand over to it.
-# ----------------------------------------------------------------------------
+  streaming(config)
 
 
 def streaming(config) -> bool:
@@ -199,11 +194,15 @@ def streaming(config) -> bool:
   return value
 
 
-def _stream_module():
-  # Imported on use: meta_dmoe_stream imports this module.
-  from moe_adapt.methods import meta_dmoe_stream
-
-  return meta_dmoe_stream
+def _check_in_memory(config) -> None:
+  """The in-memory path's entry points refuse a streaming config (meta_dmoe_stream runs it,
+  and is what the method name 'meta_dmoe' resolves to)."""
+  if streaming(config):
+    raise ValueError(
+      "data.streaming=True is the streaming path: run it with moe_adapt.methods."
+      "meta_dmoe_stream (make_setup, run), which the CLI's method 'meta_dmoe' uses; this "
+      "module's make_setup and run hold the data in memory"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -306,10 +305,9 @@ def partition_domains(sources: tuple[str, ...], num_experts: int, seed: int):
 def make_setup(config) -> Setup:
   """Loads data, checks sizes against the config, builds models and device arrays.
 
-  With `data.streaming`, `meta_dmoe_stream.make_setup` (no images loaded).
+  `data.streaming=True` is refused (`meta_dmoe_stream.make_setup` streams).
   """
-  if streaming(config):
-    return _stream_module().make_setup(config)
+  _check_in_memory(config)
   options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
   benchmark = data.get_benchmark(config.data.benchmark, **options)
   sources, targets = resolve_domains(config, benchmark)
@@ -1573,8 +1571,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   built it to check the inputs.
   """
   validate_config(config)
-  if streaming(config):
-    return _stream_module().run(config, workdir, setup=setup)
+  _check_in_memory(config)
   if setup is None:
     setup = make_setup(config)
   logging.info("super-domains: %s", setup.super_domains)

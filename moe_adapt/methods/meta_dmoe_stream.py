@@ -1,5 +1,9 @@
 """Meta-DMoE on the streaming path (`data.streaming=True`): datasets that do not fit in memory.
 
+This module is what the method name 'meta_dmoe' resolves to (`methods.get_method`): its
+`validate_config`, `make_setup` and `run` take either path, the in-memory one
+(`meta_dmoe`) unless `data.streaming` is set.
+
 The in-memory path (`meta_dmoe`) holds every source image on every device and caches the
 frozen experts' features of all of them. Here the images stay on disk (a TFDS dataset
 prepared as array_record, `data.benchmark='tfds'`) and are read, decoded and augmented as
@@ -58,6 +62,27 @@ _STREAM_TAGS = {"experts": 1, "aggregator": 2, "student": 3, "meta": 4, "backbon
 # ----------------------------------------------------------------------------
 # Config and setup
 # ----------------------------------------------------------------------------
+
+
+def validate_config(config) -> None:
+  """`meta_dmoe.validate_config`, and the streaming fields with `data.streaming=True`."""
+  meta_dmoe.validate_config(config)
+  if meta_dmoe.streaming(config):
+    validate_stream_config(config)
+
+
+def make_setup(config) -> meta_dmoe.Setup:
+  """`make_stream_setup` with `data.streaming=True`, else `meta_dmoe.make_setup`."""
+  if meta_dmoe.streaming(config):
+    return make_stream_setup(config)
+  return meta_dmoe.make_setup(config)
+
+
+def run(config, workdir: str, *, setup: meta_dmoe.Setup | None = None) -> dict:
+  """`run_stream` with `data.streaming=True`, else `meta_dmoe.run`."""
+  if meta_dmoe.streaming(config):
+    return run_stream(config, workdir, setup=setup)
+  return meta_dmoe.run(config, workdir, setup=setup)
 
 
 def validate_stream_config(config) -> None:
@@ -139,7 +164,7 @@ def _normalized(transform: Callable, mean: np.ndarray, std: np.ndarray) -> Calla
   return apply
 
 
-def make_setup(config) -> StreamSetup:
+def make_stream_setup(config) -> StreamSetup:
   """Opens the streams' sources (indices only: no image is read) and builds the models.
 
   Raises:
@@ -710,11 +735,11 @@ def _means(table: dict) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def run(config, workdir: str, *, setup: StreamSetup | None = None) -> dict:
+def run_stream(config, workdir: str, *, setup: StreamSetup | None = None) -> dict:
   """Runs (or resumes) every stage on streamed data; the results dict of `meta_dmoe.run`."""
-  meta_dmoe.validate_config(config)
+  validate_config(config)
   if setup is None:
-    setup = make_setup(config)
+    setup = make_stream_setup(config)
   logging.info("super-domains: %s (streaming)", setup.super_domains)
   writer = metrics_lib.MetricWriter(workdir)
 

@@ -9,6 +9,7 @@ killed after the experts stage and inside the meta stage ends with the uninterru
 results.json.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_adapt import data
+from moe_adapt import data, methods
 from moe_adapt.data import tfds_builders
 from moe_adapt.methods import meta_dmoe, meta_dmoe_stream
 from tests.methods import configs_util
@@ -55,7 +56,7 @@ def stream_tiny(mock, **overrides):
 
 @pytest.fixture(scope="module")
 def setup(mock_domainnet):
-  return meta_dmoe.make_setup(stream_tiny(mock_domainnet))
+  return meta_dmoe_stream.make_setup(stream_tiny(mock_domainnet))
 
 
 def test_the_streamed_splits_hold_the_in_memory_examples(setup, mock_domainnet):
@@ -93,6 +94,49 @@ def test_tokens_in_the_step_equal_expert_features(setup):
   np.testing.assert_array_equal(batch["label"], labels)
 
 
+def _in_memory_twin(setup):
+  """`setup` as an in-memory Setup whose splits are the streamed examples through the
+  evaluation transform (the same images both paths evaluate)."""
+  rng = np.random.default_rng(0)
+
+  def read(source):
+    rows = [setup.eval_transform(source.data[int(i)], rng) for i in source.indices]
+    return data.Split(np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]))
+
+  splits = {d: data.DomainSplits(*map(read, parts)) for d, parts in setup.domain_sources.items()}
+  return dataclasses.replace(setup, splits=splits)
+
+
+def test_streamed_evaluation_equals_the_in_memory_one_on_the_same_images(setup):
+  tx = optax.adam(1e-3)
+  backbone = meta_dmoe.train_backbone(setup.config, "unused", setup, writer=None)
+  experts = meta_dmoe.init_experts(setup, tx, backbone)
+  experts = {"params": experts["params"], "batch_stats": experts["batch_stats"]}
+  tokens = jnp.zeros((1, setup.num_experts, 16))
+  aggregator = jax.jit(setup.agg_model.init)(setup.key("init"), tokens)["params"]
+  student = {**backbone, "opt_state": tx.init(backbone["params"])}
+  meta = {"student": backbone["params"], "aggregator": aggregator, **backbone}
+  meta["batch_stats"] = backbone["batch_stats"]
+  candidates = {"meta": [(4, meta)], "erm_continued": [(4, backbone)]}
+  streamed: dict = {}
+  metrics = meta_dmoe_stream.evaluate(
+    setup, experts, aggregator, student, candidates, details=streamed
+  )
+  in_memory: dict = {}
+  expected = meta_dmoe.evaluate(
+    _in_memory_twin(setup),
+    experts,
+    aggregator,
+    student,
+    meta,
+    candidates=candidates,
+    details=in_memory,
+  )
+  assert streamed["per_example"] == in_memory["per_example"]
+  assert streamed["selection"] == in_memory["selection"]
+  assert metrics == expected
+
+
 def test_the_episode_plan_is_seeded_and_resumes_from_the_step(setup):
   plan = meta_dmoe_stream.EpisodePlan.make(0, 3, 40)
   again = meta_dmoe_stream.EpisodePlan.make(0, 3, 40)
@@ -119,17 +163,25 @@ def test_bad_input_is_named(mock_domainnet):
   digits = CONFIGS.get_config("digits_rot,tiny")
   digits.data.streaming = True
   with pytest.raises(ValueError, match=r"data\.streaming=True needs data\.benchmark='tfds'"):
-    meta_dmoe.validate_config(digits)
+    meta_dmoe_stream.validate_config(digits)
   with pytest.raises(ValueError, match=r"data\.augment has unknown name\(s\) \['blur'\]"):
-    meta_dmoe.validate_config(stream_tiny(mock_domainnet, **{"data.augment": ("flip", "blur")}))
+    meta_dmoe_stream.validate_config(
+      stream_tiny(mock_domainnet, **{"data.augment": ("flip", "blur")})
+    )
   with pytest.raises(ValueError, match=r"data\.eval_augment=.* sizes the image twice"):
-    meta_dmoe.validate_config(
+    meta_dmoe_stream.validate_config(
       stream_tiny(mock_domainnet, **{"data.eval_augment": ("resize", "center_crop")})
     )
-  with pytest.raises(ValueError, match=r"data\.streaming='yes' is invalid; accepted: True or"):
-    meta_dmoe.validate_config(stream_tiny(mock_domainnet, **{"data.streaming": "yes"}))
   with pytest.raises(ValueError, match=r"domain_key='site' is not a feature of .*accepted: "):
-    meta_dmoe.make_setup(stream_tiny(mock_domainnet, **{"data.options.domain_key": "site"}))
+    meta_dmoe_stream.make_setup(stream_tiny(mock_domainnet, **{"data.options.domain_key": "site"}))
+  with pytest.raises(ValueError, match=r"data\.streaming=True is the streaming path: run it with"):
+    meta_dmoe.make_setup(stream_tiny(mock_domainnet))  # the in-memory entry point
+
+
+def test_the_method_name_resolves_to_both_paths(mock_domainnet):
+  assert methods.get_method("meta_dmoe") is meta_dmoe_stream
+  in_memory = CONFIGS.get_config("digits_rot,tiny")
+  assert type(meta_dmoe_stream.make_setup(in_memory)) is meta_dmoe.Setup
 
 
 def _cli(mock, workdir, *, kill_at=None, cache=None) -> subprocess.CompletedProcess:
