@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.shared_init = True
 
   # The shared starting point: ERM on the pooled source domains (the analogue of ImageNet
-  # pre-training), or a file written by meta_dmoe.save_backbone (every run writes
+  # pre-training), or a file written by models.backbone_io.save_backbone (every run writes
   # <workdir>/backbone.msgpack; its shapes must match the model), or a Hugging Face / timm
   # ResNet checkpoint directory (its network replaces model.backbone / model.options).
   c.backbone = ml_collections.ConfigDict()

@@ -40,13 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
-from flax import serialization
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
+from moe_adapt.models import backbone_io
 from moe_adapt.train import evaluation, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
@@ -127,7 +126,7 @@ def validate_config(config) -> None:
   if not isinstance(config.backbone.checkpoint, str):
     raise ValueError(
       f"backbone.checkpoint={config.backbone.checkpoint!r} is invalid; accepted: a path "
-      "(a file written by meta_dmoe.save_backbone, or a Hugging Face / timm ResNet "
+      "(a file written by models.backbone_io.save_backbone, or a Hugging Face / timm ResNet "
       "checkpoint directory) or '' (train the backbone stage)"
     )
   factors = config.selection.inner_lr_factors
@@ -333,7 +332,9 @@ def make_setup(config) -> Setup:
   model, agg_model, checkpoint = make_models(config, benchmark)
   if checkpoint is not None:
     # The checkpoint's input normalisation is applied once to every image on the host.
-    splits = {d: normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()}
+    splits = {
+      d: backbone_io.normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()
+    }
 
   source, domain_ids, index = data.concat_domains([splits[d].train for d in sources])
   super_domains = partition_domains(sources, config.experts.num_experts, config.seed)
@@ -372,7 +373,7 @@ class Models(NamedTuple):
 
   model: models.Classifier  # the experts' and the student's architecture
   agg_model: models.AggregatorClassifier
-  checkpoint: BackboneCheckpoint | None  # backbone.checkpoint's header, when a directory
+  checkpoint: backbone_io.BackboneCheckpoint | None  # backbone.checkpoint's header (a directory)
 
 
 def make_models(config, benchmark) -> Models:
@@ -384,7 +385,7 @@ def make_models(config, benchmark) -> Models:
   # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
   # statistics, optimiser state, heads (float32 logits) and losses stay float32.
   dtype = _checks.compute_dtype(config)
-  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  checkpoint = backbone_io.backbone_checkpoint(config.backbone.checkpoint)
   if checkpoint is not None:
     checkpoint.check_input(benchmark.input_shape)
     backbone = checkpoint.module.clone(dtype=dtype)
@@ -521,169 +522,6 @@ def init_student(setup: Setup, tx: optax.GradientTransformation, backbone: PyTre
   """
   state = {**backbone, "opt_state": tx.init(backbone["params"])}
   return jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
-
-
-def save_backbone(path: str, variables: PyTree) -> None:
-  """Writes {'params', 'batch_stats'} as a msgpack file that `load_backbone` reads."""
-  blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
-  epath.Path(path).write_bytes(blob)
-
-
-def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v) for path, v in flat}
-
-
-# Checkpoint architectures (models.checkpoints) that can be the shared backbone.
-BACKBONE_ARCHITECTURES = ("resnet", "timm_resnet")
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneCheckpoint:
-  """A Hugging Face / timm checkpoint directory as the shared backbone (header only).
-
-  Attributes:
-    architecture: one of BACKBONE_ARCHITECTURES.
-    module: the checkpoint's backbone, images [B, H, W, C] (normalised) -> features [B, D].
-    mean: [C] per-channel mean subtracted from images in [0, 1].
-    std: [C] per-channel standard deviation dividing them after.
-  """
-
-  architecture: str
-  module: Any
-  mean: np.ndarray
-  std: np.ndarray
-
-  def check_input(self, input_shape: tuple[int, ...]) -> None:
-    if len(input_shape) != 3 or input_shape[-1] != self.mean.shape[0]:
-      raise ValueError(
-        f"backbone.checkpoint takes {self.mean.shape[0]}-channel images [H, W, C] but the "
-        f"benchmark's inputs have shape {tuple(input_shape)}; accepted: an image benchmark "
-        f"with {self.mean.shape[0]} channels (e.g. 'tfds')"
-      )
-
-  def info(self, path: str) -> dict:
-    return {
-      "checkpoint": str(path),
-      "architecture": self.architecture,
-      "input_mean": self.mean.tolist(),
-      "input_std": self.std.tolist(),
-    }
-
-
-def backbone_checkpoint(path: str) -> BackboneCheckpoint | None:
-  """`backbone.checkpoint` read as a checkpoint directory (headers only), or None.
-
-  None for '' and for a file (a `save_backbone` file, read by `load_backbone`).
-
-  Raises:
-    ValueError: naming backbone.checkpoint: a directory without a checkpoint, or of
-      another architecture than a ResNet.
-  """
-  if not path or not epath.Path(path).is_dir():
-    return None
-  field = f"backbone.checkpoint={path!r}"
-  try:
-    architecture, _, module, _, _ = models.checkpoints.plan(path)
-  except (ValueError, FileNotFoundError) as e:
-    raise ValueError(
-      f"{field} cannot be loaded: {e}; accepted: a Hugging Face / timm ResNet checkpoint "
-      "directory (config.json + model.safetensors)"
-    ) from None
-  if architecture not in BACKBONE_ARCHITECTURES:
-    raise ValueError(
-      f"{field} holds a {architecture!r} checkpoint; accepted: "
-      f"{', '.join(BACKBONE_ARCHITECTURES)} (a ResNet image backbone)"
-    )
-  mean, std = models.checkpoints.input_normalization(path)
-  return BackboneCheckpoint(architecture, module, mean, std)
-
-
-def normalize_splits(splits, mean: np.ndarray, std: np.ndarray):
-  """`splits` (a data.DomainSplits, images in [0, 1]) with (x - mean) / std, new arrays."""
-  return splits._replace(
-    **{
-      name: part._replace(x=((part.x - mean) / std).astype(np.float32))
-      for name, part in splits._asdict().items()
-    }
-  )
-
-
-def backbone_from_checkpoint(path: str, template: PyTree) -> PyTree:
-  """The shared backbone from a Hugging Face / timm ResNet checkpoint directory.
-
-  The checkpoint's backbone ('params' and 'batch_stats') replaces `template`'s under
-  'backbone'; the classification head stays `template`'s (a new head for the benchmark's
-  classes; the checkpoint's own head, if any, is not used).
-
-  Raises:
-    ValueError: naming backbone.checkpoint: no checkpoint there, another architecture, or
-      a backbone whose tensors differ from `template`'s.
-  """
-  field = f"backbone.checkpoint={path!r}"
-  if backbone_checkpoint(path) is None:
-    raise ValueError(f"{field} is not a checkpoint directory")
-  ckpt = models.checkpoints.load_checkpoint(path)
-  loaded = {
-    "params": ckpt.variables["params"],
-    "batch_stats": ckpt.variables.get("batch_stats", {}),
-  }
-  want = {
-    "params": template["params"]["backbone"],
-    "batch_stats": template.get("batch_stats", {}).get("backbone", {}),
-  }
-  want_shapes, got_shapes = _flat_shapes(want), _flat_shapes(loaded)
-  differ = sorted(
-    k for k in set(want_shapes) | set(got_shapes) if want_shapes.get(k) != got_shapes.get(k)
-  )
-  if differ:
-    raise ValueError(
-      f"{field} is a {ckpt.architecture} whose backbone differs from the model at "
-      f"{len(differ)} tensor(s), first {differ[0]!r}: {got_shapes.get(differ[0])} in the "
-      f"checkpoint, {want_shapes.get(differ[0])} in the model; accepted: a model built from "
-      "that checkpoint (make_setup does so)"
-    )
-  as_jax = functools.partial(jax.tree.map, jnp.asarray)
-  return {
-    "params": {**template["params"], "backbone": as_jax(loaded["params"])},
-    "batch_stats": {**template.get("batch_stats", {}), "backbone": as_jax(loaded["batch_stats"])},
-  }
-
-
-def load_backbone(path: str, template: PyTree) -> PyTree:
-  """Reads a `save_backbone` file and checks it against `template` (the model's variables).
-
-  A directory is read as a Hugging Face / timm checkpoint (`backbone_from_checkpoint`).
-
-  Raises:
-    ValueError: naming the first parameter (in the model's order) that is missing from
-      the file or whose shape differs, or the first one the model does not have.
-  """
-  file = epath.Path(path)
-  if file.is_dir():
-    return backbone_from_checkpoint(path, template)
-  if not file.exists():
-    raise ValueError(
-      f"backbone.checkpoint={path!r} does not exist; accepted: a file written by "
-      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run) or a "
-      "Hugging Face / timm ResNet checkpoint directory"
-    )
-  loaded = serialization.msgpack_restore(file.read_bytes())
-  want, got = _flat_shapes(template), _flat_shapes(loaded)
-  for name, shape in want.items():
-    if name not in got:
-      raise ValueError(f"backbone.checkpoint={path!r} lacks parameter {name!r} (shape {shape})")
-    if tuple(got[name]) != tuple(shape):
-      raise ValueError(
-        f"backbone.checkpoint={path!r}: parameter {name!r} has shape {tuple(got[name])}, "
-        f"the model expects {tuple(shape)}"
-      )
-  extra = [n for n in got if n not in want]
-  if extra:
-    raise ValueError(
-      f"backbone.checkpoint={path!r} has parameter {extra[0]!r}, which the model does not have"
-    )
-  return serialization.from_state_dict(template, loaded)
 
 
 def make_expert_update(setup: Setup, tx: optax.GradientTransformation) -> Callable:
@@ -1544,7 +1382,7 @@ def train_backbone(
   """
   template = init_model(setup, jax.random.fold_in(setup.key("init"), 2))
   if config.backbone.checkpoint:
-    loaded = load_backbone(config.backbone.checkpoint, template)
+    loaded = backbone_io.load_backbone(config.backbone.checkpoint, template)
     return mesh_lib.replicate(loaded, setup.mesh)
   tx = optax.adam(config.backbone.lr)
   state = mesh_lib.replicate({**template, "opt_state": tx.init(template["params"])}, setup.mesh)
@@ -1560,7 +1398,7 @@ def train_backbone(
   )
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   if jax.process_index() == 0:
-    save_backbone(f"{workdir}/backbone.msgpack", variables)
+    backbone_io.save_backbone(f"{workdir}/backbone.msgpack", variables)
   return variables
 
 
