@@ -73,6 +73,7 @@ def test_the_streamed_splits_hold_the_in_memory_examples(setup, mock_domainnet):
   assert setup.num_source_train == sum(len(splits[d].train.y) for d in setup.sources)
 
 
+@pytest.mark.slow  # 35-71 s wall at load 20-25 on 2 cores: two compiles of the features
 def test_tokens_in_the_step_equal_expert_features(setup):
   tx = optax.adam(1e-3)
   backbone = meta_dmoe.train_backbone(setup.config, "unused", setup, writer=None)
@@ -107,6 +108,7 @@ def _in_memory_twin(setup):
   return dataclasses.replace(setup, splits=splits)
 
 
+@pytest.mark.slow  # 87-92 s wall at load 20-25 on 2 cores: both evaluations compile
 def test_streamed_evaluation_equals_the_in_memory_one_on_the_same_images(setup):
   tx = optax.adam(1e-3)
   backbone = meta_dmoe.train_backbone(setup.config, "unused", setup, writer=None)
