@@ -101,9 +101,9 @@ def validate_stream_config(config) -> None:
       f"data.options.image_size={size!r} is invalid with data.streaming=True; accepted: an "
       "int >= 1 (the side of the decoded, augmented images)"
     )
+  # Split over hosts (meta episodes and evaluation batches are read whole on every host).
   for stage in ("experts", "aggregator", "student", "backbone"):
     _per_host(config[stage].batch_size, f"{stage}.batch_size")
-  _per_host(config.eval_batch_size, "eval_batch_size")
 
 
 def _per_host(batch_size: int, field: str) -> int:
