@@ -26,6 +26,14 @@ input normalisation are used, docs/meta_dmoe.md):
     --config.data.options.tfds_name=pacs --config.data.options.data_dir=/data/tfds \
     --config.data.target_domains="('sketch',)"
 
+At DomainNet scale the same preset streams its images instead of holding them in memory
+(`data.streaming`; docs/scaling.md):
+
+  moe-adapt --config=configs/meta_dmoe.py:tfds --workdir=runs/mdmoe_domainnet \
+    --config.data.streaming=True --config.backbone.checkpoint=/path/to/resnet-50 \
+    --config.data.options.tfds_name=domainnet --config.data.options.data_dir=/data/tfds \
+    --config.data.target_domains="('sketch',)"
+
 The argument is `<benchmark>[,tiny]`; `tiny` shrinks every stage to a few steps
 (for tests and smoke runs). Any field can be overridden on the command line, e.g.
 `--config.seed=1 --config.data.target_domains="('rot0',)" --config.aggregator.kind=mean`.
@@ -61,6 +69,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.options.image_key = "image"
     c.data.options.label_key = "label"
     c.data.options.image_size = 224
+    # Streaming (this preset only; docs/scaling.md): images are read from disk,
+    # decoded and augmented inside each step's input (data.augment for training,
+    # data.eval_augment for evaluation and the unlabeled supports, at data.options.image_size)
+    # and the frozen experts run inside the later stages' steps: no image array and no
+    # feature cache, for datasets that do not fit in memory (DomainNet). False: every image
+    # in host and device memory, the experts' features of all source images cached.
+    c.data.streaming = False
+    c.data.augment = ("random_resized_crop", "flip")
+    c.data.eval_augment = ("center_crop",)
   else:
     c.data.options.data_dir = ""
     c.data.options.max_per_domain = 2000 if benchmark == "fmnist_rot" else 1500
@@ -84,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.shared_init = True
 
   # The shared starting point: ERM on the pooled source domains (the analogue of ImageNet
-  # pre-training), or a file written by meta_dmoe.save_backbone (every run writes
+  # pre-training), or a file written by models.backbone_io.save_backbone (every run writes
   # <workdir>/backbone.msgpack; its shapes must match the model), or a Hugging Face / timm
   # ResNet checkpoint directory (its network replaces model.backbone / model.options).
   c.backbone = ml_collections.ConfigDict()

@@ -41,6 +41,7 @@ augments them on the fly, and batches them with grain::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -51,7 +52,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from moe_adapt.data import images
+from moe_adapt.data import images, registry
 from moe_adapt.data import text as text_lib
 from moe_adapt.data.tfds_builders import prepared_builder
 
@@ -158,24 +159,135 @@ def _domain_values(data: Any, feature: Any, key: str) -> tuple[tuple[str, ...], 
   return names, np.array([lookup[t] for t in text], np.int64)
 
 
+class ConcatData:
+  """Random access over several data sources one after another (pooled TFDS splits):
+  example `i` of the second source is `len(first) + i` here."""
+
+  def __init__(self, parts: Sequence[Any]):
+    self._parts = tuple(parts)
+    self._offsets = np.cumsum([0, *(len(p) for p in self._parts)])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index: int) -> Any:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} is out of range for {len(self)} examples")
+    part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+    return self._parts[part][index - int(self._offsets[part])]
+
+
+class DomainSources(NamedTuple):
+  """One domain's train / val / test examples as streaming sources (`open_domain_splits`)."""
+
+  train: Source
+  val: Source
+  test: Source
+
+  def whole(self) -> Source:
+    """All of the domain's examples: train, val, then test (the in-memory `whole_domain`)."""
+    indices = np.concatenate([self.train.indices, self.val.indices, self.test.indices])
+    return self.train._replace(indices=indices)
+
+
+def open_domain_splits(
+  tfds_name: str,
+  *,
+  data_dir: str | None,
+  domain_key: str,
+  domains: Sequence[str],
+  seed: int,
+  split_names: Sequence[str] | None = None,
+  splits: Sequence[str] | None = None,
+  val_fraction: float = registry.DEFAULT_VAL_FRACTION,
+  test_fraction: float = registry.DEFAULT_TEST_FRACTION,
+  max_per_domain: int | None = None,
+  required_keys: Sequence[tuple[str, str]] = (),
+) -> dict[str, DomainSources]:
+  """Every domain's train / val / test split as streaming sources (indices, no images read).
+
+  The same examples, in the same order, as the in-memory `tfds` benchmark
+  (`get_benchmark('tfds', ...).load(seed)`) with the same options: `split_names` (train,
+  val, test TFDS splits, each filtered by domain) or the pooled `splits` (default: all)
+  cut per domain by a seeded permutation into `val_fraction` / `test_fraction` parts,
+  capped at `max_per_domain`. Only the domain feature is decoded.
+
+  Args:
+    tfds_name, data_dir, domain_key, required_keys: as `open_split`.
+    domains: the benchmark's domain names, in its order (ClassLabel names, or the sorted
+      string values).
+    seed: the benchmark's split seed.
+
+  Raises:
+    ValueError: naming the field, as `open_split`, and `split_sizes`' message for a domain
+      too small to split.
+  """
+  builder = prepared_builder(tfds_name, data_dir)
+  available = tuple(builder.info.splits)
+  names = tuple(split_names) if split_names is not None else tuple(splits or available)
+  keys = [*required_keys, ("domain_key", domain_key)]
+  opened = [open_split(tfds_name, split=s, data_dir=data_dir, required_keys=keys) for s in names]
+  features = opened[0].features
+  ids = [_domain_ids(builder, s, domain_key, domains) for s in names]
+  # One data source over all the splits read, so that any union of the parts (a domain's
+  # whole data, pooled domains) is one Source.
+  pooled = ConcatData([o.data for o in opened])
+  offsets = np.cumsum([0, *(len(i) for i in ids)])
+  split_of = np.concatenate([np.full(len(i), k) for k, i in enumerate(ids)])
+  all_ids = np.concatenate(ids)
+  out = {}
+  for d, domain in enumerate(domains):
+    if split_names is not None:
+      parts = [offsets[k] + np.flatnonzero(i == d) for k, i in enumerate(ids)]
+    else:
+      # As the in-memory reader: the domain's examples in (split, row) order, a seeded
+      # permutation, the cap, then train / val / test, each part grouped by split.
+      members = np.flatnonzero(all_ids == d)
+      order = np.random.default_rng(np.random.SeedSequence([seed, 2, d])).permutation(len(members))
+      members = members[order[:max_per_domain]]
+      n_train, n_val, _ = registry.split_sizes(
+        len(members), val_fraction, test_fraction, domain=domain
+      )
+      bounds = (0, n_train, n_train + n_val, len(members))
+      parts = [members[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+      parts = [p[np.argsort(split_of[p], kind="stable")] for p in parts]
+    out[domain] = DomainSources(
+      *(Source(pooled, p.astype(np.int64), features, (domain,)) for p in parts)
+    )
+  return out
+
+
+def _domain_ids(builder: Any, split: str, key: str, domains: Sequence[str]) -> np.ndarray:
+  """[N] the position in `domains` of every example's domain (-1: not among them)."""
+  features = builder.info.features
+  skip = {k: tfds.decode.SkipDecoding() for k in features.keys() if k != key}
+  names, values = _domain_values(
+    builder.as_data_source(split=split, decoders=skip), features[key], key
+  )
+  lookup = np.array([domains.index(n) if n in domains else -1 for n in names], np.int64)
+  return lookup[values]
+
+
 # ----------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------
 
 
-def check_augment(augment: Sequence[str]) -> tuple[str, ...]:
-  """Validates an augmentation list (one clear message naming `augment`)."""
+def check_augment(augment: Sequence[str], *, field: str = "augment") -> tuple[str, ...]:
+  """Validates an augmentation list (one clear message naming `field`, e.g. a config
+  field such as 'data.augment')."""
   if isinstance(augment, str) or not isinstance(augment, Sequence):
     raise ValueError(
-      f"augment={augment!r} is invalid; accepted: a list of {', '.join(AUGMENTATIONS)}"
+      f"{field}={augment!r} is invalid; accepted: a list of {', '.join(AUGMENTATIONS)}"
     )
   unknown = [a for a in augment if a not in AUGMENTATIONS]
   if unknown:
-    raise ValueError(f"augment has unknown name(s) {unknown}; accepted: {', '.join(AUGMENTATIONS)}")
+    raise ValueError(f"{field} has unknown name(s) {unknown}; accepted: {', '.join(AUGMENTATIONS)}")
   sizing = [a for a in augment if a in _SIZING]
   if len(sizing) > 1:
     raise ValueError(
-      f"augment={list(augment)} sizes the image twice ({', '.join(sizing)}); accepted: at "
+      f"{field}={list(augment)} sizes the image twice ({', '.join(sizing)}); accepted: at "
       f"most one of {', '.join(_SIZING)}"
     )
   return tuple(augment)

@@ -18,7 +18,8 @@ _METHODS = {
   "adapter_soup": "moe_adapt.methods.adapter_soup",
   "co_tuning": "moe_adapt.methods.co_tuning",
   "finetune": "moe_adapt.methods.finetune",
-  "meta_dmoe": "moe_adapt.methods.meta_dmoe",
+  # Both of Meta-DMoE's paths: in memory (methods/meta_dmoe.py) or streaming (data.streaming).
+  "meta_dmoe": "moe_adapt.methods.meta_dmoe_stream",
   "muka": "moe_adapt.methods.muka",
 }
 

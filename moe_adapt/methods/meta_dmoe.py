@@ -23,7 +23,9 @@ when finished):
 
 The experts are frozen after stage 1, so their features on all data are
 computed once and cached on device: a meta-step runs only the student and the
-aggregator (the official code re-runs every expert on every episode).
+aggregator (the official code re-runs every expert on every episode). For datasets that do
+not fit in memory, `meta_dmoe_stream` (`data.streaming=True`) streams the images and runs
+the experts inside the steps, reusing this module's updates.
 """
 
 from __future__ import annotations
@@ -38,13 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
-from flax import serialization
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt import core, data, models
 from moe_adapt.methods import _checks
+from moe_adapt.models import backbone_io
 from moe_adapt.train import evaluation, stages
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import metrics as metrics_lib
@@ -125,7 +126,7 @@ def validate_config(config) -> None:
   if not isinstance(config.backbone.checkpoint, str):
     raise ValueError(
       f"backbone.checkpoint={config.backbone.checkpoint!r} is invalid; accepted: a path "
-      "(a file written by meta_dmoe.save_backbone, or a Hugging Face / timm ResNet "
+      "(a file written by models.backbone_io.save_backbone, or a Hugging Face / timm ResNet "
       "checkpoint directory) or '' (train the backbone stage)"
     )
   factors = config.selection.inner_lr_factors
@@ -177,6 +178,30 @@ def validate_config(config) -> None:
     raise ValueError(
       f"num_devices={config.num_devices!r} is invalid; accepted: 0 (all devices) or a count"
     )
+  streaming(config)
+
+
+def streaming(config) -> bool:
+  """`data.streaming` (False when the preset has no such field).
+
+  Raises:
+    ValueError: naming data.streaming when it is not a bool.
+  """
+  value = config.data.get("streaming", False)
+  if not isinstance(value, bool):
+    raise ValueError(f"data.streaming={value!r} is invalid; accepted: True or False")
+  return value
+
+
+def _check_in_memory(config) -> None:
+  """The in-memory path's entry points refuse a streaming config (meta_dmoe_stream runs it,
+  and is what the method name 'meta_dmoe' resolves to)."""
+  if streaming(config):
+    raise ValueError(
+      "data.streaming=True is the streaming path: run it with moe_adapt.methods."
+      "meta_dmoe_stream (make_setup, run), which the CLI's method 'meta_dmoe' uses; this "
+      "module's make_setup and run hold the data in memory"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -211,6 +236,11 @@ class Setup:
   @property
   def num_experts(self) -> int:
     return self.config.experts.num_experts
+
+  @property
+  def num_source_train(self) -> int:
+    """N_src, the number of source training examples."""
+    return int(self.y.shape[0])
 
   def key(self, stage: str) -> jax.Array:
     """The PRNG key of a stage; steps fold their index into it."""
@@ -272,7 +302,11 @@ def partition_domains(sources: tuple[str, ...], num_experts: int, seed: int):
 
 
 def make_setup(config) -> Setup:
-  """Loads data, checks sizes against the config, builds models and device arrays."""
+  """Loads data, checks sizes against the config, builds models and device arrays.
+
+  `data.streaming=True` is refused (`meta_dmoe_stream.make_setup` streams).
+  """
+  _check_in_memory(config)
   options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
   benchmark = data.get_benchmark(config.data.benchmark, **options)
   sources, targets = resolve_domains(config, benchmark)
@@ -295,42 +329,12 @@ def make_setup(config) -> Setup:
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   expert_mesh = make_expert_mesh(config)
-  # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
-  # statistics, optimiser state, heads (float32 logits) and losses stay float32.
-  dtype = _checks.compute_dtype(config)
-  checkpoint = backbone_checkpoint(config.backbone.checkpoint)
+  model, agg_model, checkpoint = make_models(config, benchmark)
   if checkpoint is not None:
-    # The checkpoint's network is the architecture of experts and student, and its input
-    # normalisation is applied once to every image on the host.
-    checkpoint.check_input(benchmark.input_shape)
-    backbone = checkpoint.module.clone(dtype=dtype)
-    splits = {d: normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()}
-    logging.info(
-      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
-      "normalised with mean %s, std %s",
-      config.backbone.checkpoint,
-      checkpoint.architecture,
-      config.model.backbone,
-      checkpoint.mean.tolist(),
-      checkpoint.std.tolist(),
-    )
-  else:
-    options = config.model.options.to_dict()
-    if dtype != jnp.float32:
-      options["dtype"] = dtype
-    backbone = models.get_backbone(config.model.backbone, **options)
-  model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
-  agg_model = models.AggregatorClassifier(
-    aggregator=models.Aggregator(
-      kind=config.aggregator.kind,
-      depth=config.aggregator.depth,
-      num_heads=config.aggregator.num_heads,
-      mlp_ratio=config.aggregator.mlp_ratio,
-      dropout=config.aggregator.dropout,
-      dtype=dtype,
-    ),
-    num_classes=benchmark.num_classes,
-  )
+    # The checkpoint's input normalisation is applied once to every image on the host.
+    splits = {
+      d: backbone_io.normalize_splits(s, checkpoint.mean, checkpoint.std) for d, s in splits.items()
+    }
 
   source, domain_ids, index = data.concat_domains([splits[d].train for d in sources])
   super_domains = partition_domains(sources, config.experts.num_experts, config.seed)
@@ -362,6 +366,56 @@ def make_setup(config) -> Setup:
     checkpoint_info=None if checkpoint is None else checkpoint.info(config.backbone.checkpoint),
     expert_mesh=expert_mesh,
   )
+
+
+class Models(NamedTuple):
+  """The networks of a run (`make_models`)."""
+
+  model: models.Classifier  # the experts' and the student's architecture
+  agg_model: models.AggregatorClassifier
+  checkpoint: backbone_io.BackboneCheckpoint | None  # backbone.checkpoint's header (a directory)
+
+
+def make_models(config, benchmark) -> Models:
+  """The student / expert network and the aggregator for `benchmark`'s inputs and classes.
+
+  With a `backbone.checkpoint` directory its network is the architecture (its input
+  normalisation is the caller's to apply); `model.dtype` is the compute dtype.
+  """
+  # model.dtype: the backbones and the aggregator compute in it; parameters, BatchNorm
+  # statistics, optimiser state, heads (float32 logits) and losses stay float32.
+  dtype = _checks.compute_dtype(config)
+  checkpoint = backbone_io.backbone_checkpoint(config.backbone.checkpoint)
+  if checkpoint is not None:
+    checkpoint.check_input(benchmark.input_shape)
+    backbone = checkpoint.module.clone(dtype=dtype)
+    logging.info(
+      "backbone.checkpoint: %s (%s) replaces model.backbone=%r / model.options; inputs "
+      "normalised with mean %s, std %s",
+      config.backbone.checkpoint,
+      checkpoint.architecture,
+      config.model.backbone,
+      checkpoint.mean.tolist(),
+      checkpoint.std.tolist(),
+    )
+  else:
+    options = config.model.options.to_dict()
+    if dtype != jnp.float32:
+      options["dtype"] = dtype
+    backbone = models.get_backbone(config.model.backbone, **options)
+  model = models.Classifier(backbone=backbone, num_classes=benchmark.num_classes)
+  agg_model = models.AggregatorClassifier(
+    aggregator=models.Aggregator(
+      kind=config.aggregator.kind,
+      depth=config.aggregator.depth,
+      num_heads=config.aggregator.num_heads,
+      mlp_ratio=config.aggregator.mlp_ratio,
+      dropout=config.aggregator.dropout,
+      dtype=dtype,
+    ),
+    num_classes=benchmark.num_classes,
+  )
+  return Models(model, agg_model, checkpoint)
 
 
 def make_expert_mesh(config) -> jax.sharding.Mesh | None:
@@ -470,194 +524,16 @@ def init_student(setup: Setup, tx: optax.GradientTransformation, backbone: PyTre
   return jax.tree.map(jnp.copy, mesh_lib.replicate(state, setup.mesh))
 
 
-def save_backbone(path: str, variables: PyTree) -> None:
-  """Writes {'params', 'batch_stats'} as a msgpack file that `load_backbone` reads."""
-  blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
-  epath.Path(path).write_bytes(blob)
+def make_expert_update(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """`update(state, xb [E, B, ...], yb [E, B]) -> (state, metrics)`: one SGD step of all
+  experts, expert k on batch k (traced inside a jitted step; the data-parallel mesh).
 
-
-def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v) for path, v in flat}
-
-
-# Checkpoint architectures (models.checkpoints) that can be the shared backbone.
-BACKBONE_ARCHITECTURES = ("resnet", "timm_resnet")
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneCheckpoint:
-  """A Hugging Face / timm checkpoint directory as the shared backbone (header only).
-
-  Attributes:
-    architecture: one of BACKBONE_ARCHITECTURES.
-    module: the checkpoint's backbone, images [B, H, W, C] (normalised) -> features [B, D].
-    mean: [C] per-channel mean subtracted from images in [0, 1].
-    std: [C] per-channel standard deviation dividing them after.
+  Shared by the in-memory step (`make_expert_step`, batches sampled from the pools) and the
+  streaming one (`meta_dmoe_stream`, one stream per super-domain).
   """
+  loss_one, stack_map = expert_loss(setup), _stack_map(setup)
 
-  architecture: str
-  module: Any
-  mean: np.ndarray
-  std: np.ndarray
-
-  def check_input(self, input_shape: tuple[int, ...]) -> None:
-    if len(input_shape) != 3 or input_shape[-1] != self.mean.shape[0]:
-      raise ValueError(
-        f"backbone.checkpoint takes {self.mean.shape[0]}-channel images [H, W, C] but the "
-        f"benchmark's inputs have shape {tuple(input_shape)}; accepted: an image benchmark "
-        f"with {self.mean.shape[0]} channels (e.g. 'tfds')"
-      )
-
-  def info(self, path: str) -> dict:
-    return {
-      "checkpoint": str(path),
-      "architecture": self.architecture,
-      "input_mean": self.mean.tolist(),
-      "input_std": self.std.tolist(),
-    }
-
-
-def backbone_checkpoint(path: str) -> BackboneCheckpoint | None:
-  """`backbone.checkpoint` read as a checkpoint directory (headers only), or None.
-
-  None for '' and for a file (a `save_backbone` file, read by `load_backbone`).
-
-  Raises:
-    ValueError: naming backbone.checkpoint: a directory without a checkpoint, or of
-      another architecture than a ResNet.
-  """
-  if not path or not epath.Path(path).is_dir():
-    return None
-  field = f"backbone.checkpoint={path!r}"
-  try:
-    architecture, _, module, _, _ = models.checkpoints.plan(path)
-  except (ValueError, FileNotFoundError) as e:
-    raise ValueError(
-      f"{field} cannot be loaded: {e}; accepted: a Hugging Face / timm ResNet checkpoint "
-      "directory (config.json + model.safetensors)"
-    ) from None
-  if architecture not in BACKBONE_ARCHITECTURES:
-    raise ValueError(
-      f"{field} holds a {architecture!r} checkpoint; accepted: "
-      f"{', '.join(BACKBONE_ARCHITECTURES)} (a ResNet image backbone)"
-    )
-  mean, std = models.checkpoints.input_normalization(path)
-  return BackboneCheckpoint(architecture, module, mean, std)
-
-
-def normalize_splits(splits, mean: np.ndarray, std: np.ndarray):
-  """`splits` (a data.DomainSplits, images in [0, 1]) with (x - mean) / std, new arrays."""
-  return splits._replace(
-    **{
-      name: part._replace(x=((part.x - mean) / std).astype(np.float32))
-      for name, part in splits._asdict().items()
-    }
-  )
-
-
-def backbone_from_checkpoint(path: str, template: PyTree) -> PyTree:
-  """The shared backbone from a Hugging Face / timm ResNet checkpoint directory.
-
-  The checkpoint's backbone ('params' and 'batch_stats') replaces `template`'s under
-  'backbone'; the classification head stays `template`'s (a new head for the benchmark's
-  classes; the checkpoint's own head, if any, is not used).
-
-  Raises:
-    ValueError: naming backbone.checkpoint: no checkpoint there, another architecture, or
-      a backbone whose tensors differ from `template`'s.
-  """
-  field = f"backbone.checkpoint={path!r}"
-  if backbone_checkpoint(path) is None:
-    raise ValueError(f"{field} is not a checkpoint directory")
-  ckpt = models.checkpoints.load_checkpoint(path)
-  loaded = {
-    "params": ckpt.variables["params"],
-    "batch_stats": ckpt.variables.get("batch_stats", {}),
-  }
-  want = {
-    "params": template["params"]["backbone"],
-    "batch_stats": template.get("batch_stats", {}).get("backbone", {}),
-  }
-  want_shapes, got_shapes = _flat_shapes(want), _flat_shapes(loaded)
-  differ = sorted(
-    k for k in set(want_shapes) | set(got_shapes) if want_shapes.get(k) != got_shapes.get(k)
-  )
-  if differ:
-    raise ValueError(
-      f"{field} is a {ckpt.architecture} whose backbone differs from the model at "
-      f"{len(differ)} tensor(s), first {differ[0]!r}: {got_shapes.get(differ[0])} in the "
-      f"checkpoint, {want_shapes.get(differ[0])} in the model; accepted: a model built from "
-      "that checkpoint (make_setup does so)"
-    )
-  as_jax = functools.partial(jax.tree.map, jnp.asarray)
-  return {
-    "params": {**template["params"], "backbone": as_jax(loaded["params"])},
-    "batch_stats": {**template.get("batch_stats", {}), "backbone": as_jax(loaded["batch_stats"])},
-  }
-
-
-def load_backbone(path: str, template: PyTree) -> PyTree:
-  """Reads a `save_backbone` file and checks it against `template` (the model's variables).
-
-  A directory is read as a Hugging Face / timm checkpoint (`backbone_from_checkpoint`).
-
-  Raises:
-    ValueError: naming the first parameter (in the model's order) that is missing from
-      the file or whose shape differs, or the first one the model does not have.
-  """
-  file = epath.Path(path)
-  if file.is_dir():
-    return backbone_from_checkpoint(path, template)
-  if not file.exists():
-    raise ValueError(
-      f"backbone.checkpoint={path!r} does not exist; accepted: a file written by "
-      "meta_dmoe.save_backbone (e.g. <workdir>/backbone.msgpack of an earlier run) or a "
-      "Hugging Face / timm ResNet checkpoint directory"
-    )
-  loaded = serialization.msgpack_restore(file.read_bytes())
-  want, got = _flat_shapes(template), _flat_shapes(loaded)
-  for name, shape in want.items():
-    if name not in got:
-      raise ValueError(f"backbone.checkpoint={path!r} lacks parameter {name!r} (shape {shape})")
-    if tuple(got[name]) != tuple(shape):
-      raise ValueError(
-        f"backbone.checkpoint={path!r}: parameter {name!r} has shape {tuple(got[name])}, "
-        f"the model expects {tuple(shape)}"
-      )
-  extra = [n for n in got if n not in want]
-  if extra:
-    raise ValueError(
-      f"backbone.checkpoint={path!r} has parameter {extra[0]!r}, which the model does not have"
-    )
-  return serialization.from_state_dict(template, loaded)
-
-
-def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
-  """One jitted SGD step of all experts, each on a batch from its super-domain."""
-  cfg = setup.config.experts
-  model, stack_map = setup.model, _stack_map(setup)
-
-  def loss_one(args):
-    params, stats, xb, yb = args
-    logits, updates = model.apply(
-      {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-    )
-    return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
-
-  def sample(step, pools, pool_sizes):
-    key = jax.random.fold_in(setup.key("experts"), step)
-    u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
-    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
-
-  if setup.expert_mesh is not None:
-    return _ExpertMeshStep(setup, tx, sample, loss_one)
-
-  def step(state, step, x, y, pools, pool_sizes):
-    idx = sample(step, pools, pool_sizes)
-    xb = setup.constrain(x[idx], leading=1)
-    yb = y[idx]
-
+  def update(state, xb, yb):
     def total(params):
       losses, stats = stack_map(loss_one, (params, state["batch_stats"], xb, yb))
       return losses.sum(), (losses, stats)
@@ -667,6 +543,45 @@ def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "batch_stats": stats, "opt_state": opt_state}
     return new, {"loss": losses.mean(), "loss_max": losses.max()}
+
+  return update
+
+
+def expert_loss(setup: Setup) -> Callable:
+  """`loss_one((params, stats, xb, yb)) -> (mean CE, new batch_stats)` of one expert."""
+  model = setup.model
+
+  def loss_one(args):
+    params, stats, xb, yb = args
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+    )
+    return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
+
+  return loss_one
+
+
+def make_expert_step(setup: Setup, tx: optax.GradientTransformation) -> Callable:
+  """One jitted SGD step of all experts, each on a batch from its super-domain."""
+  cfg = setup.config.experts
+
+  def sample(step, pools, pool_sizes):
+    key = jax.random.fold_in(setup.key("experts"), step)
+    u = jax.random.randint(key, (setup.num_experts, cfg.batch_size), 0, pool_sizes[:, None])
+    return jnp.take_along_axis(pools, u, axis=1)  # [E, B]
+
+  if setup.expert_mesh is not None:
+    take = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+    return ExpertMeshStep(
+      setup,
+      tx,
+      lambda step: take(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes),
+    )
+  update = make_expert_update(setup, tx)
+
+  def step(state, step, x, y, pools, pool_sizes):
+    idx = sample(step, pools, pool_sizes)
+    return update(state, setup.constrain(x[idx], leading=1), y[idx])
 
   return stages.bind(
     jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.expert_pools, setup.pool_sizes
@@ -695,23 +610,24 @@ def _features_fn(model: models.Classifier, stack_map: str) -> Callable:
   return features
 
 
-class _ExpertMeshStep:
+class ExpertMeshStep:
   """The experts step on the (data, expert) mesh (`mesh_lib.make_stacked_step`).
 
-  Samples the same batches as the data-parallel step (same keys), places them as
-  [E, B, ...] split over (expert, data) and runs the stacked step, whose state (params,
-  BatchNorm statistics, optimiser state) stays split over `expert`. The stacked step is
-  built at the first call, from the state it gets.
+  `batch(step) -> (xb [E, B, ...], yb [E, B])` gives step `step`'s batches (the in-memory
+  step samples them with the data-parallel step's keys; the streaming one reads one stream
+  per super-domain); they are placed split over (expert, data) and the stacked step runs,
+  its state (params, BatchNorm statistics, optimiser state) staying split over `expert`.
+  The stacked step is built at the first call, from the state it gets.
   """
 
-  def __init__(self, setup: Setup, tx, sample: Callable, loss_one: Callable):
-    self._setup, self._tx, self._loss_one = setup, tx, loss_one
-    self._batch = jax.jit(lambda step, x, y, pools, sizes: _take(x, y, sample(step, pools, sizes)))
+  def __init__(self, setup: Setup, tx, batch: Callable):
+    self._setup, self._tx, self._batch = setup, tx, batch
+    self._loss_one = expert_loss(setup)
     self._step = None
 
   def __call__(self, state: PyTree, step: jax.Array):
-    setup, mesh = self._setup, self._setup.expert_mesh
-    xb, yb = self._batch(step, setup.x, setup.y, setup.expert_pools, setup.pool_sizes)
+    mesh = self._setup.expert_mesh
+    xb, yb = self._batch(step)
     batch = {
       name: jax.device_put(a, mesh_lib.expert_batch_sharding(mesh, a.ndim))
       for name, a in (("x", xb), ("y", yb))
@@ -740,6 +656,13 @@ def place_experts(setup: Setup, experts: PyTree) -> PyTree:
   return mesh_lib.shard_stacked(experts, setup.expert_mesh, num_experts=setup.num_experts)
 
 
+def expert_tokens(setup: Setup, experts: PyTree, xb: jax.Array) -> jax.Array:
+  """Every expert's features of a batch as aggregator tokens: [B, E, D] (traceable: the
+  streaming path computes them inside its jitted steps)."""
+  features = _features_fn(setup.model, setup.config.experts.stack_map)
+  return jnp.swapaxes(features(experts["params"], experts["batch_stats"], xb), 0, 1)
+
+
 def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
   """Features of every expert on `x`: [E, N, D], computed in eval batches."""
   features = _features_fn(setup.model, setup.config.experts.stack_map)
@@ -755,28 +678,60 @@ def expert_features(setup: Setup, experts: PyTree, x: np.ndarray) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
-  """CE through the aggregator's pretraining head, all experts, all source data."""
-  cfg = setup.config.aggregator
+def make_aggregator_update(setup: Setup, tx) -> Callable:
+  """`update(state, tokens [B, E, D], y [B], key) -> (state, metrics)`: one CE step through
+  the aggregator's pretraining head (dropout drawn from `key`)."""
 
-  def step(state, step, y, feats):
-    key = jax.random.fold_in(setup.key("aggregator"), step)
-    k_idx, k_drop = jax.random.split(key)
-    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, y.shape[0])
-    tokens = setup.constrain(jnp.swapaxes(feats[:, idx], 0, 1))  # [B, E, D]
-
+  def update(state, tokens, y, key):
     def loss_fn(params):
       logits = setup.agg_model.apply(
-        {"params": params}, tokens, deterministic=False, rngs={"dropout": k_drop}
+        {"params": params}, tokens, deterministic=False, rngs={"dropout": key}
       )
-      return core.losses.cross_entropy(logits, y[idx]).mean()
+      return core.losses.cross_entropy(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {"loss": loss}
 
+  return update
+
+
+def make_aggregator_step(setup: Setup, tx, feats: jax.Array) -> Callable:
+  """CE through the aggregator's pretraining head, all experts, all source data."""
+  cfg = setup.config.aggregator
+  update = make_aggregator_update(setup, tx)
+
+  def step(state, step, y, feats):
+    key = jax.random.fold_in(setup.key("aggregator"), step)
+    k_idx, k_drop = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, y.shape[0])
+    tokens = setup.constrain(jnp.swapaxes(feats[:, idx], 0, 1))  # [B, E, D]
+    return update(state, tokens, y[idx], k_drop)
+
   return stages.bind(jax.jit(step, donate_argnums=0), setup.y, feats)
+
+
+def make_student_update(setup: Setup, tx) -> Callable:
+  """`update(state, xb [B, ...], yb [B]) -> (state, metrics)`: one ERM step (BatchNorm in
+  training mode)."""
+
+  def update(state, xb, yb):
+    def loss_fn(params):
+      logits, updates = setup.model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
+        xb,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return core.losses.cross_entropy(logits, yb).mean(), updates["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+
+  return update
 
 
 def make_student_step(setup: Setup, tx, *, stage: str = "student") -> Callable:
@@ -785,25 +740,12 @@ def make_student_step(setup: Setup, tx, *, stage: str = "student") -> Callable:
   `stage` ('student' or 'backbone') picks the config group (batch size) and the key.
   """
   cfg = setup.config[stage]
+  update = make_student_update(setup, tx)
 
   def step(state, step, x, y):
     key = jax.random.fold_in(setup.key(stage), step)
     idx = jax.random.randint(key, (cfg.batch_size,), 0, y.shape[0])
-    xb = setup.constrain(x[idx])
-
-    def loss_fn(params):
-      logits, updates = setup.model.apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
-        xb,
-        train=True,
-        mutable=["batch_stats"],
-      )
-      return core.losses.cross_entropy(logits, y[idx]).mean(), updates["batch_stats"]
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": stats, "opt_state": opt_state}, {"loss": loss}
+    return update(state, setup.constrain(x[idx]), y[idx])
 
   return stages.bind(jax.jit(step, donate_argnums=0), setup.x, setup.y)
 
@@ -881,33 +823,22 @@ def make_losses(setup: Setup) -> tuple[Callable, Callable]:
   return inner_loss, outer_loss
 
 
-def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callable:
-  """One second-order meta-step on one single-domain episode."""
+def make_meta_update(setup: Setup, tx_student, tx_agg, feature_dim: int) -> Callable:
+  """`update(state, support, query) -> (state, metrics)`: one second-order meta-step.
+
+  support: {'x' [S, ...], 'tokens' [S, E, D], 'mask' [E]}; query: {'x' [Q, ...], 'y' [Q]}
+  (one single-domain episode, the in-domain expert masked). BatchNorm statistics are
+  frozen. Shared by the in-memory step (`make_meta_step`, tokens from the feature cache)
+  and the streaming one (`meta_dmoe_stream`, tokens computed in the step).
+  """
   cfg = setup.config.meta
   inner_loss, outer_loss = make_losses(setup)
-  experts = jnp.arange(setup.num_experts)
-  alpha = inner_lr(setup.config, feats.shape[-1])
+  alpha = inner_lr(setup.config, feature_dim)
 
-  def step(state, step, x, y, feats, offsets, sizes, expert_of_domain):
-    key = jax.random.fold_in(setup.key("meta"), step)
-    index = setup.index._replace(offsets=offsets, sizes=sizes)
-    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
-    if cfg.mask_in_domain_expert:
-      mask = experts != expert_of_domain[ep.domain]
-    else:
-      mask = jnp.ones_like(experts, dtype=bool)
+  def update(state, support, query):
     stats = state["batch_stats"]
-    support = {
-      "x": setup.constrain(x[ep.support_idx]),
-      "tokens": setup.constrain(jnp.swapaxes(feats[:, ep.support_idx], 0, 1)),
-      "mask": mask,
-      "batch_stats": stats,
-    }
-    query = {
-      "x": setup.constrain(x[ep.query_idx]),
-      "y": y[ep.query_idx],
-      "batch_stats": stats,
-    }
+    support = {**support, "batch_stats": stats}
+    query = {**query, "batch_stats": stats}
     student = state["student"]
     loss, (g_backbone, g_context) = core.meta.meta_value_and_grad(
       outer_loss,
@@ -935,6 +866,36 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
     agg_norm = optax.tree.norm(g_agg) if jax.tree.leaves(g_agg) else jnp.zeros(())
     return new, {"loss": loss, "grad_norm_aggregator": agg_norm}
 
+  return update
+
+
+def expert_mask(setup: Setup, expert_of_domain: jax.Array, domain: jax.Array) -> jax.Array:
+  """[E] bool: the experts an episode of source domain `domain` (an index into
+  `setup.sources`; `expert_of_domain` [D_src] as `setup.expert_of_domain`) distils from:
+  all but its own super-domain's expert (`meta.mask_in_domain_expert`), else all."""
+  experts = jnp.arange(setup.num_experts)
+  if setup.config.meta.mask_in_domain_expert:
+    return experts != expert_of_domain[domain]
+  return jnp.ones_like(experts, dtype=bool)
+
+
+def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callable:
+  """One second-order meta-step on one single-domain episode."""
+  cfg = setup.config.meta
+  update = make_meta_update(setup, tx_student, tx_agg, feats.shape[-1])
+
+  def step(state, step, x, y, feats, offsets, sizes, expert_of_domain):
+    key = jax.random.fold_in(setup.key("meta"), step)
+    index = setup.index._replace(offsets=offsets, sizes=sizes)
+    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
+    support = {
+      "x": setup.constrain(x[ep.support_idx]),
+      "tokens": setup.constrain(jnp.swapaxes(feats[:, ep.support_idx], 0, 1)),
+      "mask": expert_mask(setup, expert_of_domain, ep.domain),
+    }
+    query = {"x": setup.constrain(x[ep.query_idx]), "y": y[ep.query_idx]}
+    return update(state, support, query)
+
   return stages.bind(
     jax.jit(step, donate_argnums=0),
     setup.x,
@@ -946,25 +907,15 @@ def make_meta_step(setup: Setup, tx_student, tx_agg, feats: jax.Array) -> Callab
   )
 
 
-def make_continued_step(setup: Setup, tx) -> Callable:
-  """The `erm_continued` control: the meta stage without its inner step.
+def make_continued_update(setup: Setup, tx) -> Callable:
+  """`update(state, xq [Q, ...], yq [Q]) -> (state, metrics)`: CE on a query batch,
+  BatchNorm frozen (the `erm_continued` control's step)."""
 
-  From the ERM student, CE on the same query batches as `make_meta_step` (the same
-  episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
-  frozen as there: what meta-training adds beyond more supervised steps at a small lr.
-  """
-  cfg = setup.config.meta
-
-  def step(state, step, x, y, offsets, sizes):
-    key = jax.random.fold_in(setup.key("meta"), step)
-    index = setup.index._replace(offsets=offsets, sizes=sizes)
-    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
-    xq = setup.constrain(x[ep.query_idx])
-
+  def update(state, xq, yq):
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state["batch_stats"]}
       logits = setup.model.apply(variables, xq, train=False)
-      return core.losses.cross_entropy(logits, y[ep.query_idx]).mean()
+      return core.losses.cross_entropy(logits, yq).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -974,6 +925,25 @@ def make_continued_step(setup: Setup, tx) -> Callable:
       "opt_state": opt_state,
     }
     return new, {"loss": loss}
+
+  return update
+
+
+def make_continued_step(setup: Setup, tx) -> Callable:
+  """The `erm_continued` control: the meta stage without its inner step.
+
+  From the ERM student, CE on the same query batches as `make_meta_step` (the same
+  episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
+  frozen as there: what meta-training adds beyond more supervised steps at a small lr.
+  """
+  cfg = setup.config.meta
+  update = make_continued_update(setup, tx)
+
+  def step(state, step, x, y, offsets, sizes):
+    key = jax.random.fold_in(setup.key("meta"), step)
+    index = setup.index._replace(offsets=offsets, sizes=sizes)
+    ep = data.sample_episode(key, index, support_size=cfg.support_size, query_size=cfg.query_size)
+    return update(state, setup.constrain(x[ep.query_idx]), y[ep.query_idx])
 
   return stages.bind(
     jax.jit(step, donate_argnums=0), setup.x, setup.y, setup.index.offsets, setup.index.sizes
@@ -1286,13 +1256,39 @@ def select_on_sources(
     for step, m in candidates["meta"]
     for f in factors
   }
-  m_step, m_factor = stages.choose(meta_scores)
   pre_scores = {
     f: adapted_score(student_erm["params"], student_erm["batch_stats"], aggregator_pre, f)
     for f in factors
   }
+  cont_scores = {
+    step: plain_score(c["params"], c["batch_stats"])
+    for step, c in candidates.get("erm_continued") or ()
+  }
+  feature_dim = sources_val[0].tokens.shape[-1]
+  return choose_on_sources(setup, feature_dim, candidates, meta_scores, pre_scores, cont_scores)
+
+
+def choose_on_sources(
+  setup: Setup,
+  feature_dim: int,
+  candidates: dict,
+  meta_scores: dict,
+  pre_scores: dict,
+  cont_scores: dict,
+):
+  """`select_on_sources`' choice from its scores (mean source-validation accuracies).
+
+  meta_scores: {(step, factor): score} over `candidates['meta']` × the factors;
+  pre_scores: {factor: score}; cont_scores: {step: score} over
+  `candidates['erm_continued']` (empty: no such candidates). Shared with the streaming
+  path, which computes the scores over streamed validation splits.
+
+  Returns:
+    as `select_on_sources`.
+  """
+  m_step, m_factor = stages.choose(meta_scores)
   p_factor = stages.choose(pre_scores)
-  alpha = inner_lr(setup.config, sources_val[0].tokens.shape[-1])
+  alpha = inner_lr(setup.config, feature_dim)
   selection = {
     "meta_dmoe": {
       "checkpoint_step": m_step,
@@ -1309,10 +1305,7 @@ def select_on_sources(
     },
   }
   continued = None
-  if candidates.get("erm_continued"):
-    cont_scores = {
-      step: plain_score(c["params"], c["batch_stats"]) for step, c in candidates["erm_continued"]
-    }
+  if cont_scores:
     c_step = stages.choose(cont_scores)
     continued = dict(candidates["erm_continued"])[c_step]
     selection["erm_continued"] = {
@@ -1366,21 +1359,30 @@ def meta_schedule(config, lr: float, setup: Setup) -> optax.Schedule:
   """
   cfg = config.meta
   per_epoch = cfg.steps_per_epoch or max(
-    1, int(setup.y.shape[0]) // (cfg.support_size + cfg.query_size)
+    1, setup.num_source_train // (cfg.support_size + cfg.query_size)
   )
   return optax.exponential_decay(lr, per_epoch, cfg.lr_decay, staircase=True)
 
 
-def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=STAGE_FIELDS):
+def train_backbone(
+  config,
+  workdir: str,
+  setup: Setup,
+  *,
+  writer,
+  stage_fields=STAGE_FIELDS,
+  step: Callable | None = None,
+):
   """The shared starting point of every expert and the student: {'params', 'batch_stats'}.
 
   Loaded from `backbone.checkpoint` when set (shapes checked), otherwise ERM on the pooled
   source domains (stage 'shared_backbone', the analogue of the paper's ImageNet pre-training),
-  written to `<workdir>/backbone.msgpack` for reuse.
+  written to `<workdir>/backbone.msgpack` for reuse. `step`: `tx -> step` of that stage
+  (default: the in-memory `make_student_step(..., stage='backbone')`).
   """
   template = init_model(setup, jax.random.fold_in(setup.key("init"), 2))
   if config.backbone.checkpoint:
-    loaded = load_backbone(config.backbone.checkpoint, template)
+    loaded = backbone_io.load_backbone(config.backbone.checkpoint, template)
     return mesh_lib.replicate(loaded, setup.mesh)
   tx = optax.adam(config.backbone.lr)
   state = mesh_lib.replicate({**template, "opt_state": tx.init(template["params"])}, setup.mesh)
@@ -1388,7 +1390,7 @@ def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=S
     config,
     workdir,
     "shared_backbone",
-    make_student_step(setup, tx, stage="backbone"),
+    (step or memory_steps(setup).backbone)(tx),
     state,
     config.backbone.steps,
     writer=writer,
@@ -1396,7 +1398,7 @@ def train_backbone(config, workdir: str, setup: Setup, *, writer, stage_fields=S
   )
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   if jax.process_index() == 0:
-    save_backbone(f"{workdir}/backbone.msgpack", variables)
+    backbone_io.save_backbone(f"{workdir}/backbone.msgpack", variables)
   return variables
 
 
@@ -1407,6 +1409,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   built it to check the inputs.
   """
   validate_config(config)
+  _check_in_memory(config)
   if setup is None:
     setup = make_setup(config)
   logging.info("super-domains: %s", setup.super_domains)
@@ -1464,6 +1467,30 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   }
 
 
+class StepBuilders(NamedTuple):
+  """The steps of the stages after the experts', from their optimisers: what differs
+  between the in-memory path (`memory_steps`, batches indexed from device arrays and the
+  feature cache) and the streaming one (`meta_dmoe_stream`)."""
+
+  backbone: Callable  # tx -> step (the shared-backbone ERM stage)
+  aggregator: Callable  # tx -> step
+  student: Callable  # tx -> step
+  meta: Callable  # (tx_student, tx_aggregator) -> step
+  continued: Callable  # tx -> step (the erm_continued control)
+
+
+def memory_steps(setup: Setup, feats: jax.Array | None = None) -> StepBuilders:
+  """The in-memory path's steps; `feats` [E, N_src, D] (the frozen experts' features of
+  `setup.x`) is needed by the aggregator and meta stages only."""
+  return StepBuilders(
+    backbone=lambda tx: make_student_step(setup, tx, stage="backbone"),
+    aggregator=lambda tx: make_aggregator_step(setup, tx, feats),
+    student=lambda tx: make_student_step(setup, tx),
+    meta=lambda tx_s, tx_a: make_meta_step(setup, tx_s, tx_a, feats),
+    continued=lambda tx: make_continued_step(setup, tx),
+  )
+
+
 def train_from_features(
   config,
   workdir: str,
@@ -1487,9 +1514,34 @@ def train_from_features(
     backbone: the shared starting point of the student ({'params', 'batch_stats'}); when
       None and `model.shared_init`, the backbone stage is run (or loaded) here.
   """
+  return train_stages(
+    config,
+    workdir,
+    setup,
+    memory_steps(setup, feats),
+    int(feats.shape[-1]),
+    writer=writer,
+    stage_fields=stage_fields,
+    backbone=backbone,
+  )
+
+
+def train_stages(
+  config,
+  workdir: str,
+  setup: Setup,
+  steps: StepBuilders,
+  feature_dim: int,
+  *,
+  writer: metrics_lib.MetricWriter | None,
+  stage_fields: dict[str, tuple[str, ...]] = STAGE_FIELDS,
+  backbone: PyTree | None = None,
+) -> Trained:
+  """Stages 2-4 with the given steps (`train_from_features`' arguments; `feature_dim` is D,
+  the experts' and the student's feature size)."""
   # 2. Aggregator pretraining.
   tx = optax.adam(config.aggregator.lr)
-  tokens = jnp.zeros((1, setup.num_experts, feats.shape[-1]), jnp.float32)
+  tokens = jnp.zeros((1, setup.num_experts, feature_dim), jnp.float32)
   agg_params = jax.jit(setup.agg_model.init)(setup.key("init"), tokens)["params"]
   aggregator = mesh_lib.replicate(
     {"params": agg_params, "opt_state": tx.init(agg_params)}, setup.mesh
@@ -1498,7 +1550,7 @@ def train_from_features(
     config,
     workdir,
     "aggregator",
-    make_aggregator_step(setup, tx, feats),
+    steps.aggregator(tx),
     aggregator,
     config.aggregator.pretrain_steps,
     writer=writer,
@@ -1507,7 +1559,9 @@ def train_from_features(
 
   # 3. ERM student, from the shared backbone (or, as an ablation, a random initialisation).
   if backbone is None and config.model.shared_init:
-    backbone = train_backbone(config, workdir, setup, writer=writer, stage_fields=stage_fields)
+    backbone = train_backbone(
+      config, workdir, setup, writer=writer, stage_fields=stage_fields, step=steps.backbone
+    )
   if backbone is None:
     backbone = init_model(setup, jax.random.fold_in(setup.key("init"), 1))
   tx = optax.adam(config.student.lr)
@@ -1516,7 +1570,7 @@ def train_from_features(
     config,
     workdir,
     "student",
-    make_student_step(setup, tx),
+    steps.student(tx),
     student,
     config.student.steps,
     writer=writer,
@@ -1544,7 +1598,7 @@ def train_from_features(
     config,
     workdir,
     "meta",
-    make_meta_step(setup, tx_s, tx_a, feats),
+    steps.meta(tx_s, tx_a),
     meta,
     config.meta.steps,
     config.selection.meta_checkpoints,
@@ -1566,7 +1620,7 @@ def train_from_features(
     config,
     workdir,
     "erm_continued",
-    make_continued_step(setup, tx_s),
+    steps.continued(tx_s),
     continued,
     config.meta.steps,
     config.selection.meta_checkpoints,

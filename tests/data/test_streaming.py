@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tokenizers
 
+from moe_adapt import data
 from moe_adapt.data import streaming, tfds_builders
 
 BATCH = 4
@@ -136,6 +137,41 @@ def test_eval_covers_the_split_once_with_padding(root):
   assert [len(p) for p in parts] == [3, 3]
   index = np.concatenate([b["index"][b["mask"]] for p in parts for b in p])
   assert sorted(index.tolist()) == list(range(18))
+
+
+@pytest.mark.parametrize("split_names", [None, ("train", "test", "test")])
+def test_domain_splits_are_the_in_memory_benchmarks(root, split_names):
+  """`open_domain_splits` holds the examples of the in-memory `tfds` benchmark, in its order."""
+  data_dir, names = root
+  options = {"tfds_name": names["domainnet"], "data_dir": str(data_dir), "image_size": 16}
+  if split_names:
+    options["split_names"] = split_names
+  benchmark = data.get_benchmark("tfds", **options)
+  in_memory = benchmark.load(seed=3)
+  parts = streaming.open_domain_splits(
+    names["domainnet"],
+    data_dir=str(data_dir),
+    domain_key="domain",
+    domains=benchmark.domains,
+    seed=3,
+    split_names=split_names,
+  )
+  for domain in benchmark.domains:
+    for source, split in zip(parts[domain], in_memory[domain], strict=True):
+      labels = [source.data[int(i)]["label"] for i in source.indices]
+      np.testing.assert_array_equal(labels, split.y)
+      assert all(
+        source.data[int(i)]["domain"] == benchmark.domains.index(domain) for i in source.indices
+      )
+    whole = parts[domain].whole()
+    assert len(whole.indices) == sum(len(s.y) for s in in_memory[domain])
+
+
+def test_concat_data_reads_the_parts_in_turn():
+  concat = streaming.ConcatData([["a", "b"], [], ["c"]])
+  assert len(concat) == 3 and [concat[i] for i in range(3)] == ["a", "b", "c"]
+  with pytest.raises(IndexError, match="index 3 is out of range for 3 examples"):
+    concat[3]
 
 
 def test_augmentation_geometry_and_normalisation():

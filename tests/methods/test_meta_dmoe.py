@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from moe_adapt import models
 from moe_adapt.methods import meta_dmoe
+from moe_adapt.models import backbone_io
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 
@@ -389,9 +390,9 @@ def test_backbone_checkpoint_round_trip_and_shape_check(setups, tmp_path):
   setup = setups[0, 1]
   variables = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(1)))
   path = str(tmp_path / "backbone.msgpack")
-  meta_dmoe.save_backbone(path, variables)
+  backbone_io.save_backbone(path, variables)
   template = jax.device_get(meta_dmoe.init_model(setup, jax.random.key(2)))
-  loaded = meta_dmoe.load_backbone(path, template)
+  loaded = backbone_io.load_backbone(path, template)
   _assert_trees_close(loaded, variables)
 
   # A model of another width: the first parameter (in the model's order) whose shape
@@ -401,17 +402,17 @@ def test_backbone_checkpoint_round_trip_and_shape_check(setups, tmp_path):
   )
   sample = jnp.zeros((1, *setup.benchmark.input_shape))
   other_vars = dict(other.init(jax.random.key(0), sample, train=False))
-  want = meta_dmoe._flat_shapes(other_vars)
-  got = meta_dmoe._flat_shapes(variables)
+  want = backbone_io._flat_shapes(other_vars)
+  got = backbone_io._flat_shapes(variables)
   first = next(n for n in want if got.get(n) != want[n])
   with pytest.raises(
     ValueError,
     match=rf"parameter '{re.escape(first)}' has shape {re.escape(str(got[first]))}, "
     rf"the model expects {re.escape(str(want[first]))}",
   ):
-    meta_dmoe.load_backbone(path, other_vars)
+    backbone_io.load_backbone(path, other_vars)
   with pytest.raises(ValueError, match=r"backbone\.checkpoint='.*nope' does not exist"):
-    meta_dmoe.load_backbone(str(tmp_path / "nope"), template)
+    backbone_io.load_backbone(str(tmp_path / "nope"), template)
 
 
 def _inner_inputs(setup):

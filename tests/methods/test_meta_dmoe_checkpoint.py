@@ -23,6 +23,7 @@ import safetensors.numpy
 from moe_adapt import data, models
 from moe_adapt.data import tfds_builders
 from moe_adapt.methods import meta_dmoe
+from moe_adapt.models import backbone_io
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -95,19 +96,19 @@ def test_loaded_backbone_reproduces_transformers(setup, tmp_path):
 
 
 def test_timm_naming_gives_the_same_architecture():
-  resnet50 = meta_dmoe.backbone_checkpoint(str(HF / "resnet50"))
-  timm = meta_dmoe.backbone_checkpoint(str(HF / "resnet50_timm"))
+  resnet50 = backbone_io.backbone_checkpoint(str(HF / "resnet50"))
+  timm = backbone_io.backbone_checkpoint(str(HF / "resnet50_timm"))
   assert (resnet50.architecture, timm.architecture) == ("resnet", "timm_resnet")
   assert timm.module.stage_sizes == resnet50.module.stage_sizes == (3, 4, 6, 3)
   assert timm.module.num_filters == resnet50.module.num_filters == 4
-  assert meta_dmoe.backbone_checkpoint("") is None
+  assert backbone_io.backbone_checkpoint("") is None
 
 
 def test_normalize_splits_is_per_channel():
   x = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
   split = data.Split(x, np.zeros(5, np.int32))
   splits = data.DomainSplits(split, split, split)
-  out = meta_dmoe.normalize_splits(splits, np.ones(3) / 2, np.array([2, 4, 8]))
+  out = backbone_io.normalize_splits(splits, np.ones(3) / 2, np.array([2, 4, 8]))
   for part in out:
     np.testing.assert_allclose(part.x[..., 2], (x[..., 2] - 0.5) / 8, rtol=1e-6)
     assert part.x.dtype == np.float32
@@ -120,7 +121,7 @@ def test_a_checkpoint_that_is_not_a_resnet_is_refused(mock_domainnet, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match=r"backbone\.checkpoint='.*empty' cannot be loaded: .*"):
-    meta_dmoe.backbone_checkpoint(str(empty))
+    backbone_io.backbone_checkpoint(str(empty))
 
 
 def test_a_grayscale_benchmark_is_refused():
@@ -134,11 +135,11 @@ def test_a_template_of_another_shape_is_named(setup, tmp_path):
   # The 50-layer fixture into the tiny model's variables: the first differing tensor named.
   template = meta_dmoe.init_model(setup, jax.random.key(0))
   with pytest.raises(ValueError, match=r"is a resnet whose backbone differs from the model at"):
-    meta_dmoe.backbone_from_checkpoint(str(HF / "resnet50"), template)
+    backbone_io.backbone_from_checkpoint(str(HF / "resnet50"), template)
   copy = shutil.copytree(HF / "resnet_tiny", tmp_path / "tiny")
   (copy / "model.safetensors").unlink()
   with pytest.raises(ValueError, match=r"cannot be loaded: .*has no model\.safetensors"):
-    meta_dmoe.load_backbone(str(copy), template)
+    backbone_io.load_backbone(str(copy), template)
 
 
 @pytest.mark.slow
