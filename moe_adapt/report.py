@@ -151,6 +151,47 @@ def _columns(target_domains: list[str], rows: dict[str, dict[str, float]]) -> li
   return columns + others + (["mean"] if "mean" in seen else [])
 
 
+def _title(results: Mapping[str, Any], method: str, targets: list[str]) -> str:
+  title = f"Results: {method or 'run'}"
+  if results.get("benchmark"):
+    title += f" on {results['benchmark']}"
+  if "seed" in results:
+    title += f", seed {results['seed']}"
+  if targets:
+    title += f", target domain{'s' if len(targets) > 1 else ''} {', '.join(targets)}"
+  return title
+
+
+def _table(method: str, rows: dict[str, dict[str, float]], targets: list[str]) -> list[str]:
+  """The header, one line per shown variant (at most `MAX_ROWS`) and the table's notes."""
+  own, notes = VARIANTS.get(method, ((), {}))
+  order = ordered_variants(method, list(rows))
+  shown, hidden = order[:MAX_ROWS], order[MAX_ROWS:]
+  columns = _columns(targets, rows)
+  name_width = max(len("variant"), *(len(v) for v in shown))
+  widths = [max(6, len(c)) for c in columns]
+  header = "  " + "variant".ljust(name_width)
+  header += "".join(f"  {c:>{w}}" for c, w in zip(columns, widths))
+  lines = [header + "  what it is" if any(_note(notes, v) for v in shown) else header]
+  previous = ""
+  for variant in shown:
+    accs = rows[variant]
+    cells = "".join(
+      f"  {accs[c] * 100:>{w}.1f}" if c in accs else f"  {'-':>{w}}"
+      for c, w in zip(columns, widths)
+    )
+    mark = "*" if variant in own else " "
+    # A family of variants shares one note: shown on its first row only.
+    note = _note(notes, variant)
+    note, previous = (f"  {note}" if note and note != previous else ""), note
+    lines.append(f"{mark} {variant.ljust(name_width)}{cells}{note}".rstrip())
+  if hidden:
+    lines.append(f"  ... and {len(hidden)} more variants (all in results.json)")
+  if any(v in own for v in shown):
+    lines.append(f"* = {method} itself; the other rows are baselines and ablations of this run.")
+  return lines
+
+
 def format_results(
   results: Mapping[str, Any], *, results_path: str | None = None, smoke_test: bool = False
 ) -> str:
@@ -165,47 +206,16 @@ def format_results(
     Text lines without a trailing newline.
   """
   method = str(results.get("method", ""))
-  own, notes = VARIANTS.get(method, ((), {}))
   metrics = results.get("metrics") or {}
   rows = {str(v): _accuracies(m) for v, m in metrics.items()}
   rows = {v: accs for v, accs in rows.items() if accs}
   targets = [str(d) for d in results.get("target_domains") or []]
 
-  title = f"Results: {method or 'run'}"
-  if results.get("benchmark"):
-    title += f" on {results['benchmark']}"
-  if "seed" in results:
-    title += f", seed {results['seed']}"
-  if targets:
-    title += f", target domain{'s' if len(targets) > 1 else ''} {', '.join(targets)}"
-  lines = [title + " (accuracy, %)"]
+  lines = [_title(results, method, targets) + " (accuracy, %)"]
   if not rows:
     lines.append("  (no accuracies in these results)")
   else:
-    order = ordered_variants(method, list(rows))
-    shown, hidden = order[:MAX_ROWS], order[MAX_ROWS:]
-    columns = _columns(targets, rows)
-    name_width = max(len("variant"), *(len(v) for v in shown))
-    widths = [max(6, len(c)) for c in columns]
-    header = "  " + "variant".ljust(name_width)
-    header += "".join(f"  {c:>{w}}" for c, w in zip(columns, widths))
-    lines += [header + "  what it is" if any(_note(notes, v) for v in shown) else header]
-    previous = ""
-    for variant in shown:
-      accs = rows[variant]
-      cells = "".join(
-        f"  {accs[c] * 100:>{w}.1f}" if c in accs else f"  {'-':>{w}}"
-        for c, w in zip(columns, widths)
-      )
-      mark = "*" if variant in own else " "
-      # A family of variants shares one note: shown on its first row only.
-      note = _note(notes, variant)
-      note, previous = (f"  {note}" if note and note != previous else ""), note
-      lines.append(f"{mark} {variant.ljust(name_width)}{cells}{note}".rstrip())
-    if hidden:
-      lines.append(f"  ... and {len(hidden)} more variants (all in results.json)")
-    if any(v in own for v in shown):
-      lines.append(f"* = {method} itself; the other rows are baselines and ablations of this run.")
+    lines += _table(method, rows, targets)
   if smoke_test:
     lines.append("Smoke test (',tiny'): a few steps on tiny models; the numbers mean nothing.")
   if "wall_time_s" in results:

@@ -10,6 +10,8 @@ from iotas, so compile time and memory do not grow with the input.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +141,101 @@ def _top_magnitude_masks(
   return masks
 
 
+class _Chunks(NamedTuple):
+  """Every row of one dtype in one buffer of chunks, and the maps from chunks to rows."""
+
+  chunks: jax.Array  # [T, 1, C] bit patterns, each row zero-padded to a multiple of C
+  size: int  # C
+  shapes: list[tuple[int, int]]  # (R, n) of each array
+  starts: np.ndarray  # first segment (row) of each array, and S at the end
+  num_segments: int  # S, the rows of all arrays
+  seg_of_chunk: jax.Array  # [T] int32, sorted: the segment whose chunks include t
+  offset_of_chunk: jax.Array  # [T] uint32: the chunk's first index inside its row
+
+  def per_segment(self, predicate: Callable, candidates: jax.Array) -> jax.Array:
+    """[S, D] counts per segment of the entries where predicate(candidates) holds."""
+    per_chunk = _count_true(predicate(candidates[self.seg_of_chunk][:, :, None]))  # [T, D]
+    return jax.ops.segment_sum(
+      per_chunk, self.seg_of_chunk, num_segments=self.num_segments, indices_are_sorted=True
+    )
+
+
+def _chunked(bits: list[jax.Array]) -> _Chunks:
+  """The [T, 1, C] buffer of `bits` ([R, n] each) and its maps, computed in the program."""
+  shapes = [b.shape for b in bits]
+  size = _chunk_size(shapes)
+  chunks_per_row = np.concatenate([np.full(r, -(-n // size)) for r, n in shapes])  # [S]
+  starts = np.cumsum([0] + [r for r, _ in shapes])
+  num_segments = int(starts[-1])
+  num_chunks = int(chunks_per_row.sum())
+  first_chunk = np.concatenate([[0], np.cumsum(chunks_per_row)[:-1]]).astype(np.int32)  # [S]
+  # seg_of_chunk[t] = the segment whose chunks include t: a running count of segment starts.
+  marks = jnp.zeros((num_chunks,), jnp.int32).at[first_chunk[1:]].add(1, mode="drop")
+  seg_of_chunk = jnp.cumsum(marks)  # [T], sorted
+  chunk_id = lax.iota(jnp.int32, num_chunks)
+  offset_of_chunk = ((chunk_id - jnp.asarray(first_chunk)[seg_of_chunk]) * size).astype(jnp.uint32)
+  chunks = jnp.concatenate(
+    [
+      jnp.pad(b, ((0, 0), (0, -(-n // size) * size - n))).reshape(-1, size)
+      for b, (_, n) in zip(bits, shapes)
+    ]
+  )[:, None, :]  # [T, 1, C]; the zero padding is never counted (every candidate is > 0)
+  return _Chunks(chunks, size, shapes, starts, num_segments, seg_of_chunk, offset_of_chunk)
+
+
+def _byte_threshold(
+  ch: _Chunks, keep: jax.Array, dtype: Any, digit_bits: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per segment, (the keep-th largest bit pattern thr, #entries > thr), byte by byte."""
+  width = jnp.dtype(dtype).itemsize * 8
+  chunks = ch.chunks
+  thr = jnp.zeros((ch.num_segments,), dtype)
+  n_above = jnp.zeros((ch.num_segments,), jnp.int32)  # entries > thr in the bytes fixed so far
+  for shift in range(width - 8, -1, -8):
+    byte = (chunks >> shift).astype(jnp.uint8)
+    if shift + 8 < width:
+      prefix = (thr >> (shift + 8))[ch.seg_of_chunk][:, None, None]
+      byte = jnp.where((chunks >> (shift + 8)) == prefix, byte, jnp.uint8(0))
+    need = keep - n_above
+    best = _radix_search(
+      lambda c, byte=byte, need=need: ch.per_segment(lambda cc: byte >= cc, c) >= need[:, None],
+      ch.num_segments,
+      jnp.uint8,
+      7 if shift + 8 == width else 8,  # the sign bit of |x| is always 0
+      digit_bits,
+    )
+    n_above = n_above + ch.per_segment(lambda cc, byte=byte: byte > cc, best[:, None])[:, 0]
+    thr = thr | (best.astype(dtype) << shift)
+  return thr, n_above
+
+
+def _tie_limits(
+  ch: _Chunks, thr: jax.Array, n_above: jax.Array, keep: jax.Array, digit_bits: int
+) -> jax.Array:
+  """Per segment, the index below which entries tied at `thr` are kept ([S] uint32)."""
+  chunks = ch.chunks
+  n_at = ch.per_segment(lambda cc: chunks == cc, thr[:, None])[:, 0]
+  excess = (n_above + n_at > keep) & (thr > 0)
+  room = keep - n_above
+  tied = chunks == thr[ch.seg_of_chunk][:, None, None]  # [T, 1, C]
+
+  def tied_below(cc: jax.Array) -> jax.Array:
+    # The entry's index in its row, formed inside the count so that it fuses into the pass.
+    index = ch.offset_of_chunk[:, None, None] + lax.broadcasted_iota(jnp.uint32, (1, 1, ch.size), 2)
+    return tied & (index < cc)
+
+  # Largest p with #(tied entries at index < p) <= room: exactly `room` tied entries.
+  limit = _radix_search(
+    lambda c: ch.per_segment(tied_below, c) <= room[:, None],
+    ch.num_segments,
+    jnp.uint32,
+    max(1, max(n for _, n in ch.shapes).bit_length()),
+    digit_bits,
+    active=jnp.any(excess),
+  )
+  return jnp.where(excess, limit, np.uint32(np.iinfo(np.uint32).max))  # else keep all ties
+
+
 def _same_dtype_masks(
   bits: list[jax.Array], keeps: list[jax.Array], digit_bits: int
 ) -> list[jax.Array]:
@@ -165,74 +262,12 @@ def _same_dtype_masks(
   The tie-breaking search over the index runs zero steps unless a nonzero magnitude is
   tied across a segment's boundary, since tied zeros do not change the pruned values.
   """
-  dtype = bits[0].dtype
-  width = jnp.dtype(dtype).itemsize * 8
-  shapes = [b.shape for b in bits]
-  size = _chunk_size(shapes)
-  chunks_per_row = np.concatenate([np.full(r, -(-n // size)) for r, n in shapes])  # [S]
-  starts = np.cumsum([0] + [r for r, _ in shapes])
-  num_segments = int(starts[-1])
-  num_chunks = int(chunks_per_row.sum())
-  first_chunk = np.concatenate([[0], np.cumsum(chunks_per_row)[:-1]]).astype(np.int32)  # [S]
-  # seg_of_chunk[t] = the segment whose chunks include t: a running count of segment starts.
-  marks = jnp.zeros((num_chunks,), jnp.int32).at[first_chunk[1:]].add(1, mode="drop")
-  seg_of_chunk = jnp.cumsum(marks)  # [T], sorted
-  chunk_id = lax.iota(jnp.int32, num_chunks)
-  offset_of_chunk = ((chunk_id - jnp.asarray(first_chunk)[seg_of_chunk]) * size).astype(jnp.uint32)
-  chunks = jnp.concatenate(
-    [
-      jnp.pad(b, ((0, 0), (0, -(-n // size) * size - n))).reshape(-1, size)
-      for b, (_, n) in zip(bits, shapes)
-    ]
-  )[:, None, :]  # [T, 1, C]; the zero padding is never counted (every candidate is > 0)
-  keep = jnp.concatenate([jnp.full((r,), k, jnp.int32) for k, (r, _) in zip(keeps, shapes)])
-
-  def per_segment(predicate, candidates: jax.Array) -> jax.Array:
-    """[S, D] counts per segment of the entries where predicate(candidates) holds."""
-    per_chunk = _count_true(predicate(candidates[seg_of_chunk][:, :, None]))  # [T, D]
-    return jax.ops.segment_sum(
-      per_chunk, seg_of_chunk, num_segments=num_segments, indices_are_sorted=True
-    )
-
-  thr = jnp.zeros((num_segments,), dtype)
-  n_above = jnp.zeros((num_segments,), jnp.int32)  # entries > thr in the bytes fixed so far
-  for shift in range(width - 8, -1, -8):
-    byte = (chunks >> shift).astype(jnp.uint8)
-    if shift + 8 < width:
-      prefix = (thr >> (shift + 8))[seg_of_chunk][:, None, None]
-      byte = jnp.where((chunks >> (shift + 8)) == prefix, byte, jnp.uint8(0))
-    need = keep - n_above
-    best = _radix_search(
-      lambda c, byte=byte, need=need: per_segment(lambda cc: byte >= cc, c) >= need[:, None],
-      num_segments,
-      jnp.uint8,
-      7 if shift + 8 == width else 8,  # the sign bit of |x| is always 0
-      digit_bits,
-    )
-    n_above = n_above + per_segment(lambda cc, byte=byte: byte > cc, best[:, None])[:, 0]
-    thr = thr | (best.astype(dtype) << shift)
-  n_at = per_segment(lambda cc: chunks == cc, thr[:, None])[:, 0]
-  excess = (n_above + n_at > keep) & (thr > 0)
-  room = keep - n_above
-  tied = chunks == thr[seg_of_chunk][:, None, None]  # [T, 1, C]
-
-  def tied_below(cc: jax.Array) -> jax.Array:
-    # The entry's index in its row, formed inside the count so that it fuses into the pass.
-    index = offset_of_chunk[:, None, None] + lax.broadcasted_iota(jnp.uint32, (1, 1, size), 2)
-    return tied & (index < cc)
-
-  # Largest p with #(tied entries at index < p) <= room: exactly `room` tied entries.
-  limit = _radix_search(
-    lambda c: per_segment(tied_below, c) <= room[:, None],
-    num_segments,
-    jnp.uint32,
-    max(1, max(n for _, n in shapes).bit_length()),
-    digit_bits,
-    active=jnp.any(excess),
-  )
-  limit = jnp.where(excess, limit, np.uint32(np.iinfo(np.uint32).max))  # else keep all ties
+  ch = _chunked(bits)
+  keep = jnp.concatenate([jnp.full((r,), k, jnp.int32) for k, (r, _) in zip(keeps, ch.shapes)])
+  thr, n_above = _byte_threshold(ch, keep, bits[0].dtype, digit_bits)
+  limit = _tie_limits(ch, thr, n_above, keep, digit_bits)
   masks = []
-  for b, (r, _), start in zip(bits, shapes, starts):
+  for b, (r, _), start in zip(bits, ch.shapes, ch.starts):
     t, p = thr[start : start + r, None], limit[start : start + r, None]
     row_index = lax.broadcasted_iota(jnp.uint32, b.shape, 1)
     masks.append((b > t) | ((b == t) & (row_index < p)))

@@ -5,6 +5,22 @@ source head is kept, and each target label y_t is translated into a distribution
 source classes, R[y_t] = p(y_s | y_t), which supervises the source head while the new
 target head learns from y_t. Pure and jit-able (the empty-class check aside, see below);
 computed in float32.
+
+The reverse relationship (`reverse_relationship`, Algorithm 1 of the paper):
+
+1. Fit a multinomial logistic regression without intercept, W ∈ R^{C_t×C_s}, from source
+   probabilities to target labels, for every C in `l2_grid`, minimising sklearn's
+   objective C·Σ_i CE(W f_0(x_i), y_i) + ½||W||² (here divided by C·N, which has the same
+   minimiser) with L-BFGS for `max_iter` iterations, inside one compiled `lax.map`.
+2. Keep the C with the highest accuracy on the validation pair (ties: the earliest in
+   `l2_grid`); without a validation pair, on the training data.
+3. Calibrate the map: T = fit_temperature(f_0(x_val) Wᵀ, y_val) (training data if no
+   validation pair).
+4. Feed one-hot source vectors e_j: with no intercept the logits are column j of W, so
+   p(y_t | y_s = j) = softmax_t(W[:, j] / T).
+5. Bayes with the source marginal p(y_s) = mean of f_0 over train (+ val):
+   R_{c,j} ∝ p(y_t = c | y_s = j) · p(y_s = j), each row normalised to sum to 1
+   (computed in the log domain, so no row underflows to 0/0).
 """
 
 from __future__ import annotations
@@ -154,6 +170,36 @@ def _fit_logistic(
   return w
 
 
+def _check_validation(
+  val_source_probs: jax.Array | None,
+  val_labels: jax.Array | None,
+  source_probs: jax.Array,
+  num_target_classes: int,
+) -> None:
+  if (val_source_probs is None) != (val_labels is None):
+    raise ValueError(
+      "val_source_probs and val_labels must be given together; accepted: both arrays or both None"
+    )
+  if val_source_probs is not None:
+    _check_probs_labels("val_source_probs", val_source_probs, "val_labels", val_labels)
+    if jnp.shape(val_source_probs)[1] != jnp.shape(source_probs)[1]:
+      raise ValueError(
+        f"val_source_probs has {jnp.shape(val_source_probs)[1]} source classes but "
+        f"source_probs has {jnp.shape(source_probs)[1]}; accepted: equal C_s"
+      )
+    _check_label_values("val_labels", val_labels, num_target_classes, require_all=False)
+
+
+def _check_grid(l2_grid: Sequence[float], max_iter: int) -> tuple[float, ...]:
+  """`l2_grid` as a tuple of floats (a static argument), checked with `max_iter`."""
+  grid = tuple(float(c) for c in l2_grid)
+  if not grid or not all(c > 0 and np.isfinite(c) for c in grid):
+    raise ValueError(f"l2_grid={l2_grid!r} is invalid; accepted: a non-empty list of C > 0")
+  if not isinstance(max_iter, int) or max_iter < 1:
+    raise ValueError(f"max_iter={max_iter!r} is invalid; accepted: an integer >= 1")
+  return grid
+
+
 def reverse_relationship(
   source_probs: jax.Array,
   target_labels: jax.Array,
@@ -167,19 +213,7 @@ def reverse_relationship(
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   r"""Co-Tuning's reverse category relationship (Algorithm 1 of You et al., NeurIPS 2020).
 
-  1. Fit a multinomial logistic regression without intercept, W ∈ R^{C_t×C_s}, from source
-     probabilities to target labels, for every C in `l2_grid`, minimising sklearn's
-     objective C·Σ_i CE(W f_0(x_i), y_i) + ½||W||² (here divided by C·N, which has the same
-     minimiser) with L-BFGS for `max_iter` iterations, inside one compiled `lax.map`.
-  2. Keep the C with the highest accuracy on the validation pair (ties: the earliest in
-     `l2_grid`); without a validation pair, on the training data.
-  3. Calibrate the map: T = fit_temperature(f_0(x_val) Wᵀ, y_val) (training data if no
-     validation pair).
-  4. Feed one-hot source vectors e_j: with no intercept the logits are column j of W, so
-     p(y_t | y_s = j) = softmax_t(W[:, j] / T).
-  5. Bayes with the source marginal p(y_s) = mean of f_0 over train (+ val):
-     R_{c,j} ∝ p(y_t = c | y_s = j) · p(y_s = j), each row normalised to sum to 1
-     (computed in the log domain, so no row underflows to 0/0).
+  Steps 1–5 of the module docstring ("The reverse relationship").
 
   A target class with no training example raises a ValueError naming it when the labels
   are concrete; under jit its row is uniform (1/C_s), as in `direct_relationship`.
@@ -204,23 +238,8 @@ def reverse_relationship(
   _check_probs_labels("source_probs", source_probs, "target_labels", target_labels)
   _check_num_classes(num_target_classes)
   num_target_classes = int(num_target_classes)
-  if (val_source_probs is None) != (val_labels is None):
-    raise ValueError(
-      "val_source_probs and val_labels must be given together; accepted: both arrays or both None"
-    )
-  if val_source_probs is not None:
-    _check_probs_labels("val_source_probs", val_source_probs, "val_labels", val_labels)
-    if jnp.shape(val_source_probs)[1] != jnp.shape(source_probs)[1]:
-      raise ValueError(
-        f"val_source_probs has {jnp.shape(val_source_probs)[1]} source classes but "
-        f"source_probs has {jnp.shape(source_probs)[1]}; accepted: equal C_s"
-      )
-    _check_label_values("val_labels", val_labels, num_target_classes, require_all=False)
-  grid = tuple(float(c) for c in l2_grid)
-  if not grid or not all(c > 0 and np.isfinite(c) for c in grid):
-    raise ValueError(f"l2_grid={l2_grid!r} is invalid; accepted: a non-empty list of C > 0")
-  if not isinstance(max_iter, int) or max_iter < 1:
-    raise ValueError(f"max_iter={max_iter!r} is invalid; accepted: an integer >= 1")
+  _check_validation(val_source_probs, val_labels, source_probs, num_target_classes)
+  grid = _check_grid(l2_grid, max_iter)
   _check_label_values("target_labels", target_labels, num_target_classes, require_all=True)
   # Casting before the jitted part lets float32 and bfloat16 inputs share one compilation.
   if val_source_probs is not None:
@@ -237,12 +256,9 @@ def reverse_relationship(
   )
   if not return_selection:
     return relationship
-  selected = {
-    "grid_index": best,
-    "C": jnp.asarray(grid)[best],
-    "temperature": temperature,
-    "val_accuracy": accuracy,
-  }
+  selected = dict(
+    grid_index=best, C=jnp.asarray(grid)[best], temperature=temperature, val_accuracy=accuracy
+  )
   return relationship, selected
 
 

@@ -14,7 +14,28 @@ XLA:CPU this is about 3× faster than letting `jax.grad` differentiate through `
 measured on a loaded shared CPU). The step's forward pass linearises that gradient
 (`jax.linearize`: the primal gradient for the update, plus the residuals of its JVP), so the
 backward evaluates only the tangent half.
-`remat=True` additionally bounds peak memory independently of `steps` (see `inner_adapt`).
+
+Memory (`remat`): by default each step's forward pass linearises its inner gradient and
+keeps the linearisation's residuals (the step's inner activations) until its backward: peak
+memory grows with `steps` × activation size. With `remat=True` a step keeps only its inputs
+(θ_k, context, batch) and its backward recomputes ∇θL(θ_k) inside its Hessian-vector
+product, forced apart from the forward pass's identical computation (which XLA's CSE would
+otherwise merge back), so peak memory stays at about one step's worth for any `steps`, at
+the cost of one more inner forward/backward per step in principle (on XLA:CPU the measured
+time was within noise, sometimes lower). It matters when steps > 1 or activations are large
+(measured on XLA:CPU, `benchmarks/meta_grad.py` CNN: 64 → 42 MB at 1 step, 140 → 43 MB at
+3 steps). No effect when `first_order` (nothing is differentiated through the inner
+gradient) and no effect on values. Wrapping each step in `jax.checkpoint` was measured to
+change nothing here: the step's residuals already are its inputs, and XLA:CPU merges the
+rematerialised computation back.
+
+Sources: `inner_adapt` is the inner update of MAML (Finn, Abbeel & Levine, "Model-Agnostic
+Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017, §2.2 and Alg. 1), used by
+Meta-DMoE (Zhong et al., NeurIPS 2022, Alg. 1) with L the feature-distillation loss on the
+unlabeled support and φ the aggregator, for meta-training and for test-time adaptation (one
+step). `meta_value_and_grad` is MAML's meta-objective and Meta-DMoE's bi-level step (inner
+distillation on the support, outer CE on the query, gradients into the student θ and the
+aggregator φ).
 
 Loss functions are called as `loss_fn(params, batch)` when `context` is None and as
 `loss_fn(params, batch, context)` otherwise, and must return a scalar.
@@ -216,10 +237,7 @@ def inner_adapt(
     \theta_{j+1} = \theta_j - \alpha\, \nabla_\theta L(\theta_j, \text{batch}[, \phi]),
     \quad j = 0, \dots, \text{steps} - 1
 
-  The inner update of MAML (Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast
-  Adaptation of Deep Networks", ICML 2017, §2.2 and Alg. 1), used by Meta-DMoE (Zhong et
-  al., NeurIPS 2022, Alg. 1) with L the feature-distillation loss on the unlabeled support
-  and φ the aggregator, for meta-training and for test-time adaptation (one step).
+  The inner update of MAML, as Meta-DMoE uses it (sources in the module docstring).
 
   The result is differentiable with respect to `params` (exact second order, through a
   forward-over-reverse Hessian-vector product in each step's backward), `context` (through
@@ -238,21 +256,9 @@ def inner_adapt(
     first_order: if True, stop the gradient through the inner gradient (FOMAML).
     context: optional pytree the loss depends on but that is not adapted (Meta-DMoE: the
       aggregator φ that produces the distillation target).
-    remat: trade compute for memory in the second-order backward. By default each step's
-      forward pass linearises its inner gradient and keeps the linearisation's residuals
-      (the step's inner activations) until its backward: peak memory grows with `steps` ×
-      activation size. With `remat=True` a step keeps only its inputs (θ_k, context,
-      batch) and its backward recomputes ∇θL(θ_k) inside its Hessian-vector product,
-      forced apart from the forward pass's identical computation (which XLA's CSE would
-      otherwise merge back), so peak memory stays at about one step's worth for any
-      `steps`, at the cost of one more inner forward/backward per step in principle (on
-      XLA:CPU the measured time was within noise, sometimes lower). It matters when
-      steps > 1 or activations are large (measured on XLA:CPU, `benchmarks/meta_grad.py`
-      CNN: 64 → 42 MB at 1 step, 140 → 43 MB at 3 steps). No effect when `first_order`
-      (nothing is differentiated through the inner gradient) and no effect on values.
-      Wrapping each step in `jax.checkpoint` was measured to change nothing here: the
-      step's residuals already are its inputs, and XLA:CPU merges the rematerialised
-      computation back.
+    remat: trade compute for memory in the second-order backward: peak memory stays at
+      about one step's worth for any `steps` (see "Memory" in the module docstring). No
+      effect when `first_order` and no effect on values.
 
   Returns:
     The adapted parameters, a pytree with the structure and dtypes of `params`.
@@ -298,9 +304,7 @@ def meta_value_and_grad(
 
   with n = `steps`, α = `lr` and H^(j) the inner loss's Hessian blocks at θ_j (for one
   step: ∇φJ = −α H_φθ ∇θ' L_out + ∂L_out/∂φ); first order replaces every (I − αH) by I.
-  MAML's meta-objective (Finn, Abbeel & Levine, ICML 2017, §2.2, Alg. 1) and Meta-DMoE's
-  bi-level step (Zhong et al., NeurIPS 2022, Alg. 1: inner distillation on the support,
-  outer CE on the query, gradients into the student θ and the aggregator φ).
+  MAML's meta-objective and Meta-DMoE's bi-level step (sources in the module docstring).
 
   Args:
     outer_loss_fn: `outer_loss_fn(params, query) -> scalar`, or with a third argument
@@ -324,22 +328,12 @@ def meta_value_and_grad(
   """
   _check_common(steps, lr, first_order, remat)
   _check_params(params)
-  has_context = context is not None
-  outer = _with_context(outer_loss_fn, has_context)
+  outer = _with_context(outer_loss_fn, context is not None)
+  options = dict(lr=lr, steps=steps, first_order=first_order, remat=remat)
 
   def objective(theta, ctx):
-    adapted = inner_adapt(
-      inner_loss_fn,
-      theta,
-      support,
-      lr=lr,
-      steps=steps,
-      first_order=first_order,
-      context=ctx,
-      remat=remat,
-    )
-    return outer(adapted, ctx, query)
+    return outer(inner_adapt(inner_loss_fn, theta, support, context=ctx, **options), ctx, query)
 
-  if has_context:
+  if context is not None:
     return jax.value_and_grad(objective, argnums=(0, 1))(params, context)
   return jax.value_and_grad(lambda theta: objective(theta, None))(params)

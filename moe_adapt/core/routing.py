@@ -3,6 +3,14 @@
 Covers AdaMix's stochastic routing, top-k gating, Monte-Carlo-dropout uncertainty and the
 MUKA/MUKI integration of teachers with different label sets. Pure and jit-able; statistics
 are computed and returned in float32.
+
+Supervision integration (`integrate_teachers`, from Li et al.: MUKA, arXiv 2112.07327;
+MUKI, Findings of EMNLP 2022; the official code's `overlap_class_number` option is the
+overlapping case): each scattered teacher row has the mass of the teacher's row and the
+weights sum to 1, so rows of the target sum to 1 whenever the teachers' rows do, with
+overlaps too (a shared class collects the weighted probabilities of every teacher that
+knows it). A disjoint `label_index` that lists the columns in concatenation order gives
+exactly the default.
 """
 
 from __future__ import annotations
@@ -176,13 +184,7 @@ def integrate_teachers(
     [k = k^*(x)]\ \text{(hard)}
 
   where π_k maps teacher k's classes to union columns (the concatenation offsets by
-  default). Each scattered teacher row has the mass of the teacher's row and the weights
-  sum to 1, so rows of q sum to 1 whenever the teachers' rows do, with overlaps too (a
-  shared class collects the weighted probabilities of every teacher that knows it). A
-  disjoint ``label_index`` that lists the columns in concatenation order gives exactly the
-  default. From Li et al. (MUKA, arXiv 2112.07327; MUKI, Findings of EMNLP 2022),
-  "supervision integration"; the official code's `overlap_class_number` option is the
-  overlapping case.
+  default); the module docstring says why rows of q sum to 1 and where this comes from.
 
   Args:
     teacher_probs: K arrays [B, C_k] (any matching leading batch shape) of teacher
@@ -203,6 +205,20 @@ def integrate_teachers(
     raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(INTEGRATION_MODES)}")
   teacher_probs = list(teacher_probs)
   conf_shape = jnp.shape(confidences)
+  _check_shapes(teacher_probs, conf_shape)
+  columns = _check_label_index(teacher_probs, label_index, num_labels)
+  conf = jnp.asarray(confidences, jnp.float32)
+  weights = _teacher_weights(conf, mode, temperature)
+  parts = [
+    weights[..., k : k + 1] * jnp.asarray(p, jnp.float32) for k, p in enumerate(teacher_probs)
+  ]
+  if columns is None:
+    return jnp.concatenate(parts, axis=-1)
+  return _scatter(parts, columns, (*conf_shape[:-1], num_labels))
+
+
+def _check_shapes(teacher_probs: list, conf_shape: tuple[int, ...]) -> None:
+  """K teachers' [B, C_k] against confidences [B, K], or ValueError."""
   if not conf_shape or len(teacher_probs) != conf_shape[-1]:
     raise ValueError(
       f"teacher_probs has {len(teacher_probs)} teachers but confidences has shape "
@@ -214,22 +230,22 @@ def integrate_teachers(
         f"teacher_probs[{i}] has shape {jnp.shape(p)}; accepted: batch shape "
         f"{conf_shape[:-1]} equal to that of confidences, followed by a class axis"
       )
-  columns = _check_label_index(teacher_probs, label_index, num_labels)
-  conf = jnp.asarray(confidences, jnp.float32)
+
+
+def _teacher_weights(conf: jax.Array, mode: str, temperature: Any) -> jax.Array:
+  """[B, K] float32 weights of the teachers: one-hot argmax ('hard') or softmax(conf / T)."""
   if mode == "hard":
-    weights = jax.nn.one_hot(jnp.argmax(conf, axis=-1), len(teacher_probs), dtype=jnp.float32)
-  else:
-    if temperature is None:
-      raise ValueError("temperature=None is invalid for mode='soft'; accepted: a number > 0")
-    if isinstance(temperature, int | float) and not temperature > 0:
-      raise ValueError(f"temperature={temperature!r} is invalid; accepted: a number > 0")
-    weights = jax.nn.softmax(conf / temperature, axis=-1)
-  parts = [
-    weights[..., k : k + 1] * jnp.asarray(p, jnp.float32) for k, p in enumerate(teacher_probs)
-  ]
-  if columns is None:
-    return jnp.concatenate(parts, axis=-1)
-  q = jnp.zeros((*conf_shape[:-1], num_labels), jnp.float32)
+    return jax.nn.one_hot(jnp.argmax(conf, axis=-1), conf.shape[-1], dtype=jnp.float32)
+  if temperature is None:
+    raise ValueError("temperature=None is invalid for mode='soft'; accepted: a number > 0")
+  if isinstance(temperature, int | float) and not temperature > 0:
+    raise ValueError(f"temperature={temperature!r} is invalid; accepted: a number > 0")
+  return jax.nn.softmax(conf / temperature, axis=-1)
+
+
+def _scatter(parts: list[jax.Array], columns: list, shape: tuple[int, ...]) -> jax.Array:
+  """The sum of each part [B, C_k] added into its union columns of a zero array `shape`."""
+  q = jnp.zeros(shape, jnp.float32)
   for part, cols in zip(parts, columns):
     q = q.at[..., cols].add(part)  # no duplicates within a teacher: add = place
   return q

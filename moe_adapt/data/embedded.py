@@ -95,6 +95,95 @@ def _check_cap(field: str, value: Any) -> int | None:
   return int(value)
 
 
+def _check_options(
+  base: Any,
+  base_options: Any,
+  encoder: str,
+  encoder_backend: EncoderBackend | None,
+  max_len: Any,
+  batch_size: Any,
+  per_class: tuple[Any, Any, Any],
+) -> tuple[dict[str, Any], dict[str, int | None]]:
+  """(the base's options, {split: cap}) after checking `embedded`'s arguments."""
+  if not isinstance(base, str):
+    raise ValueError(f"base={base!r} is invalid; accepted: the name of a text benchmark")
+  if base_options is None:
+    base_options = {}
+  if not isinstance(base_options, Mapping):
+    raise ValueError(f"base_options={base_options!r} is invalid; accepted: a dict of options")
+  options = {k: v for k, v in dict(base_options).items() if v != ""}
+  if encoder_backend is None:
+    raise ValueError(
+      "encoder_backend=None is invalid; accepted: moe_adapt.models.encoders (or an "
+      "EncoderBackend): the encoder is a model, which data/ does not import"
+    )
+  encoder_backend.check_name(encoder)
+  if max_len is not None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < 2:
+      raise ValueError(f"max_len={max_len!r} is invalid; accepted: None or an int >= 2")
+    if options.get("max_len", max_len) != max_len:
+      raise ValueError(
+        f"max_len={max_len} differs from base_options['max_len']={options['max_len']}; "
+        "accepted: set it in one place"
+      )
+    options["max_len"] = int(max_len)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} is invalid; accepted: an int >= 1")
+  caps = {part: _check_cap(f"{part}_per_class", value) for part, value in zip(SPLITS, per_class)}
+  return options, caps
+
+
+def _text_base(base: str, options: Mapping[str, Any]) -> Any:
+  """The text benchmark `base` built with `options`, or ValueError if it is not one."""
+  if base == "embedded":
+    raise ValueError("base='embedded' is invalid; accepted: a text benchmark, not the wrapper")
+  base_bench = registry.get_benchmark(base, **options)
+  if not hasattr(base_bench, "max_len"):
+    raise ValueError(
+      f"base={base!r} is not a text benchmark (its splits hold no token ids); accepted: "
+      "newsgroups, tweets_topics, vader_sentiment"
+    )
+  return base_bench
+
+
+def _resolved(
+  base: str, base_bench: Any, encoder: str, batch_size: int, caps: Mapping[str, int | None]
+) -> dict[str, Any]:
+  """The resolved options of the benchmark (its provenance, and its cache key's content)."""
+  return {
+    "base": base,
+    "base_options": dict(base_bench.options),
+    "encoder": encoder,
+    "max_len": base_bench.max_len,
+    "batch_size": int(batch_size),
+    **{f"{part}_per_class": caps[part] for part in SPLITS},
+  }
+
+
+def _kept_tokens(
+  text: Mapping[str, Any], caps: Mapping[str, int | None]
+) -> tuple[dict, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+  """(kept rows by (domain, split), their token ids, masks and labels), within the caps."""
+  kept = {
+    (domain, part): _cap(getattr(splits, part).labels, caps[part])
+    for domain, splits in text.items()
+    for part in SPLITS
+  }
+  ids = [getattr(text[d], p).token_ids[i] for (d, p), i in kept.items()]
+  masks = [getattr(text[d], p).attention_mask[i] for (d, p), i in kept.items()]
+  labels = [getattr(text[d], p).labels[i] for (d, p), i in kept.items()]
+  return kept, ids, masks, labels
+
+
+def _check_vocab(ids: list[np.ndarray], vocab_size: int, encoder: str, base: str) -> None:
+  top = max((int(x.max()) for x in ids if x.size), default=0)
+  if top >= vocab_size:  # an embedding lookup would clip such ids silently
+    raise ValueError(
+      f"encoder={encoder!r} has vocab_size={vocab_size}, but base {base!r}'s token ids "
+      f"reach {top}; accepted: an encoder with the base tokenizer's vocabulary"
+    )
+
+
 def embedded(
   *,
   base: str = "newsgroups",
@@ -125,71 +214,20 @@ def embedded(
   Raises:
     ValueError: naming the offending option.
   """
-  if not isinstance(base, str):
-    raise ValueError(f"base={base!r} is invalid; accepted: the name of a text benchmark")
-  if base_options is None:
-    base_options = {}
-  if not isinstance(base_options, Mapping):
-    raise ValueError(f"base_options={base_options!r} is invalid; accepted: a dict of options")
-  options = {k: v for k, v in dict(base_options).items() if v != ""}
-  if encoder_backend is None:
-    raise ValueError(
-      "encoder_backend=None is invalid; accepted: moe_adapt.models.encoders (or an "
-      "EncoderBackend): the encoder is a model, which data/ does not import"
-    )
-  encoder_backend.check_name(encoder)
-  if max_len is not None:
-    if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < 2:
-      raise ValueError(f"max_len={max_len!r} is invalid; accepted: None or an int >= 2")
-    if options.get("max_len", max_len) != max_len:
-      raise ValueError(
-        f"max_len={max_len} differs from base_options['max_len']={options['max_len']}; "
-        "accepted: set it in one place"
-      )
-    options["max_len"] = int(max_len)
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r} is invalid; accepted: an int >= 1")
-  caps = {
-    "train": _check_cap("train_per_class", train_per_class),
-    "val": _check_cap("val_per_class", val_per_class),
-    "test": _check_cap("test_per_class", test_per_class),
-  }
-  if base == "embedded":
-    raise ValueError("base='embedded' is invalid; accepted: a text benchmark, not the wrapper")
-  base_bench = registry.get_benchmark(base, **options)
-  if not hasattr(base_bench, "max_len"):
-    raise ValueError(
-      f"base={base!r} is not a text benchmark (its splits hold no token ids); accepted: "
-      "newsgroups, tweets_topics, vader_sentiment"
-    )
+  per_class = (train_per_class, val_per_class, test_per_class)
+  options, caps = _check_options(
+    base, base_options, encoder, encoder_backend, max_len, batch_size, per_class
+  )
+  base_bench = _text_base(base, options)
   data_dir = options.get("data_dir")
   # Read from the headers (checkpoints) or config.json (MiniLM): no weights loaded.
   dim, vocab_size = encoder_backend.plan(encoder, _minilm_dir(encoder, data_dir))
-  resolved = {
-    "base": base,
-    "base_options": dict(base_bench.options),
-    "encoder": encoder,
-    "max_len": base_bench.max_len,
-    "batch_size": int(batch_size),
-    **{f"{part}_per_class": caps[part] for part in SPLITS},
-  }
+  resolved = _resolved(base, base_bench, encoder, batch_size, caps)
 
   def load(seed: int) -> dict[str, registry.DomainSplits]:
     text = base_bench.load(seed=seed)
-    kept = {
-      (domain, part): _cap(getattr(splits, part).labels, caps[part])
-      for domain, splits in text.items()
-      for part in SPLITS
-    }
-    ids = [getattr(text[d], p).token_ids[i] for (d, p), i in kept.items()]
-    masks = [getattr(text[d], p).attention_mask[i] for (d, p), i in kept.items()]
-    labels = [getattr(text[d], p).labels[i] for (d, p), i in kept.items()]
-    top = max((int(x.max()) for x in ids if x.size), default=0)
-    if top >= vocab_size:  # an embedding lookup would clip such ids silently
-      raise ValueError(
-        f"encoder={encoder!r} has vocab_size={vocab_size}, but base {base!r}'s token ids "
-        f"reach {top}; accepted: an encoder with the base tokenizer's vocabulary"
-      )
+    kept, ids, masks, labels = _kept_tokens(text, caps)
+    _check_vocab(ids, vocab_size, encoder, base)
     return _embed_splits(
       encoder_backend, resolved, seed, data_dir, kept, ids, masks, labels, use_cache
     )

@@ -32,21 +32,72 @@ they must name their parameters with the prefixes above.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+
+from moe_adapt.models.adapter_modules import (
+  ACTIVATIONS,
+  BottleneckAdapter,
+  Dense,
+  LoRADense,
+  activation_fn,
+  check_width,
+)
+from moe_adapt.models.adapter_params import (
+  ADAPTER_PREFIXES,
+  HEAD_KEY,
+  TRAIN_MODES,
+  check_params_tree,
+  count_params,
+  is_adapter_key,
+  merge_params,
+  split_params,
+  trainable_mask,
+  trainable_optimizer,
+)
+
+# The modules and the parameter-tree helpers live in adapter_modules and adapter_params;
+# their names stay importable here.
+__all__ = [
+  "ACTIVATIONS",
+  "ADAPTER_PREFIXES",
+  "HEAD_KEY",
+  "LORA_PAIRINGS",
+  "MIXTURE_INFERENCE",
+  "PLACEMENTS",
+  "POSITIONS",
+  "PROJECTIONS",
+  "SHARES",
+  "TRAIN_MODES",
+  "AdapterConfig",
+  "AdapterKind",
+  "BottleneckAdapter",
+  "Dense",
+  "LoRADense",
+  "activation_fn",
+  "adapter_kinds",
+  "check_mixture_options",
+  "check_width",
+  "count_params",
+  "is_adapter_key",
+  "make_adapter",
+  "make_projection",
+  "merge_lora",
+  "merge_params",
+  "param_counts",
+  "register_adapter_kind",
+  "split_params",
+  "trainable_mask",
+  "trainable_optimizer",
+]
 
 PLACEMENTS = ("attention", "mlp")
 # Projection names inside `TransformerBlock`; the valid entries of `lora_targets`.
 PROJECTIONS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
-ADAPTER_PREFIXES = ("adapter", "lora")
-HEAD_KEY = "head"
-TRAIN_MODES = ("adapters", "head", "all")
 # Mixture options (AdaMix): which projection has one shared copy, and what an eval forward does.
 SHARES = ("none", "up", "down")
 MIXTURE_INFERENCE = ("merged", "random", "random_example", "fixed")
@@ -55,21 +106,6 @@ POSITIONS = ("after_dropout", "before_dropout")
 # How AdaMix-LoRA with share='none' routes and merges A and B (see `AdapterConfig`).
 LORA_PAIRINGS = ("independent", "paired")
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "relu": jax.nn.relu,
-  "swish": jax.nn.swish,
-  "tanh": jnp.tanh,
-}
-
-
-def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-  """The activation called `name` ('gelu' is the exact erf form)."""
-  if name not in ACTIVATIONS:
-    raise ValueError(f"activation={name!r} is unknown; accepted: {', '.join(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +198,6 @@ class AdapterConfig:
     return self.lora_alpha / self.lora_rank
 
 
-def check_width(name: str, value: int, limit: int, what: str) -> None:
-  """Raises ValueError unless 1 <= value <= limit (e.g. a bottleneck within the hidden size)."""
-  if not 1 <= value <= limit:
-    raise ValueError(f"{name}={value} exceeds {what} {limit}; accepted: an int in [1, {limit}]")
-
-
 def check_mixture_options(
   *, num_experts: int, share: str, mixture_inference: str, fixed_expert: int
 ) -> None:
@@ -190,85 +220,6 @@ def check_mixture_options(
       f"fixed_expert={fixed_expert!r} is invalid; accepted: an int in [0, num_experts="
       f"{num_experts})"
     )
-
-
-class Dense(nn.Module):
-  """`x @ kernel + bias` with the projection interface `(x, *, deterministic)`.
-
-  Parameter names ('kernel' [in, out], 'bias' [out]) are those of `nn.Dense`, so a
-  `LoRADense` at the same path holds the same backbone leaves plus its own.
-  """
-
-  features: int
-  use_bias: bool = True
-  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    del deterministic  # Same signature as the adapter projections.
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    dtype = self.dtype or x.dtype
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
-    return y
-
-
-class LoRADense(nn.Module):
-  """Dense layer plus a low-rank update: `x W + b + (alpha / r)·dropout(x) A B`.
-
-  A [in, r] starts Kaiming-uniform (as in the LoRA paper's code) and B [r, out] at zero, so
-  at init the output equals the base layer's exactly. The base kernel is frozen by the
-  optimizer (`trainable_mask`), not here, so 'all' mode can still fine-tune it.
-  """
-
-  features: int
-  rank: int
-  alpha: float
-  dropout_rate: float = 0.0
-  use_bias: bool = True
-  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    in_features = x.shape[-1]
-    dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
-    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
-    y = jnp.dot(x, kernel.astype(dtype))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
-    # variance_scaling(1/3, fan_in, uniform) == torch's kaiming_uniform_(a=sqrt(5)).
-    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-    lora_a = self.param("lora_a", a_init, (in_features, self.rank), jnp.float32)
-    lora_b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), jnp.float32)
-    h = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    update = jnp.dot(jnp.dot(h, lora_a.astype(dtype)), lora_b.astype(dtype))
-    return y + (self.alpha / self.rank) * update
-
-
-class BottleneckAdapter(nn.Module):
-  """`x + up(act(down(x)))`: a residual bottleneck on the last axis, [..., dim] → [..., dim]."""
-
-  dim: int
-  bottleneck: int
-  activation: str = "gelu"
-  init_scale: float = 1e-2
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    del deterministic
-    if x.shape[-1] != self.dim:
-      raise ValueError(f"BottleneckAdapter(dim={self.dim}) got input with last axis {x.shape}")
-    check_width("bottleneck", self.bottleneck, self.dim, "the hidden size")
-    init = nn.initializers.normal(self.init_scale)
-    h = Dense(self.bottleneck, kernel_init=init, dtype=self.dtype, name="down")(x)
-    h = activation_fn(self.activation)(h)
-    h = Dense(self.dim, kernel_init=init, dtype=self.dtype, name="up")(h)
-    return x + h.astype(x.dtype)
 
 
 class AdapterKind(NamedTuple):
@@ -360,148 +311,13 @@ def make_projection(
   return Dense(features, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------
-# Parameter trees: split, merge, masks, counts.
-# ---------------------------------------------------------------------------------------
-
-
-def is_adapter_key(key: str) -> bool:
-  """Whether a parameter-tree key holds adapter parameters (prefix 'adapter' or 'lora')."""
-  return key.startswith(ADAPTER_PREFIXES)
-
-
-def _check_tree(params: Any, arg: str) -> None:
-  if not isinstance(params, Mapping):
-    raise ValueError(
-      f"{arg} must be a nested mapping of parameters (variables['params']), "
-      f"got {type(params).__name__}"
-    )
-
-
-def split_params(
-  params: Mapping[str, Any], *, include_head: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Cuts `params` into (backbone, adapters), two trees with the original nesting.
-
-  Args:
-    params: a model's `variables['params']`.
-    include_head: also move the top-level 'head' subtree into the second tree (what
-      `train='adapters'` trains).
-
-  Returns:
-    (backbone, adapters); `merge_params(backbone, adapters)` gives `params` back. Branches
-    left empty are dropped, so adapter trees of models with the same config have the same
-    structure and can be stacked, averaged and compared.
-  """
-  _check_tree(params, "params")
-
-  def split(tree: Mapping[str, Any], top: bool) -> tuple[dict, dict]:
-    backbone, adapters = {}, {}
-    for key, value in tree.items():
-      if is_adapter_key(key) or (top and include_head and key == HEAD_KEY):
-        adapters[key] = value
-      elif isinstance(value, Mapping):
-        b, a = split(value, False)
-        if b:
-          backbone[key] = b
-        if a:
-          adapters[key] = a
-      else:
-        backbone[key] = value
-    return backbone, adapters
-
-  return split(params, True)
-
-
-def merge_params(backbone: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of `split_params`: the union of two trees; a leaf present in both is an error."""
-  _check_tree(backbone, "backbone")
-  _check_tree(adapters, "adapters")
-
-  def merge(a: Mapping[str, Any], b: Mapping[str, Any], path: str) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-      if key not in out:
-        out[key] = value
-      elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
-        out[key] = merge(out[key], value, f"{path}/{key}")
-      else:
-        raise ValueError(f"merge_params: {path}/{key} is in both backbone and adapters")
-    return out
-
-  return merge(backbone, adapters, "")
-
-
-def trainable_mask(params: Mapping[str, Any], *, train: str) -> dict[str, Any]:
-  """A tree of bools like `params`: True where a leaf is trained.
-
-  Args:
-    params: a model's `variables['params']`.
-    train: 'adapters' (adapter leaves and the top-level 'head'), 'head' (the 'head' only),
-      or 'all'.
-
-  Returns:
-    A tree for `optax.masked(tx, mask)`; see also `trainable_optimizer`.
-  """
-  _check_tree(params, "params")
-  if train not in TRAIN_MODES:
-    raise ValueError(f"train={train!r} is unknown; accepted: {', '.join(TRAIN_MODES)}")
-  if train != "all" and HEAD_KEY not in params:
-    raise ValueError(
-      f"train={train!r} needs a top-level '{HEAD_KEY}' in params; got {list(params)}"
-    )
-  if train == "adapters" and not split_params(params)[1]:
-    raise ValueError(
-      "train='adapters' but params hold no adapter parameters (keys starting with "
-      f"{' or '.join(ADAPTER_PREFIXES)}); build the model with an AdapterConfig kind != 'none'"
-    )
-
-  def mark(tree: Any, on: bool, top: bool) -> Any:
-    if not isinstance(tree, Mapping):
-      return on
-    out = {}
-    for key, value in tree.items():
-      key_on = on or train == "all"
-      key_on = key_on or (top and key == HEAD_KEY)
-      key_on = key_on or (train == "adapters" and is_adapter_key(key))
-      out[key] = mark(value, key_on, False)
-    return out
-
-  return mark(params, False, True)
-
-
-def trainable_optimizer(
-  tx: optax.GradientTransformation, params: Mapping[str, Any], *, train: str
-) -> optax.GradientTransformation:
-  """`tx` on the leaves selected by `trainable_mask`, zero updates (frozen) elsewhere.
-
-  This still differentiates through every leaf; where speed matters, differentiate only the
-  trainable tree: `grad(lambda a: loss(merge_params(backbone, a)))`.
-  """
-  mask = trainable_mask(params, train=train)
-  labels = jax.tree.map(lambda on: "trainable" if on else "frozen", mask)
-  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def count_params(tree: Any, mask: Any = None) -> int:
-  """Number of scalars in a tree of arrays or shape structs (where `mask` is True, if given)."""
-  # Works on arrays and on `jax.eval_shape` results alike.
-  sizes = [math.prod(getattr(x, "shape", None) or jnp.shape(x)) for x in jax.tree.leaves(tree)]
-  if mask is None:
-    return int(sum(sizes))
-  masks = jax.tree.leaves(mask)
-  if len(masks) != len(sizes):
-    raise ValueError(f"mask has {len(masks)} leaves but the tree has {len(sizes)}")
-  return int(sum(n for n, on in zip(sizes, masks) if on))
-
-
 def merge_lora(params: Mapping[str, Any], config: AdapterConfig) -> dict[str, Any]:
   """Folds every LoRA update into its kernel (W + (alpha/r)·A·B) and drops A and B.
 
   The result loads into the same model built with `AdapterConfig(kind='none')`: inference
   then costs nothing extra, which is what 'inference parameters' counts.
   """
-  _check_tree(params, "params")
+  check_params_tree(params, "params")
 
   def fold(tree: Mapping[str, Any]) -> dict[str, Any]:
     if "lora_a" in tree or "lora_b" in tree:

