@@ -563,9 +563,9 @@ def test_validate_config_names_the_field(overrides, match):
 
 @pytest.fixture(scope="module")
 def task():
-  from moe_adapt.methods import finetune
+  from moe_adapt.data import examples
 
-  return finetune.load_task(tiny_config())
+  return examples.load_task(tiny_config())
 
 
 @pytest.mark.parametrize(
