@@ -337,7 +337,7 @@ def pretrained_backbone(setup: Setup, workdir: str, writer) -> PyTree:
 
 
 # ----------------------------------------------------------------------------
-# The `finetune` method
+# What the adapter methods share: domains, paired keys, dev selection
 # ----------------------------------------------------------------------------
 
 
