@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_adapt.methods import adamix
+from moe_adapt.methods import adamix, finetune
 from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
@@ -85,7 +85,7 @@ def test_the_shared_key_gives_the_same_batches(setup, backbone):
 def test_run_trains_every_variant_with_the_shared_key(
   setup, backbone, method, tmp_path, monkeypatch
 ):
-  module = adamix if method == "adamix" else ft
+  module = adamix if method == "adamix" else finetune
   config = _config() if method == "adamix" else _finetune_config()
   run_setup = setup if method == "adamix" else ft.make_setup(config)
   calls = {}
