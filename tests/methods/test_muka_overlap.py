@@ -251,7 +251,7 @@ def test_teacher_evaluation_and_owner_rate_with_a_wrapping_label_set(setup4, mon
     # Fake predictions: the local index of the gold label (teacher 3's set wraps to class 0).
     local = {c: i for i, c in enumerate(chunk)}
     gold = setup4.test.y[np.isin(setup4.test.y, chunk)]
-    monkeypatch.setattr(muka, "_predict", lambda s, m, v, x, gold=gold, local=local: (
+    monkeypatch.setattr(_muka_stages, "_predict", lambda s, m, v, x, gold=gold, local=local: (
       np.array([local[c] for c in gold[: len(x)]])))  # fmt: skip
     assert _muka_stages.evaluate_teacher(setup4, k, {})[f"subset_{k}"]["accuracy"] == 1.0
   # Owner rate: teacher 0 always most confident; it knows classes 0, 1, 2 (0 and 2 shared).
