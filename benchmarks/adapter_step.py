@@ -2,15 +2,15 @@ r"""One training step of each adapter variant (finetune + AdaMix) on the real ha
 
 Builds the workload with the pipeline itself: `configs/adamix.py:<preset>` (default `vader`:
 MiniLM, batch 32 × 48 tokens; `digits`, the ViT, needs no downloads; every text preset,
-`tiny` too, needs VADER and MiniLM fetched), `finetune.make_setup`, and for every variant
-the model, the trainable/frozen split and `finetune.make_train_step` exactly as
-`finetune.train` does. Each row: variant, median / min ms of `--repeats` steps after a
+`tiny` too, needs VADER and MiniLM fetched), `adapter_harness.make_setup`, and for every variant
+the model, the trainable/frozen split and `train.finetuning.make_train_step` exactly
+as `train.finetuning.train` does. Each row: variant, median / min ms of `--repeats` steps after a
 warm-up (the step donates its state; the returned state is fed back), AOT compile time, XLA
 temp memory, trainable parameters, and the ratio to the `adapter` step. AdaMix variants with
 consistency run two forward passes per step, which is most of their extra cost.
 
 Inference (`inference` rows; skipped with `--inference_variant=''`): the eval-mode forward
-of one batch of `eval_batch_size` examples (logits [B, C], as `finetune.predict_logits`) of
+of one batch of `eval_batch_size` examples (logits [B, C], as `adapter_harness.predict_logits`) of
 
 - `adapter`: one Pfeiffer adapter (the `adapter` variant's model);
 - `<mixture>_merged`: the mixture (`--inference_variant`, default `adamix`) after
@@ -44,8 +44,10 @@ import jax.numpy as jnp
 
 from moe_adapt import models
 from moe_adapt.methods import adamix
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import finetuning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,20 +140,21 @@ def time_variant(setup: ft.Setup, name: str, repeats: int, backbone) -> dict:
   adapter = adamix.variant_adapter(config, name)
   model = ft.build_model(setup, adapter)
   params = ft.init_params(setup, model, setup.key("init"), backbone)
-  frozen, trainable = ft.split_trainable(params, v.train_mode)
+  frozen, trainable = adapted.split_trainable(params, v.train_mode)
   trainable = jax.tree.map(jnp.copy, trainable)
   steps = config.train.steps
-  tx = ft.make_optimizer(
+  tx = finetuning.make_optimizer(
     steps, config.train.lr, warmup_fraction=0.5, weight_decay=config.train.weight_decay
   )
   examples = setup.task.pooled("train", setup.task.domains)
   state = {"params": trainable, "opt_state": tx.init(trainable)}
-  step = ft.make_train_step(
-    setup,
+  weight = config.adamix.consistency_weight if v.consistency else 0.0
+  step = finetuning.make_train_step(
     model,
     tx,
     batch_size=config.train.batch_size,
-    consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
+    mesh=setup.mesh,
+    loss=adamix.consistency_loss(weight),
   )
   args = (
     setup.key(name),

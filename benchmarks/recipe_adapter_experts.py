@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_adapt import data, models
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.models import adapters as adapters_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

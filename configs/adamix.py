@@ -33,7 +33,7 @@ share the subsample, so seeds pair up too):
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 # The converged regime, sized so that its sweep (3 seeds) runs in about an hour on a
 # shared 2-core CPU (docs/adamix.md): per domain 32 training, 25 dev and 150 test

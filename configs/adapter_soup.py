@@ -42,7 +42,7 @@ shrinks everything for tests (a random 2-layer BERT for text presets).
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 PRESETS = ("vader", "tweets", "digits", "fmnist")
 # Novel targets: every domain for the text presets (the pretrained encoder saw none of

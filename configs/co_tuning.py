@@ -68,7 +68,7 @@ rates.
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 _PRESETS = ("fmnist", "news", "cub")
 

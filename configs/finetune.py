@@ -21,7 +21,7 @@ everything for tests (a random 2-layer BERT for text presets).
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 VARIANTS = ("full", "head", "houlsby", "pfeiffer", "lora")
 LODO_TARGETS = {

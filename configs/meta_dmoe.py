@@ -42,7 +42,7 @@ The ablations of the paper are declared in `get_sweep`.
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 _BENCHMARKS = ("digits_rot", "fmnist_rot", "fmnist_shift", "tfds")
 

@@ -53,7 +53,7 @@ tests and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 _PRESETS = ("fmnist", "newsgroups")
 _FLAGS = ("tiny", "hetero")

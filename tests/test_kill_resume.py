@@ -111,7 +111,11 @@ CASES = {
   ),
   "finetune": Case(
     ("--config=configs/finetune.py:digits,tiny", *VIT, "--config.variants=('lora',)"),
-    ("save:pretrain:2", "write:lora:4", "call:moe_adapt.methods.finetune:evaluate_outcomes:1"),
+    (
+      "save:pretrain:2",
+      "write:lora:4",
+      "call:moe_adapt.methods.adapter_harness:evaluate_outcomes:1",
+    ),
   ),
   "adamix": Case(
     ("--config=configs/adamix.py:digits,tiny", *VIT, "--config.variants=('adamix','adapter')"),
@@ -120,7 +124,7 @@ CASES = {
       "save:adamix:2",
       # Inside `adamix.evaluate_mixture` (two random routings of each kind, merged, fixed),
       # before the variant's entry of the evaluation cache is written.
-      "call:moe_adapt.methods.finetune:evaluate_outcomes:3",
+      "call:moe_adapt.methods.adapter_harness:evaluate_outcomes:3",
       "write:adapter:4",
     ),
   ),

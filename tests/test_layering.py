@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "moe_adapt"
 RANK = {"core": 0, "data": 1, "models": 1, "train": 2, "methods": 3, "recipes": 4}
-TOP = 5  # moe_adapt/*.py: main, merge_cli, report, config_presets
+TOP = 5  # moe_adapt/*.py: main, merge_cli, report, config_presets (the presets' error)
 
 
 def layer_of(module: str) -> str:

@@ -18,7 +18,9 @@ import optax
 import pytest
 
 from moe_adapt.methods import adamix, co_tuning, meta_dmoe, muka
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
+from moe_adapt.train import evaluation, finetuning
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 
@@ -182,14 +184,18 @@ def test_finetune_train_step_and_predict_trace_once():
   adapter = adamix.variant_adapter(config, variant)
   model = ft.build_model(setup, adapter)
   params = ft.init_params(setup, model, setup.key("init"), None)
-  frozen, trainable = ft.split_trainable(params, "adapters")
-  tx = ft.make_optimizer(4, 1e-3, warmup_fraction=0.5, weight_decay=0.01)
+  frozen, trainable = adapted.split_trainable(params, "adapters")
+  tx = finetuning.make_optimizer(4, 1e-3, warmup_fraction=0.5, weight_decay=0.01)
   consistency = config.adamix.consistency_weight
-  step = ft.make_train_step(
-    setup, model, tx, batch_size=config.train.batch_size, consistency_weight=consistency
+  step = finetuning.make_train_step(
+    model,
+    tx,
+    batch_size=config.train.batch_size,
+    mesh=setup.mesh,
+    loss=adamix.consistency_loss(consistency),
   )
   examples = setup.task.pooled("train", setup.task.domains)
-  # As `finetune.train` does: the state and the data replicated on the mesh.
+  # As `train.finetuning.train` does: the state and the data replicated on the mesh.
   rep = mesh_lib.replicated(setup.mesh)
   arrays = jax.device_put((frozen, *examples.inputs, examples.labels), rep)
   trainable = jax.tree.map(jnp.copy, trainable)
@@ -198,11 +204,11 @@ def test_finetune_train_step_and_predict_trace_once():
   state = assert_traces_once(step, lambda s, i: step(s, i, key, *arrays), state)
 
   # Evaluation: every batch (the last one padded) of every call reuses one compilation.
-  trained = ft.join(arrays[0], state["params"])
+  trained = adapted.join(arrays[0], state["params"])
   few = ft.Examples(tuple(a[:10] for a in examples.inputs), examples.labels[:10])  # 3 batches
-  before = cache_size(ft._apply_batch)
+  before = cache_size(evaluation._apply_batch)
   first = ft.predict_logits(model, trained, few, batch_size=4)
-  after_first = cache_size(ft._apply_batch)
+  after_first = cache_size(evaluation._apply_batch)
   again = ft.predict_logits(model, trained, few, batch_size=4, routing_key=jax.random.key(1))
   assert first.shape == again.shape == (10, setup.task.num_classes)
-  assert cache_size(ft._apply_batch) == after_first and after_first - before <= 1
+  assert cache_size(evaluation._apply_batch) == after_first and after_first - before <= 1

@@ -27,23 +27,12 @@ The argument is `<benchmark>[,tiny]`, benchmark in digits_rot, fmnist_rot, fmnis
 `tiny` shrinks every stage to a few steps (tests, smoke runs).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
+from configs import meta_dmoe as meta_dmoe_config
 
 _BENCHMARKS = ("digits_rot", "fmnist_rot", "fmnist_shift")
-
-
-def _meta_dmoe_config(arg: str) -> ml_collections.ConfigDict:
-  """`configs/meta_dmoe.py`'s config for `arg`: the full-network run this one compares with."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "meta_dmoe.py"
-  spec = importlib.util.spec_from_file_location("_meta_dmoe_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = "tiny" in flags
   # Every Meta-DMoE field (data, student `model`, aggregator, student, meta, adapt) as in
   # the full-network preset; `experts` now describes the adapter experts' training.
-  c = _meta_dmoe_config(benchmark + (",tiny" if tiny else ""))
+  c = meta_dmoe_config.get_config(benchmark + (",tiny" if tiny else ""))
   c.method = "adapter_experts"
   feature_dim = c.model.options.feature_dim
 

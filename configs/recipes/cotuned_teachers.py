@@ -32,7 +32,7 @@ images and the source model are fixed (`data.benchmark_seed`, `source.seed`).
 
 import ml_collections
 
-from moe_adapt import config_presets
+from configs import _shared as config_presets
 
 _PRESETS = ("fmnist",)
 

@@ -3,9 +3,10 @@
 Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptations for
 Parameter-efficient Model Tuning" (EMNLP 2022). The modules are `models.adamix` (kinds
 'adamix' and 'adamix_lora'); training and evaluation use the fine-tuning harness
-(`methods.finetune`). One run trains, on the same data and from the same backbone, with
-the same batches in the same order, the same head initialisation and the same dropout and
-routing key streams (`finetune.variant_key`; variants differ only by their definition):
+(`methods.adapter_harness`). One run trains, on the same data and from the same backbone,
+with the same batches in the same order, the same head initialisation and the same dropout
+and routing key streams (`adapter_harness.variant_key`; variants differ only by their
+definition):
 
 - `adapter`: one bottleneck adapter per block at AdaMix's place (after the FFN output,
   Pfeiffer's) with the same bottleneck — the single module AdaMix is compared with;
@@ -25,7 +26,9 @@ everywhere. `routing_spread[v]` lists the single choices' mean accuracies (the p
 Figure 5), plotted with the merged model in `<workdir>/plots/routing_spread.png`.
 
 Results also carry trainable and inference parameter counts (without the head) and the
-seconds per training step of each variant.
+seconds per training step of each variant. Each variant's training, parameter counts and
+evaluations are cached in `<workdir>/adamix_eval.json` (`train.artifacts.JsonCache`): a
+resumed run neither retrains nor re-evaluates.
 """
 
 from __future__ import annotations
@@ -37,13 +40,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moe_adapt import models
+from moe_adapt import core, models
+from moe_adapt.data.examples import Examples
 from moe_adapt.methods import _checks
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import artifacts, finetuning
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib
 from moe_adapt.train import workdir as workdir_lib
@@ -105,6 +112,28 @@ def inference_params(params: Any, adapter: adapters_lib.AdapterConfig) -> Any:
   if adapter.kind == "lora":
     params = adapters_lib.merge_lora(params, adapter)
   return params
+
+
+def consistency_loss(weight: float, *, log: bool = False) -> finetuning.Loss:
+  """AdaMix's training loss (`train.finetuning.Loss`): CE on routed pass 1 + `weight` ·
+  the batch mean of `core.losses.symmetric_kl` between passes 1 and 2 with stop-gradient
+  targets (as the official code); pass 2 draws fresh dropout and routing.
+
+  Metrics {'ce', 'consistency'}; with weight 0 the second pass runs only when `log`, and
+  its KL is logged without a gradient.
+  """
+
+  def loss(forward, labels):
+    logits = forward(0)
+    ce = jnp.mean(core.losses.cross_entropy(logits, labels))
+    if not weight and not log:
+      return ce, {"ce": ce}
+    reg = jnp.mean(core.losses.symmetric_kl(logits, forward(1), stop_gradient_targets=True))
+    if not weight:  # logged only: no gradient through the second pass
+      return ce, {"ce": ce, "consistency": jax.lax.stop_gradient(reg)}
+    return ce + weight * reg, {"ce": ce, "consistency": reg}
+
+  return loss
 
 
 def evaluate_mixture(
@@ -195,6 +224,80 @@ def consistency_curve(workdir: str, stage: str) -> list[float]:
   ]
 
 
+def train_and_evaluate(
+  setup: ft.Setup, workdir: str, writer, name: str, backbone: Any, train_set: Examples
+) -> dict[str, Any]:
+  """Variant `name` trained (stage `name`) and evaluated: its entry of `EVAL_CACHE`,
+  {'params', 'step_time_s', 'expert_spread', 'consistency_kl', 'eval' (`evaluate_mixture`'s
+  for `eval.routing_variants`, else 'merged' only)[, 'selection', 'dev_accuracy']}."""
+  config, v = setup.config, VARIANTS[name]
+  sources, targets = ft.protocol_domains(setup)
+  adapter = variant_adapter(config, name)
+  model = ft.build_model(setup, adapter)
+  weight = config.adamix.consistency_weight if v.consistency else 0.0
+  trained = ft.train(
+    setup,
+    workdir,
+    writer,
+    stage=name,
+    model=model,
+    params=ft.init_params(setup, model, setup.key("init"), backbone),
+    train_mode=v.train_mode,
+    examples=train_set,
+    steps=config.train.steps,
+    lr=ft.variant_lr(config, v.train_mode),
+    batch_size=config.train.batch_size,
+    # Mixtures log the KL between two routed passes even when it is not trained on.
+    loss=consistency_loss(weight, log=adapter.kind in MIXTURES),
+    key=ft.variant_key(setup),
+    epochs=config.train.get("epochs", 0),
+    select=ft.dev_selector(setup, model, sources),
+  )
+  writer.flush()
+  entry = {
+    "params": adapted.param_counts(
+      trained.params,
+      train_mode=v.train_mode,
+      inference_params=inference_params(trained.params, adapter),
+    ),
+    "step_time_s": trained.step_time_s,
+    "expert_spread": expert_spread(trained.params, adapter),
+    "consistency_kl": consistency_curve(workdir, name),
+  }
+  if trained.selection is not None:
+    entry["selection"] = ft.selection_entry(trained, len(train_set), config.train.batch_size)
+    entry["dev_accuracy"] = trained.selection["dev_accuracy"]
+  if name in config.eval.routing_variants:
+    key = setup.key("routing_eval")
+    entry["eval"] = evaluate_mixture(setup, adapter, trained.params, targets, key=key)
+  else:
+    merged, outcomes = ft.evaluate_outcomes(setup, model, trained.params, targets)
+    entry["eval"] = {"merged": merged, "per_example": {"merged": outcomes}}
+  return entry
+
+
+def reported_metrics(cache: Mapping[str, Any], variants: Sequence[str]) -> tuple[dict, ...]:
+  """(metrics, routing spread, per-example outcomes) of `variants` from their cache entries:
+  `v` (merged), and for routing variants `v_random`, `v_random_example`, `v_fixed`."""
+  metrics, spread, per_example = {}, {}, {}
+  for name in variants:
+    evals = cache[name]["eval"]
+    metrics[name] = evals["merged"]
+    # Caches written before per-example outcomes existed have none: reported without.
+    outcomes = evals.get("per_example", {})
+    if "merged" in outcomes:
+      per_example[name] = outcomes["merged"]
+    if "random" in evals:
+      metrics[f"{name}_random"] = evals["random"]
+      if "random_example" in evals:
+        metrics[f"{name}_random_example"] = evals["random_example"]
+      metrics[f"{name}_fixed"] = evals["fixed"]
+      spread[name] = evals["spread"]
+      if "fixed" in outcomes:
+        per_example[f"{name}_fixed"] = outcomes["fixed"]
+  return metrics, spread, per_example
+
+
 def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   """Runs (or resumes) every variant and returns the results dict of DESIGN.md."""
   validate_config(config)
@@ -205,74 +308,14 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   logging.info("adamix: %d training examples from %s", len(train_set), sources)
   writer = metrics_lib.MetricWriter(workdir)
   backbone = ft.pretrained_backbone(setup, workdir, writer)
-  # Evaluations are cached per variant: a resumed run neither retrains nor re-evaluates.
-  cache_path = workdir_lib.as_path(workdir) / EVAL_CACHE
-  cache = workdir_lib.read_json(cache_path) if cache_path.is_file() else {}
-  metrics, spread, per_example = {}, {}, {}
-  for name in config.variants:
-    v = VARIANTS[name]
-    if name not in cache:
-      adapter = variant_adapter(config, name)
-      model = ft.build_model(setup, adapter)
-      params = ft.init_params(setup, model, setup.key("init"), backbone)
-      trained = ft.train(
-        setup,
-        workdir,
-        writer,
-        stage=name,
-        model=model,
-        params=params,
-        train_mode=v.train_mode,
-        examples=train_set,
-        steps=config.train.steps,
-        lr=ft.variant_lr(config, v.train_mode),
-        batch_size=config.train.batch_size,
-        consistency_weight=config.adamix.consistency_weight if v.consistency else 0.0,
-        key=ft.variant_key(setup),
-        # Mixtures log the KL between two routed passes even when it is not trained on.
-        log_consistency=adapter.kind in MIXTURES,
-        epochs=config.train.get("epochs", 0),
-        select=ft.dev_selector(setup, model, sources),
-      )
-      writer.flush()
-      entry = {
-        "params": ft.param_counts(
-          trained.params,
-          train_mode=v.train_mode,
-          inference_params=inference_params(trained.params, adapter),
-        ),
-        "step_time_s": trained.step_time_s,
-        "expert_spread": expert_spread(trained.params, adapter),
-        "consistency_kl": consistency_curve(workdir, name),
-      }
-      if trained.selection is not None:
-        entry["selection"] = ft.selection_entry(trained, len(train_set), config.train.batch_size)
-        entry["dev_accuracy"] = trained.selection["dev_accuracy"]
-      if name in config.eval.routing_variants:
-        entry["eval"] = evaluate_mixture(
-          setup, adapter, trained.params, targets, key=setup.key("routing_eval")
-        )
-      else:
-        merged, outcomes = ft.evaluate_outcomes(setup, model, trained.params, targets)
-        entry["eval"] = {"merged": merged, "per_example": {"merged": outcomes}}
-      cache[name] = entry
-      if jax.process_index() == 0:
-        workdir_lib.write_json_atomic(cache_path, cache)
-    entry = cache[name]
-    metrics[name] = entry["eval"]["merged"]
-    # Caches written before per-example outcomes existed have none: reported without.
-    outcomes = entry["eval"].get("per_example", {})
-    if "merged" in outcomes:
-      per_example[name] = outcomes["merged"]
-    if "random" in entry["eval"]:
-      metrics[f"{name}_random"] = entry["eval"]["random"]
-      if "random_example" in entry["eval"]:
-        metrics[f"{name}_random_example"] = entry["eval"]["random_example"]
-      metrics[f"{name}_fixed"] = entry["eval"]["fixed"]
-      spread[name] = entry["eval"]["spread"]
-      if "fixed" in outcomes:
-        per_example[f"{name}_fixed"] = outcomes["fixed"]
+  cache = artifacts.JsonCache(workdir, EVAL_CACHE)
+  entries = {
+    n: cache.get(n, lambda n=n: train_and_evaluate(setup, workdir, writer, n, backbone, train_set))
+    for n in config.variants
+  }
+  cache.flush()
   writer.close()
+  metrics, spread, per_example = reported_metrics(entries, config.variants)
   results = {
     "method": "adamix",
     "benchmark": config.data.benchmark,
@@ -284,20 +327,20 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
       "train": len(train_set),
       **({"dev": len(setup.task.pooled("val", sources))} if config.train.get("epochs") else {}),
     },
-    "params": {n: cache[n]["params"] for n in config.variants},
-    "step_time_s": {n: cache[n]["step_time_s"] for n in config.variants},
+    "params": {n: e["params"] for n, e in entries.items()},
+    "step_time_s": {n: e["step_time_s"] for n, e in entries.items()},
     "routing_spread": spread,
     "metrics": metrics,
     results_lib.PER_EXAMPLE: per_example,
     # Measurements that explain merged vs single: the experts' relative distance from their
     # mean, and the consistency KL between two routed passes as logged over training.
-    "expert_spread": {n: cache[n].get("expert_spread") for n in config.variants},
-    "consistency_kl": {n: cache[n].get("consistency_kl", []) for n in config.variants},
+    "expert_spread": {n: e.get("expert_spread") for n, e in entries.items()},
+    "consistency_kl": {n: e.get("consistency_kl", []) for n, e in entries.items()},
   }
-  selection = {n: cache[n]["selection"] for n in config.variants if "selection" in cache[n]}
+  selection = {n: e["selection"] for n, e in entries.items() if "selection" in e}
   if selection:  # epoch training: the selected epochs and the dev curves they come from
     results["selection"] = selection
-    results["dev_accuracy"] = {n: cache[n]["dev_accuracy"] for n in selection}
+    results["dev_accuracy"] = {n: entries[n]["dev_accuracy"] for n in selection}
   if spread and jax.process_index() == 0:
     plot_routing_spread([results], workdir_lib.as_path(workdir) / SPREAD_PLOT)
   return results

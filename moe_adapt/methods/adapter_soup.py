@@ -81,7 +81,7 @@ from absl import logging
 
 from moe_adapt.core import merging
 from moe_adapt.methods import _checks, sign_study
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import artifacts
 from moe_adapt.train import metrics as metrics_lib

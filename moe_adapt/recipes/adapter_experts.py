@@ -60,8 +60,8 @@ from absl import logging
 from moe_adapt import models
 from moe_adapt.core import merging
 from moe_adapt.methods import _checks, meta_dmoe
+from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.methods import adapter_soup as soup_lib
-from moe_adapt.methods import finetune as ft
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import metrics as metrics_lib
 from moe_adapt.train import results as results_lib

@@ -10,6 +10,7 @@ stage cache (`config.stage_cache`), keyed by the config fields the stage depends
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,16 @@ class BoundStep:
 def bind(jitted: Callable, *arrays) -> BoundStep:
   """A `BoundStep` of `jitted` with its data `arrays`."""
   return BoundStep(jitted, tuple(arrays))
+
+
+def stage_key(seed: int, stage: str, index: int = 0) -> jax.Array:
+  """The PRNG key of stage `stage` of a run with `seed`, `index` folded in (e.g. a domain).
+
+  `fold_in(fold_in(key(seed), crc32(stage) mod 2³¹), index)`: a stage's key depends only
+  on the seed and the stage's name, so adding or reordering stages changes no other key.
+  """
+  digest = zlib.crc32(stage.encode()) % (2**31)
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), digest), index)
 
 
 def run_stage(

@@ -1,8 +1,9 @@
 """Tests of moe_adapt.methods.adamix and configs/adamix.py (the mixture modules themselves
 are tested in tests/models/test_adamix.py).
 
-- The consistency-regularised training step of the harness (`finetune.make_train_step`,
-  AdaMix's loss) against NumPy on the two routed passes' logits, and with weight 0.
+- The consistency-regularised training step (`train.finetuning.make_train_step` with
+  `adamix.consistency_loss`, AdaMix's loss) against NumPy on the two routed passes' logits,
+  and with weight 0.
 - End to end through the CLI (`configs/adamix.py:digits,tiny`, variants adapter, adamix,
   adamix_lora; one block, no dropout, more steps as in test_finetune.py): merged, random
   and fixed-routing metrics, the routing spread and its plot, trainable and inference
@@ -33,8 +34,9 @@ import pytest
 
 from moe_adapt import main as main_lib
 from moe_adapt.methods import adamix
-from moe_adapt.methods import finetune as ft
-from moe_adapt.train import workdir_lock
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
+from moe_adapt.train import finetuning, workdir_lock
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -59,16 +61,16 @@ FLAGS = [
   f"--config.variants={VARIANTS!r}",
 ]
 FLAGS_W0 = [*FLAGS[:-1], "--config.variants=('adamix',)", "--config.adamix.consistency_weight=0"]
-# The CLI with `finetune.evaluate` replaced by a function that ends the process (exit 7).
+# The CLI with `adapter_harness.evaluate` replaced by a function that ends the process (exit 7).
 NO_EVAL = """
 import sys
-from moe_adapt.methods import finetune
+from moe_adapt.methods import adapter_harness
 
 def no_eval(*args, **kwargs):
-  print("finetune.evaluate was called", file=sys.stderr)
+  print("adapter_harness.evaluate was called", file=sys.stderr)
   sys.exit(7)
 
-finetune.evaluate = no_eval
+adapter_harness.evaluate = no_eval
 from moe_adapt import main
 sys.argv = ["moe-adapt", *sys.argv[1:]]
 main.entry_point()
@@ -146,7 +148,7 @@ def main_run(background) -> pathlib.Path:
   """The finished main run's workdir; starts the weight-0 run and the cached rerun.
 
   The rerun works on a copy of the finished workdir without results.json, with
-  `finetune.evaluate` disabled.
+  `adapter_harness.evaluate` disabled.
   """
   base, cache = background["base"], background["cache"]
   code, _, err = _wait(background["main"], base, "main")
@@ -193,6 +195,12 @@ def _tree_listing(path) -> dict:
 # ----------------------------------------------------------------------------- the step
 
 
+def _dummy_inputs(setup: ft.Setup) -> tuple[jax.Array, ...]:
+  """One example of zeros per model input, [1, ...] each."""
+  first = setup.task.train[setup.task.domains[0]]
+  return tuple(jnp.zeros((1, *a.shape[1:]), a.dtype) for a in first.inputs)
+
+
 @pytest.fixture(scope="module")
 def mixture():
   """(setup, model, params, examples) of a 1-block ViT with an AdaMix mixture, 1 device.
@@ -204,7 +212,7 @@ def mixture():
   setup = ft.make_setup(config)
   adapter = ft.adapter_config(config, "adamix", num_experts=4, share="none")
   model = ft.build_model(setup, adapter)
-  dummy = ft._dummy_inputs(setup)
+  dummy = _dummy_inputs(setup)
   shapes = jax.eval_shape(lambda k: model.init(k, *dummy)["params"], jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
@@ -214,13 +222,12 @@ def mixture():
 def _step(mixture, weight: float, step: int, key, log_consistency: bool = False):
   """One step of `make_train_step` with consistency weight `weight`: its metrics."""
   setup, model, params, examples = mixture
-  tx = ft.make_optimizer(10, 1e-3, warmup_fraction=0.0, weight_decay=0.0)
-  frozen, trainable = ft.split_trainable(params, "adapters")
+  tx = finetuning.make_optimizer(10, 1e-3, warmup_fraction=0.0, weight_decay=0.0)
+  frozen, trainable = adapted.split_trainable(params, "adapters")
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state
   state = {"params": trainable, "opt_state": jax.jit(tx.init)(trainable)}
-  fn = ft.make_train_step(
-    setup, model, tx, batch_size=8, consistency_weight=weight, log_consistency=log_consistency
-  )
+  loss = adamix.consistency_loss(weight, log=log_consistency)
+  fn = finetuning.make_train_step(model, tx, batch_size=8, mesh=setup.mesh, loss=loss)
   _, metrics = fn(state, jnp.int32(step), key, frozen, *examples.inputs, examples.labels)
   return {k: float(v) for k, v in metrics.items()}
 
@@ -297,14 +304,16 @@ def test_epoch_batches_cover_every_example_once_per_epoch():
   key, n, size = jax.random.key(0), 24, 8
 
   def batch(step):
-    return ft.epoch_batch(key, jnp.int32(step), n, batch_size=size, epoch_steps=3)
+    return finetuning.epoch_batch(key, jnp.int32(step), n, batch_size=size, epoch_steps=3)
 
   epochs = [np.concatenate([batch(e * 3 + s) for s in (0, 1, 2)]) for e in range(2)]
   for idx in epochs:
     assert sorted(idx.tolist()) == list(range(n))
   assert not np.array_equal(epochs[0], epochs[1])  # a fresh permutation per epoch
   # N not a multiple of the batch: the last batch wraps round to the epoch's start.
-  wrap = [ft.epoch_batch(key, jnp.int32(s), 20, batch_size=8, epoch_steps=3) for s in (0, 1, 2)]
+  wrap = [
+    finetuning.epoch_batch(key, jnp.int32(s), 20, batch_size=8, epoch_steps=3) for s in (0, 1, 2)
+  ]
   assert set(np.concatenate(wrap).tolist()) == set(range(20))
   np.testing.assert_array_equal(wrap[2][4:], wrap[0][:4])
 

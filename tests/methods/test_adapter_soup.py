@@ -563,9 +563,9 @@ def test_validate_config_names_the_field(overrides, match):
 
 @pytest.fixture(scope="module")
 def task():
-  from moe_adapt.methods import finetune
+  from moe_adapt.data import examples
 
-  return finetune.load_task(tiny_config())
+  return examples.load_task(tiny_config())
 
 
 @pytest.mark.parametrize(
@@ -588,7 +588,7 @@ def test_resolve_domains_defaults(task):
 
 
 def test_config_presets():
-  # fmnist is left out: config_presets.adapter_harness('fmnist') fails on its own (it sets
+  # fmnist is left out: configs/_shared.adapter_harness('fmnist') fails on its own (it sets
   # the str field data.options.max_per_domain to an int), for every adapter config file.
   for preset in ("vader", "tweets", "digits"):
     config = CONFIGS.get_config(preset)

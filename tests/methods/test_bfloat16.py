@@ -17,7 +17,9 @@ import pytest
 
 from moe_adapt import models
 from moe_adapt.methods import adamix, meta_dmoe
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
+from moe_adapt.train import finetuning
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 
@@ -103,11 +105,15 @@ def test_finetune_bfloat16_logits_and_train_step():
   scale = float(jnp.max(jnp.abs(logits32)))
   np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale + 1e-3)
 
-  frozen, trainable = ft.split_trainable(params, "adapters")
+  frozen, trainable = adapted.split_trainable(params, "adapters")
   # No warm-up: the first step's learning rate is not 0, so the step must move the params.
-  tx = ft.make_optimizer(4, 1e-3, warmup_fraction=0.0, weight_decay=0.01)
-  step = ft.make_train_step(
-    setup, model, tx, batch_size=config16.train.batch_size, consistency_weight=1.0
+  tx = finetuning.make_optimizer(4, 1e-3, warmup_fraction=0.0, weight_decay=0.01)
+  step = finetuning.make_train_step(
+    model,
+    tx,
+    batch_size=config16.train.batch_size,
+    mesh=setup.mesh,
+    loss=adamix.consistency_loss(1.0),
   )
   state = {"params": jax.tree.map(jnp.copy, trainable), "opt_state": tx.init(trainable)}
   new, metrics = step(

@@ -40,8 +40,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_adapt import main as main_lib
-from moe_adapt.methods import finetune as ft
+from moe_adapt.data import examples as examples_lib
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.methods import finetune
+from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import finetuning
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -299,10 +303,16 @@ def setup() -> ft.Setup:
   )
 
 
+def _dummy_inputs(setup: ft.Setup) -> tuple[jax.Array, ...]:
+  """One example of zeros per model input, [1, ...] each."""
+  first = setup.task.train[setup.task.domains[0]]
+  return tuple(jnp.zeros((1, *a.shape[1:]), a.dtype) for a in first.inputs)
+
+
 def _shapes(setup: ft.Setup, adapter: adapters_lib.AdapterConfig) -> dict:
   """Parameter shapes of the classifier with `adapter` (nothing is computed)."""
   model = ft.build_model(setup, adapter)
-  dummy = ft._dummy_inputs(setup)
+  dummy = _dummy_inputs(setup)
   return jax.eval_shape(lambda k: model.init(k, *dummy)["params"], jax.random.key(0))
 
 
@@ -331,13 +341,13 @@ def _expected_trainable(path: tuple[str, ...], mode: str) -> bool:
 )
 def test_split_trainable_is_disjoint_complete_and_join_inverts_it(setup, kind, mode):
   params = _shapes(setup, ft.adapter_config(setup.config, kind))
-  frozen, trainable = ft.split_trainable(params, mode)
+  frozen, trainable = adapted.split_trainable(params, mode)
   everything, f, t = _paths(params), _paths(frozen), _paths(trainable)
   assert not set(f) & set(t)
   assert set(f) | set(t) == set(everything)
   assert set(t) == {p for p in everything if _expected_trainable(p, mode)}
   assert all(everything[p] is leaf for p, leaf in {**f, **t}.items())
-  joined = ft.join(frozen, trainable)
+  joined = adapted.join(frozen, trainable)
   assert jax.tree.structure(joined) == jax.tree.structure(params)
   assert all(a is b for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(params)))
 
@@ -362,13 +372,13 @@ def test_param_counts_match_hand_counts(setup):
     "lora": (backbone + head + blocks * lora, blocks * lora, backbone + head),
   }
   for variant, (total, trainable, inference) in expected.items():
-    kind, mode = ft.VARIANTS[variant]
+    kind, mode = finetune.VARIANTS[variant]
     adapter = ft.adapter_config(two.config, kind)
     params = _shapes(two, adapter)
     deployed = params
     if kind == "lora":
       deployed = jax.eval_shape(lambda q, a=adapter: adapters_lib.merge_lora(q, a), params)
-    counts = ft.param_counts(params, train_mode=mode, inference_params=deployed)
+    counts = adapted.param_counts(params, train_mode=mode, inference_params=deployed)
     assert counts == {
       "total": total,
       "trainable": trainable,
@@ -380,7 +390,7 @@ def test_param_counts_match_hand_counts(setup):
 def _learning_rates(steps: int, lr: float, warmup_fraction: float) -> np.ndarray:
   """The rate of each of steps + 1 updates, read off AdamW: with zero gradients and
   weight decay 1 on a parameter 1, the update is exactly -rate."""
-  tx = ft.make_optimizer(steps, lr, warmup_fraction=warmup_fraction, weight_decay=1.0)
+  tx = finetuning.make_optimizer(steps, lr, warmup_fraction=warmup_fraction, weight_decay=1.0)
   params = {"w": jnp.ones(())}
   update = jax.jit(tx.update)
   state, rates = tx.init(params), []
@@ -406,7 +416,7 @@ def test_examples_concat_and_take():
     (np.arange(6).reshape(3, 2), np.ones((3, 2), np.int32)), np.array([0, 1, 2], np.int32)
   )
   b = ft.Examples((np.arange(6, 10).reshape(2, 2), np.zeros((2, 2), np.int32)), np.array([3, 4]))
-  both = ft.concat_examples([a, b])
+  both = examples_lib.concat_examples([a, b])
   assert len(both) == 5
   np.testing.assert_array_equal(both.inputs[0], np.arange(10).reshape(5, 2))
   np.testing.assert_array_equal(both.inputs[1][:, 0], [1, 1, 1, 0, 0])
@@ -416,7 +426,7 @@ def test_examples_concat_and_take():
   np.testing.assert_array_equal(picked.inputs[0], [[8, 9], [0, 1]])
   np.testing.assert_array_equal(picked.labels, [4, 0])
   with pytest.raises(ValueError, match="at least one part"):
-    ft.concat_examples([])
+    examples_lib.concat_examples([])
 
 
 def test_load_task_max_examples_is_a_fixed_subset_of_the_test_split(setup):
@@ -569,7 +579,7 @@ def test_bad_target_domain_does_not_block_the_corrected_command(tmp_path, monkey
   wd = tmp_path / "wd"
   with pytest.raises(ValueError, match=r"data\.target_domains=\('rot99',\) is invalid"):
     main_lib.run(tiny_config(**{"data.target_domains": ("rot99",)}), str(wd))
-  monkeypatch.setattr(ft, "run", lambda config, workdir, **kw: {"metrics": {}})
+  monkeypatch.setattr(finetune, "run", lambda config, workdir, **kw: {"metrics": {}})
   main_lib.run(tiny_config(), str(wd))
 
 
@@ -599,7 +609,7 @@ def test_eight_devices_match_one(ref_pretrained, request, tmp_path, monkeypatch)
   pretrained = _final_state(ref_pretrained, "pretrain", PRETRAIN_STEPS)["params"]
   backbone = ft.backbone_of(setup, jax.tree.map(jnp.asarray, pretrained))
   monkeypatch.setattr(ft, "pretrained_backbone", lambda setup, workdir, writer: backbone)
-  got = ft.run(config, str(tmp_path), setup=setup)
+  got = finetune.run(config, str(tmp_path), setup=setup)
   ref = request.getfixturevalue("ref")
   expected = _results(ref.workdir)
   assert got["metrics"]["lora"] == expected["metrics"]["lora"]
@@ -681,7 +691,7 @@ def test_rerun_of_finished_workdir_returns_the_results_and_does_no_work(ref, mon
   def must_not_run(*args, **kwargs):
     raise AssertionError("finetune.run ran again")
 
-  monkeypatch.setattr(ft, "run", must_not_run)
+  monkeypatch.setattr(finetune, "run", must_not_run)
   # The config the CLI flags build (else the workdir would refuse it as another config).
   config = tiny_config(**SMALL, variants=VARIANTS)
   assert main_lib.run(config, str(ref.workdir)) == _results(ref.workdir)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.models import checkpoints
 from tests.methods import configs_util
 

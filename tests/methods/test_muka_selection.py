@@ -11,6 +11,7 @@ import pytest
 
 from moe_adapt import data
 from moe_adapt.methods import muka
+from moe_adapt.train import benchmarks
 from tests.methods.muka_util import tiny_config
 
 STEPS = 6
@@ -44,7 +45,7 @@ def test_selection_keeps_the_best_val_checkpoint_of_one_paired_run(tmp_path):
 
 
 def test_selection_without_validation_data_is_refused(monkeypatch):
-  original = muka.benchmarks.benchmark
+  original = benchmarks.benchmark
 
   def without_val(cfg):
     bench = original(cfg)
@@ -57,6 +58,6 @@ def test_selection_without_validation_data_is_refused(monkeypatch):
 
     return dataclasses.replace(bench, loader=loader)
 
-  monkeypatch.setattr(muka.benchmarks, "benchmark", without_val)
+  monkeypatch.setattr(benchmarks, "benchmark", without_val)
   with pytest.raises(ValueError, match=r"^student\.select_checkpoints=2 needs labelled validation"):
     muka.make_setup(tiny_config(**{"student.select_checkpoints": 2}))

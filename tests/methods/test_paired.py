@@ -1,6 +1,6 @@
 """Paired variants: the compared variants of one run share data order, init and random streams.
 
-For fine-tuning and AdaMix (`finetune.variant_key`), co_tuning and muka (one training key
+For fine-tuning and AdaMix (`adapter_harness.variant_key`), co_tuning and muka (one training key
 and one starting state for every variant). Everything runs in-process on 1 device with a
 1-block ViT without dropout (its random bits make a step compile ~10x slower on CPU), so
 no test here trains more than one step; that the dropout and routing streams are shared
@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_adapt.methods import adamix
-from moe_adapt.methods import finetune as ft
+from moe_adapt.methods import adamix, finetune
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
+from moe_adapt.train import finetuning
 from tests.methods import configs_util
 
 CONFIGS = configs_util.config_module("adamix")
@@ -54,11 +56,11 @@ def test_every_variant_starts_from_the_same_head_and_backbone(setup, backbone):
 
 def _step_ce(setup, model, params, train_mode, key, step=3):
   """The CE of step `step` of `make_train_step` (batch and dropout drawn from `key`)."""
-  tx = ft.make_optimizer(10, 1e-3, warmup_fraction=0.0, weight_decay=0.0)
-  frozen, trainable = ft.split_trainable(params, train_mode)
+  tx = finetuning.make_optimizer(10, 1e-3, warmup_fraction=0.0, weight_decay=0.0)
+  frozen, trainable = adapted.split_trainable(params, train_mode)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state
   state = {"params": trainable, "opt_state": jax.jit(tx.init)(trainable)}
-  fn = ft.make_train_step(setup, model, tx, batch_size=8)
+  fn = finetuning.make_train_step(model, tx, batch_size=8, mesh=setup.mesh)
   examples = setup.task.train["rot0"]
   _, metrics = fn(state, jnp.int32(step), key, frozen, *examples.inputs, examples.labels)
   return float(metrics["ce"])
@@ -83,7 +85,7 @@ def test_the_shared_key_gives_the_same_batches(setup, backbone):
 def test_run_trains_every_variant_with_the_shared_key(
   setup, backbone, method, tmp_path, monkeypatch
 ):
-  module = adamix if method == "adamix" else ft
+  module = adamix if method == "adamix" else finetune
   config = _config() if method == "adamix" else _finetune_config()
   run_setup = setup if method == "adamix" else ft.make_setup(config)
   calls = {}

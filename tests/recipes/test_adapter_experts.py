@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.methods import adapter_soup as soup_lib
-from moe_adapt.methods import finetune as ft
 from moe_adapt.recipes import adapter_experts as ae
 from tests.methods import configs_util
 

@@ -66,3 +66,18 @@ def test_choose_prefers_the_earlier_of_equal_scores():
   assert stages.choose({3: 0.5, 6: 0.5}) == 3
   assert stages.choose({3: 0.4, 6: 0.5}) == 6
   assert stages.choose({("a", 1): 0.2, ("b", 2): 0.1}) == ("a", 1)
+
+
+def test_stage_key_depends_on_seed_stage_and_index_only():
+  import zlib
+
+  want = jax.random.fold_in(
+    jax.random.fold_in(jax.random.key(4), zlib.crc32(b"adapter") % 2**31), 2
+  )
+  got = stages.stage_key(4, "adapter", 2)
+  assert jnp.array_equal(jax.random.key_data(got), jax.random.key_data(want))
+  data = {
+    str(args): tuple(np.asarray(jax.random.key_data(stages.stage_key(*args))).tolist())
+    for args in [(4, "adapter", 0), (5, "adapter", 0), (4, "lora", 0), (4, "adapter", 1)]
+  }
+  assert len(set(data.values())) == 4
