@@ -51,7 +51,9 @@ setuptools.setup(
   long_description_content_type="text/markdown",
   license="MIT",
   python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*"]),
+  # `configs` ships with the library: config files import their shared pieces from it
+  # (`from configs import _shared`), wherever `moe-adapt` is started.
+  packages=setuptools.find_packages(include=["moe_adapt", "moe_adapt.*", "configs", "configs.*"]),
   install_requires=INSTALL_REQUIRES,
   extras_require={
     "test": TEST_REQUIRES + DOCS_REQUIRES,
