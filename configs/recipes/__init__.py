@@ -1,1 +1,1 @@
-"""The cross-method recipes\x27 configs (`--config=configs/recipes/<recipe>.py:<preset>`)."""
+"""The cross-method recipes' configs (`--config=configs/recipes/<recipe>.py:<preset>`)."""

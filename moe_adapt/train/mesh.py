@@ -112,14 +112,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def constrain_batch(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
-  """Inside jit: shards x's leading (batch) axis over a 1-D mesh when it divides evenly."""
-  if mesh.size == 1 or x.shape[0] % mesh.size:
-    return x
-  spec = P(mesh.axis_names[0], *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
 def shard_batch(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   """Places every leaf ([B, ...]) with its leading (batch) axis split over the mesh.
 
