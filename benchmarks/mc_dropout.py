@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_adapt import core, models
-from moe_adapt.methods import _muka_setup, muka
+from moe_adapt.methods import muka_setup, muka
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("vmapped", "loop", "full_vmapped", "full_loop")
@@ -157,7 +157,7 @@ def main() -> None:
   t_start = time.perf_counter()
   config = load_config(args.preset)
   teachers = args.teachers or config.teachers.num_teachers
-  num_classes = len(_muka_setup.label_chunks(10, teachers)[0])
+  num_classes = len(muka_setup.label_chunks(10, teachers)[0])
   batch = args.batch or config.eval_batch_size
   model = make_teacher(config, num_classes)
   key = jax.random.key(0)

@@ -131,7 +131,7 @@ class StreamSetup(meta_dmoe.Setup):
   def stream(
     self, source: streaming.Source, batch_size: int, *seed: int, every_host: bool = False
   ) -> streaming.StepBatches:
-    """The training stream of `source`, seeded by (config.seed, *seed): `StepBatches` of
+    """The training stream of `source`, seeded by (config.seed, seed...): `StepBatches` of
     this host's share of `batch_size`, or (`every_host`) of the whole batch on every host."""
     rng_seed = int(np.random.SeedSequence([self.config.seed, *seed]).generate_state(1)[0])
     if every_host:

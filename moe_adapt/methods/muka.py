@@ -62,15 +62,15 @@ import optax
 from absl import logging
 
 from moe_adapt import core, models
-from moe_adapt.methods._muka_setup import INTEGRATION_MODES as INTEGRATION_MODES
-from moe_adapt.methods._muka_setup import (
+from moe_adapt.methods.muka_setup import INTEGRATION_MODES as INTEGRATION_MODES
+from moe_adapt.methods.muka_setup import (
   STUDENT_VARIANTS,
   Setup,
   init_model,
   make_setup,
   validate_config,
 )
-from moe_adapt.methods._muka_stages import (
+from moe_adapt.methods.muka_stages import (
   evaluate_student_outcomes,
   evaluate_teacher_outcomes,
   merged_logits,

@@ -103,7 +103,7 @@ def make_train_step(
   parameters. The batch is drawn from `fold_in(key, step)` (with replacement; with
   `epoch_steps` > 0 without: `epoch_batch`). The key is an argument, not a constant, so
   stages differing only in it compile to the same program (a persistent compilation cache
-  then serves them all). Returns the new state and {'loss', **loss metrics}.
+  then serves them all). Returns the new state and the metrics: 'loss' and the loss function's own.
   """
 
   def step(state, step, key, frozen, *arrays):

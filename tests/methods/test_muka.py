@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from moe_adapt import core
-from moe_adapt.methods import _muka_setup, muka
+from moe_adapt.methods import muka_setup, muka
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
@@ -101,8 +101,8 @@ def scores4(setup4, teachers4):
 
 
 def test_label_chunks():
-  assert _muka_setup.label_chunks(10, 2) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
-  assert _muka_setup.label_chunks(10, 4) == ((0, 1), (2, 3), (4, 5), (6, 7, 8, 9))
+  assert muka_setup.label_chunks(10, 2) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+  assert muka_setup.label_chunks(10, 4) == ((0, 1), (2, 3), (4, 5), (6, 7, 8, 9))
 
 
 def test_scores_are_cached_once(setup4, teachers4, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_adapt import core
-from moe_adapt.methods import _muka_setup, _muka_stages, muka
+from moe_adapt.methods import muka_setup, muka_stages, muka
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -39,17 +39,17 @@ def softmax(z):
 
 
 def test_label_chunks_hand_cases():
-  assert _muka_setup.label_chunks(10, 2, overlap=0) == _muka_setup.label_chunks(10, 2)
-  assert _muka_setup.label_chunks(10, 2, overlap=1) == ((0, 1, 2, 3, 4, 5), (5, 6, 7, 8, 9, 0))
+  assert muka_setup.label_chunks(10, 2, overlap=0) == muka_setup.label_chunks(10, 2)
+  assert muka_setup.label_chunks(10, 2, overlap=1) == ((0, 1, 2, 3, 4, 5), (5, 6, 7, 8, 9, 0))
   # K = 4 on 10 classes: base chunks of 2, 2, 2 and 4; the last wraps to teacher 0's chunk.
-  assert _muka_setup.label_chunks(10, 4, overlap=1) == (
+  assert muka_setup.label_chunks(10, 4, overlap=1) == (
     (0, 1, 2),
     (2, 3, 4),
     (4, 5, 6),
     (6, 7, 8, 9, 0),
   )
-  assert _muka_setup.label_chunks(20, 4, overlap=2)[3] == (15, 16, 17, 18, 19, 0, 1)
-  assert _muka_setup.label_chunks(5, 2, overlap=1) == ((0, 1, 2), (2, 3, 4, 0))
+  assert muka_setup.label_chunks(20, 4, overlap=2)[3] == (15, 16, 17, 18, 19, 0, 1)
+  assert muka_setup.label_chunks(5, 2, overlap=1) == ((0, 1, 2), (2, 3, 4, 0))
 
 
 @settings(max_examples=40, deadline=None)
@@ -59,8 +59,8 @@ def test_label_chunks_invariants(data):
   k = data.draw(st.integers(2, c), label="num_teachers")
   size = c // k
   overlap = data.draw(st.integers(0, size - 1), label="overlap")
-  chunks = _muka_setup.label_chunks(c, k, overlap=overlap)
-  base = _muka_setup.label_chunks(c, k)
+  chunks = muka_setup.label_chunks(c, k, overlap=overlap)
+  base = muka_setup.label_chunks(c, k)
   assert len(chunks) == k
   counts = np.zeros(c, int)
   for j, chunk in enumerate(chunks):
@@ -89,7 +89,7 @@ def test_label_chunks_invariants(data):
 def test_label_chunks_refuses_bad_overlap(args, match):
   c, k, overlap = args
   with pytest.raises(ValueError, match=match):
-    _muka_setup.label_chunks(c, k, overlap=overlap)
+    muka_setup.label_chunks(c, k, overlap=overlap)
 
 
 def test_config_refuses_bad_overlap():
@@ -251,14 +251,14 @@ def test_teacher_evaluation_and_owner_rate_with_a_wrapping_label_set(setup4, mon
     # Fake predictions: the local index of the gold label (teacher 3's set wraps to class 0).
     local = {c: i for i, c in enumerate(chunk)}
     gold = setup4.test.y[np.isin(setup4.test.y, chunk)]
-    monkeypatch.setattr(_muka_stages, "_predict", lambda s, m, v, x, gold=gold, local=local: (
+    monkeypatch.setattr(muka_stages, "_predict", lambda s, m, v, x, gold=gold, local=local: (
       np.array([local[c] for c in gold[: len(x)]])))  # fmt: skip
-    assert _muka_stages.evaluate_teacher(setup4, k, {})[f"subset_{k}"]["accuracy"] == 1.0
+    assert muka_stages.evaluate_teacher(setup4, k, {})[f"subset_{k}"]["accuracy"] == 1.0
   # Owner rate: teacher 0 always most confident; it knows classes 0, 1, 2 (0 and 2 shared).
   y = setup4.train.y
   conf = np.zeros((len(y), 4), np.float32)
   conf[:, 0] = 1.0
-  assert _muka_stages.owner_rate(setup4, conf) == pytest.approx(np.mean(y <= 2))
+  assert muka_stages.owner_rate(setup4, conf) == pytest.approx(np.mean(y <= 2))
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from moe_adapt import core, models
-from moe_adapt.methods._muka_setup import PyTree, Setup, init_model
+from moe_adapt.methods.muka_setup import PyTree, Setup, init_model
 from moe_adapt.train import evaluation, stages, steps
 from moe_adapt.train import mesh as mesh_lib
 from moe_adapt.train import results as results_lib
