@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_adapt import core, models
-from moe_adapt.methods import muka_setup, muka
+from moe_adapt.methods import muka, muka_setup
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("vmapped", "loop", "full_vmapped", "full_loop")

@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from moe_adapt import core
-from moe_adapt.methods import muka_setup, muka
+from moe_adapt.methods import muka, muka_setup
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_adapt import core
-from moe_adapt.methods import muka_setup, muka_stages, muka
+from moe_adapt.methods import muka, muka_setup, muka_stages
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
