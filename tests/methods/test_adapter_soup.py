@@ -421,7 +421,7 @@ def cli_run(tmp_path_factory):
     env=env,
     capture_output=True,
     text=True,
-    timeout=1800,
+    timeout=2700,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, json.loads((workdir / "results.json").read_text())
