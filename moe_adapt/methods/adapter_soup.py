@@ -55,8 +55,9 @@ on the factors either way. Every score is accuracy and macro-F1.
 
 Every score is cached in `<workdir>/mixture_evals.json`, so a resumed run evaluates
 nothing twice for its scores; the per-example outcomes of the reported variants
-(results.json `per_example`) are kept in memory, so a resumed run evaluates the reported
-variants whose scores it read from the cache once more to recover them. The trained stages
+(results.json `per_example`) persist in `<workdir>/mixture_outcomes.json` (a run resumed
+from a workdir written before that file existed evaluates the reported variants once
+more to recover them). The trained stages
 are shared through `stage_cache` (`ADAPTER_FIELDS`, `ZERO_SHOT_FIELDS`): a run that only
 evaluates differently trains nothing. Plots go to
 `<workdir>/plots/`.
@@ -74,6 +75,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,10 +97,19 @@ COVARIANCE_TYPES = ("diag", "full", "spherical", "tied")
 GREEDY_RANKS = ("target", "row_mean")
 LORA_MIXING = ("product", "factors")
 MERGE_METHODS = ("task_arithmetic", "ties", "ties_member", "dare", "dare_ties", "breadcrumbs")
+# Merges that use data besides the weights (`merge.learned`, rows `merge_<method>`).
+LEARNED_METHODS = ("fisher", "regmean", "adamerging")
+ADAMERGING_GRANULARITY = ("task", "layer")
+LEARNED_CACHE = "merge_learned.json"
+ADAMERGING_NOTE = (
+  "merge_adamerging is a TEST-TIME method: its coefficients are learned by entropy "
+  "minimisation on each target domain's unlabelled test inputs (no test labels)"
+)
 # Model Breadcrumbs' share of largest-magnitude entries dropped (the paper's β = 1 %).
 BREADCRUMBS_TOP = 0.01
 NOVEL_VARIANTS = ("zero_shot", "similarity", "clustering", "all", "best_single")
 CACHE_FILE = "mixture_evals.json"
+OUTCOMES_FILE = "mixture_outcomes.json"
 PLOTS_DIR = "plots"
 PLOT_FILES = ("fsd_accuracy.png", "fsd_matrix.png", "sparsity.png", "greedy.png")
 BEST_SINGLE_NOTE = (
@@ -175,6 +186,23 @@ def validate_config(config) -> None:
   number_tuple(config, "merge.ties_lambdas", "> 0", lambda v: v > 0, non_empty=True)
   number_tuple(config, "merge.densities", "in (0, 1]", lambda v: 0 < v <= 1, non_empty=True)
   _checks.names(config, "merge.methods", MERGE_METHODS, allow_empty=True)
+  _checks.names(config, "merge.learned", LEARNED_METHODS, allow_empty=True)
+  _checks.integer(config, "merge.fisher_examples", 1)
+  number_tuple(config, "merge.fisher_epsilons", ">= 0", lambda v: v >= 0, non_empty=True)
+  _checks.integer(config, "merge.regmean_examples", 1)
+  number_tuple(config, "merge.regmean_alphas", "in [0, 1]", lambda v: 0 <= v <= 1, non_empty=True)
+  _checks.integer(config, "merge.adamerging_steps", 1)
+  _checks.integer(config, "merge.adamerging_batch_size", 1)
+  _checks.number(config, "merge.adamerging_lr", low=0.0)
+  _checks.number(
+    config, "merge.adamerging_init", low=0.0, high=1.0, low_open=False, high_open=False
+  )
+  _checks.choice(config, "merge.adamerging_granularity", ADAMERGING_GRANULARITY)
+  if "regmean" in config.merge.learned and config.adapter.kind == "lora":
+    raise ValueError(
+      "merge.learned has 'regmean' with adapter.kind='lora'; accepted: RegMean with adapters "
+      "of linear kernels (pfeiffer, houlsby), or merge.learned without 'regmean'"
+    )
   sizes = config.study.sizes
   ok = not isinstance(sizes, str) and isinstance(sizes, Sequence)
   ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in sizes)
@@ -909,6 +937,9 @@ class Soup:
       None: mixtures average the factors A and B.
     outcomes: '<domain>|<what>' -> per-example outcomes evaluated in this process.
     per_example: variant -> domain -> per-example outcomes of what the results report.
+    outcome_cache: where the per-example outcomes of reported variants persist
+      (`<workdir>/mixture_outcomes.json`, keys as `cache`), so that a resumed run need
+      not evaluate them again; None: in memory only.
   """
 
   setup: ft.Setup
@@ -924,6 +955,7 @@ class Soup:
   model_product: Any = None
   outcomes: dict[str, dict] = dataclasses.field(default_factory=dict)
   per_example: dict[str, dict] = dataclasses.field(default_factory=dict)
+  outcome_cache: artifacts.JsonCache | None = None
 
   def index(self, members: Sequence[str]) -> np.ndarray:
     """Stack indices of `members`, ascending."""
@@ -956,14 +988,15 @@ class Soup:
     heads = {adapters_lib.HEAD_KEY: self.stacked[adapters_lib.HEAD_KEY]}
     return _member(heads, self.names.index(domain))
 
-  def with_head(self, adapters: PyTree, head: str | None) -> PyTree:
-    """Full params: `adapters` (no head) with `head`'s trained head, or (None) the uniform
-    average of all K heads."""
+  def head_tree(self, head: str | None) -> PyTree:
+    """{'head': `head`'s trained head}, or (None) the uniform average of all K heads."""
     if head is None:
-      heads = merging.weighted_average({adapters_lib.HEAD_KEY: self.stacked[adapters_lib.HEAD_KEY]})
-    else:
-      heads = self.head_of(head)
-    return self.params({**adapters, **heads})
+      return merging.weighted_average({adapters_lib.HEAD_KEY: self.stacked[adapters_lib.HEAD_KEY]})
+    return self.head_of(head)
+
+  def with_head(self, adapters: PyTree, head: str | None) -> PyTree:
+    """Full params: `adapters` (no head) with `head_tree(head)`."""
+    return self.params({**adapters, **self.head_tree(head)})
 
   def mixture(self, members: Sequence[str], *, head: str | None = None) -> PyTree:
     """Full params of the uniform average of `members`' adapters.
@@ -1012,7 +1045,10 @@ class Soup:
 
     value = self.cache.get(domain, what, lambda: scores(outcomes()))
     if variant is not None:
-      self.per_example.setdefault(variant, {})[domain] = self.outcomes.get(key) or outcomes()
+      entry = self.outcomes.get(key)
+      if self.outcome_cache is not None:
+        entry = self.outcome_cache.get(key, lambda: entry or outcomes())
+      self.per_example.setdefault(variant, {})[domain] = entry or outcomes()
     return value
 
   def single_score(
@@ -1513,6 +1549,216 @@ def _hp_name(hp: Mapping[str, float]) -> str:
   return ",".join(f"{k}={v:g}" for k, v in hp.items())
 
 
+# ----------------------------------------------------------------------------
+# Merges that use data: Fisher merging, RegMean, AdaMerging (rows merge_<method>)
+# ----------------------------------------------------------------------------
+
+# Examples per vmapped batch of per-example Fisher gradients (memory only; the estimate is
+# the mean over all examples whatever the batching).
+FISHER_BATCH_SIZE = 16
+
+
+def domain_sample(setup: ft.Setup, domain: str, n: int, purpose: str) -> ft.Examples:
+  """n training examples of `domain` (all when fewer): a subset seeded by the run's seed,
+  the domain and `purpose` (e.g. 'fisher'), in the split's order."""
+  ex = setup.task.train[domain]
+  seed = [setup.config.seed, zlib.crc32(domain.encode()), zlib.crc32(purpose.encode())]
+  return ex.take(np.sort(np.random.default_rng(seed).permutation(len(ex))[:n]))
+
+
+def indexed_logits(
+  model, base: PyTree, head: PyTree, inputs: Sequence[np.ndarray]
+) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """`fn(adapters, idx) -> [B, C]` eval-mode logits of `model` with the backbone `base`,
+  `adapters` (no head) and `head` ({'head': ...}) on the examples `idx` [B] of `inputs`
+  (arrays [N, ...]). Indices stand in for the inputs so that the core's data-driven merges
+  (`diagonal_fisher`, `adamerging`), which take one input array, serve any modality."""
+  arrays = tuple(jnp.asarray(a) for a in inputs)
+
+  def fn(adapters: PyTree, idx: jax.Array) -> jax.Array:
+    params = adapters_lib.merge_params(base, {**adapters, **head})
+    return model.apply({"params": params}, *(a[idx] for a in arrays), train=False)
+
+  return fn
+
+
+def member_fishers(soup: Soup, *, examples: int) -> PyTree:
+  """[K, ...] diagonal Fishers of the K adapters (no head), each on `examples` training
+  examples of its own domain (`domain_sample`) with its own head, labels drawn from the
+  model's predictive distribution (`core.merging.diagonal_fisher`, Matena & Raffel)."""
+  adapters = without_head(soup.stacked)
+  out = []
+  for i, d in enumerate(soup.names):
+    sample = domain_sample(soup.setup, d, examples, "fisher")
+    fn = indexed_logits(soup.model, soup.base, soup.head_of(d), sample.inputs)
+    n = len(sample)
+    batches = [
+      jnp.arange(s, min(s + FISHER_BATCH_SIZE, n), dtype=jnp.int32)
+      for s in range(0, n, FISHER_BATCH_SIZE)
+    ]
+    key = soup.setup.key("merge_fisher", i)
+    out.append(merging.diagonal_fisher(fn, _member(adapters, i), batches, key=key))
+  return stack_trees(out)
+
+
+def fisher_delta(deltas: PyTree, fishers: PyTree, epsilon: float) -> PyTree:
+  """Fisher merging of the [K, ...] task vectors, ε = `epsilon` × the mean Fisher entry
+  (over all members and leaves: a scale-free ε; large ε tends to the uniform average).
+
+  Fisher merging of the adapters θ_k = θ_0 + τ_k is θ_0 + the Fisher merge of the τ_k: the
+  per-entry weights are normalised, so the shared θ_0 passes through."""
+  leaves = jax.tree.leaves(fishers)
+  mean = float(sum(jnp.sum(f) for f in leaves) / sum(f.size for f in leaves))
+  return merging.fisher_merge(deltas, fishers, epsilon=epsilon * mean)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adapter_input_grams(model, params: PyTree, weights: jax.Array, *inputs) -> dict:
+  """'/'-joined module path -> Σ w·x xᵀ [d_in, d_in] over the inputs x [B, ..., d_in] of
+  every adapter linear layer (`adapters_lib.Dense` under an adapter key) in one forward;
+  `weights` [B] or [B, T] (0/1: padding examples, padding tokens) broadcast over x."""
+  grams: dict[str, jax.Array] = {}
+
+  def capture(next_fun, args, kwargs, context):
+    module = context.module
+    if (
+      context.method_name == "__call__"
+      and isinstance(module, adapters_lib.Dense)
+      and any(adapters_lib.is_adapter_key(k) for k in module.path)
+    ):
+      x = args[0]
+      if x.shape[: weights.ndim] != weights.shape:
+        raise ValueError(
+          f"adapter layer {'/'.join(module.path)} has input shape {x.shape}; accepted: "
+          f"leading axes {weights.shape} (batch, tokens)"
+        )
+      w = weights.reshape(weights.shape + (1,) * (x.ndim - weights.ndim)).astype(jnp.float32)
+      name = "/".join(module.path)
+      g = merging.input_gram(x.astype(jnp.float32) * w)  # w² = w for 0/1 weights
+      grams[name] = grams[name] + g if name in grams else g
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    model.apply({"params": params}, *inputs, train=False)
+  return grams
+
+
+def member_grams(soup: Soup, *, examples: int) -> PyTree:
+  """RegMean's input Gram matrices: a tree like the adapters (no head) whose kernel leaves
+  are [K, d_in, d_in] and other leaves None, member k's on `examples` training examples
+  of its own domain (`domain_sample`) run through its own adapter.
+
+  The inputs are captured with Flax's `nn.intercept_methods` around every adapter
+  `Dense.__call__` (the models are not changed); text padding tokens are left out.
+  """
+  cfg = soup.setup.config
+  text = soup.setup.task.modality == "text"
+  bs = cfg.eval_batch_size
+  per_member = []
+  for i, d in enumerate(soup.names):
+    sample = domain_sample(soup.setup, d, examples, "regmean")
+    params = soup.params(_member(soup.stacked, i))
+    total: dict[str, jax.Array] = {}
+    for start in range(0, len(sample), bs):
+      chunk = [a[start : start + bs] for a in sample.inputs]
+      valid = np.ones(len(chunk[0]), np.float32)
+      pad = bs - len(valid)
+      if pad:  # fixed shapes: one compile
+        chunk = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in chunk]
+        valid = np.concatenate([valid, np.zeros(pad, np.float32)])
+      # Text inputs are (token_ids, attention_mask): padding tokens get weight 0.
+      weights = valid[:, None] * chunk[1] if text else valid
+      grams = _adapter_input_grams(soup.model, params, jnp.asarray(weights), *chunk)
+      total = {k: total[k] + g if k in total else g for k, g in grams.items()}
+    per_member.append(total)
+
+  def leaf(path, x):
+    keys = tuple(getattr(p, "key", str(p)) for p in path)
+    if keys[-1] != "kernel":
+      return None
+    name = "/".join(keys[:-1])
+    if name not in per_member[0]:
+      raise ValueError(
+        f"no input was captured for the adapter kernel {name}; accepted: adapters whose "
+        "linear layers are adapters_lib.Dense (pfeiffer, houlsby)"
+      )
+    return jnp.stack([g[name] for g in per_member])
+
+  return jax.tree_util.tree_map_with_path(leaf, without_head(soup.stacked))
+
+
+def learned_candidates(config) -> dict[str, list[dict[str, float]]]:
+  """Per method of `merge.learned` but AdaMerging (test-time, no grid), its grid chosen on
+  validation: Fisher's relative ε (`merge.fisher_epsilons`), RegMean's α
+  (`merge.regmean_alphas`); each setting also names its declared example count."""
+  m = config.merge
+  grids = {
+    "fisher": [{"examples": m.fisher_examples, "epsilon": e} for e in m.fisher_epsilons],
+    "regmean": [{"examples": m.regmean_examples, "alpha": a} for a in m.regmean_alphas],
+  }
+  return {name: grids[name] for name in m.learned if name in grids}
+
+
+def adamerging_settings(config) -> dict[str, Any]:
+  """The declared AdaMerging settings (`merge.adamerging_*`), as recorded in results.json."""
+  m = config.merge
+  return {
+    "granularity": m.adamerging_granularity,
+    "init": float(m.adamerging_init),
+    "steps": int(m.adamerging_steps),
+    "learning_rate": float(m.adamerging_lr),
+    "batch_size": int(m.adamerging_batch_size),
+  }
+
+
+def adamerging_batches(config, domain: str, n: int) -> list[jax.Array]:
+  """`merge.adamerging_steps` index batches [b] into `domain`'s n test examples: seeded
+  epochs of shuffled indices, b = min(`merge.adamerging_batch_size`, n)."""
+  b = min(config.merge.adamerging_batch_size, n)
+  rng = np.random.default_rng([config.seed, zlib.crc32(domain.encode()), zlib.crc32(b"adamerging")])
+  batches, pool = [], np.zeros(0, np.int64)
+  while len(batches) < config.merge.adamerging_steps:
+    if len(pool) < b:
+      pool = np.concatenate([pool, rng.permutation(n)])
+    batches.append(jnp.asarray(pool[:b], jnp.int32))
+    pool = pool[b:]
+  return batches
+
+
+def adamerging_on(
+  soup: Soup, domain: str, deltas: PyTree, head: PyTree
+) -> merging.AdaMergingResult:
+  """AdaMerging of the K task vectors on `domain`'s UNLABELLED test inputs (its labels are
+  never read), with `head` ({'head': ...}); merged adapters in `.params` (no head)."""
+  cfg = soup.setup.config
+  settings = adamerging_settings(cfg)
+  inputs = soup.tests[domain].inputs
+  return merging.adamerging(
+    indexed_logits(soup.model, soup.base, head, inputs),
+    soup.init_adapters,
+    deltas,
+    adamerging_batches(cfg, domain, len(soup.tests[domain])),
+    granularity=settings["granularity"],
+    init=settings["init"],
+    steps=settings["steps"],
+    learning_rate=settings["learning_rate"],
+  )
+
+
+def coefficient_summary(result: merging.AdaMergingResult, names: Sequence[str]) -> dict:
+  """Per member its mean learned coefficient (over leaves when layer-wise), with the min
+  and max over leaves, and the mean prediction entropy before the first and last steps."""
+  per_leaf = np.stack([np.asarray(c) for c in jax.tree.leaves(result.coefficients)])  # [L, K]
+  entropy = np.asarray(result.entropy)
+  return {
+    **{f"mean_{d}": float(per_leaf[:, i].mean()) for i, d in enumerate(names)},
+    **{f"min_{d}": float(per_leaf[:, i].min()) for i, d in enumerate(names)},
+    **{f"max_{d}": float(per_leaf[:, i].max()) for i, d in enumerate(names)},
+    "entropy_first": float(entropy[0]),
+    "entropy_last": float(entropy[-1]),
+  }
+
+
 def merge_study(soup: Soup, study: Sequence[str]) -> dict:
   """Part (e): the merge family on the K adapters, each domain with its own head.
 
@@ -1523,10 +1769,18 @@ def merge_study(soup: Soup, study: Sequence[str]) -> dict:
   takes part in any choice. `merge_avg_like_ties` is the uniform average of the deltas at
   the norm of the chosen TIES merge (its magnitude control).
 
+  The merges of `merge.learned` use data besides the weights: `merge_fisher` (diagonal
+  Fishers on each adapter's own training data, ε chosen on validation like the grids
+  above), `merge_regmean` (input Gram matrices of the adapters' linear layers on each
+  domain's training data, α chosen on validation) and `merge_adamerging` (coefficients
+  learned on each test domain's unlabelled test inputs: a test-time method, one merge per
+  domain). Fishers, Grams and AdaMerging run only when a score is not cached.
+
   Returns:
     {'metrics': variant -> per-domain scores, 'selection': variant -> chosen
      hyper-parameters and their mean validation accuracy, 'validation': variant ->
-     setting -> mean validation accuracy}.
+     setting -> mean validation accuracy, 'adamerging': settings and learned coefficients
+     per domain (or None)}.
   """
   cfg = soup.setup.config
   own_head = not cfg.study.average_heads
@@ -1541,11 +1795,19 @@ def merge_study(soup: Soup, study: Sequence[str]) -> dict:
       jax.tree.map(jnp.add, soup.init_adapters, delta_fn()), d if own_head else None
     )
 
+  fishers = functools.cache(lambda: member_fishers(soup, examples=cfg.merge.fisher_examples))
+  grams = functools.cache(lambda: member_grams(soup, examples=cfg.merge.regmean_examples))
+  builders: dict[str, Callable[[Mapping[str, float]], PyTree]] = {
+    name: lambda hp, name=name: merged_delta(name, deltas, hp, key) for name in MERGE_METHODS
+  }
+  builders["fisher"] = lambda hp: fisher_delta(deltas, fishers(), hp["epsilon"])
+  builders["regmean"] = lambda hp: merging.regmean_merge(deltas, grams(), alpha=hp["alpha"])
+
   metrics, selection, validation, chosen_delta = {}, {}, {}, {}
-  for name, grid in merge_candidates(cfg).items():
+  for name, grid in {**merge_candidates(cfg), **learned_candidates(cfg)}.items():
     val = {}
     for hp in grid:
-      delta = functools.cache(lambda hp=hp, name=name: merged_delta(name, deltas, hp, key))
+      delta = functools.cache(lambda hp=hp, name=name: builders[name](hp))
       what = f"{name}[{_hp_name(hp)}]:{everyone}{suffix}"
       val[_hp_name(hp)] = float(
         np.mean([soup.score(d, what, params_fn(delta, d), split="val")["accuracy"] for d in study])
@@ -1555,12 +1817,32 @@ def merge_study(soup: Soup, study: Sequence[str]) -> dict:
     variant = f"merge_{name}"
     selection[variant] = {**hp, "val_accuracy": val[_hp_name(hp)]}
     validation[variant] = val
-    delta = functools.cache(lambda hp=hp, name=name: merged_delta(name, deltas, hp, key))
+    delta = functools.cache(lambda hp=hp, name=name: builders[name](hp))
     chosen_delta[name] = delta
     what = f"{name}[{_hp_name(hp)}]:{everyone}{suffix}"
     metrics[variant] = _with_mean(
       {d: soup.score(d, what, params_fn(delta, d), variant=variant) for d in study}
     )
+  adamerging = None
+  if "adamerging" in cfg.merge.learned:
+    settings = adamerging_settings(cfg)
+    what = f"adamerging[{_hp_name({k: v for k, v in settings.items() if k != 'granularity'})},"
+    what += f"{settings['granularity']}]:{everyone}{suffix}"
+    info_cache = artifacts.JsonCache(soup.cache.path.parent, LEARNED_CACHE)
+    per, coefficients = {}, {}
+    for d in study:
+      head = soup.head_tree(d if own_head else None)
+      result = functools.cache(lambda d=d, head=head: adamerging_on(soup, d, deltas, head))
+      per[d] = soup.score(
+        d, what, lambda result=result, head=head: soup.params({**result().params, **head}),
+        variant="merge_adamerging",
+      )  # fmt: skip
+      coefficients[d] = info_cache.get(
+        f"{d}|{what}", lambda result=result: coefficient_summary(result(), soup.names)
+      )
+    info_cache.flush()
+    metrics["merge_adamerging"] = _with_mean(per)
+    adamerging = {"settings": settings, "note": ADAMERGING_NOTE, "coefficients": coefficients}
   if "ties" in chosen_delta:
     ties = chosen_delta["ties"]
     hp = _hp_name(selection["merge_ties"])
@@ -1575,7 +1857,12 @@ def merge_study(soup: Soup, study: Sequence[str]) -> dict:
         for d in study
       }
     )
-  return {"metrics": metrics, "selection": selection, "validation": validation}
+  return {
+    "metrics": metrics,
+    "selection": selection,
+    "validation": validation,
+    "adamerging": adamerging,
+  }
 
 
 def _greedy_curves(config, study: dict, study_domains, k: int) -> dict:
@@ -1630,6 +1917,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     tests=eval_subsets(setup, list(dict.fromkeys((*domains.adapters, *domains.targets)))),
     vals=val_subsets(setup, domains.study),
     cache=EvalCache(workdir),
+    outcome_cache=artifacts.JsonCache(workdir, OUTCOMES_FILE),
     model_product=product_model(setup, len(domains.adapters)),
   )
   novel = novel_domains(soup, domains.targets, backbone, workdir, writer)
@@ -1640,6 +1928,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
   pruning = pruning_study(soup, domains.study)
   merges = merge_study(soup, domains.study)
   soup.cache.flush()
+  soup.outcome_cache.flush()
   logging.info("adapter_soup: %d evaluations in this run", soup.cache.computed)
 
   plots = workdir_lib.as_path(workdir) / PLOTS_DIR
@@ -1669,7 +1958,7 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     "study_domains": list(domains.study),
     "num_examples": {"test_eval": {d: len(ex) for d, ex in soup.tests.items()}},
     "step_time_s": step_time,
-    "notes": {"best_single": BEST_SINGLE_NOTE},
+    "notes": {"best_single": BEST_SINGLE_NOTE, "merge_adamerging": ADAMERGING_NOTE},
     "metrics": {
       **novel["metrics"],
       **study["metrics"],
@@ -1682,6 +1971,8 @@ def run(config, workdir: str, *, setup: ft.Setup | None = None) -> dict:
     # Hyper-parameters chosen on the study domains' validation splits (DESIGN.md).
     "selection": merges["selection"],
     "merge_validation": merges["validation"],
+    # AdaMerging's declared settings and learned coefficients (test-time, target inputs).
+    "adamerging": merges["adamerging"],
     "heads": "averaged (ablation)" if config.study.average_heads else "own head per domain",
     "fsd_matrix": {"domains": list(domains.adapters), "values": study["fsd_matrix"].tolist()},
     "in_domain": study["summary"],

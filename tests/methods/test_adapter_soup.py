@@ -12,6 +12,7 @@ The CLI subprocess compiles with XLA's cheap CPU settings (`--xla_backend_optimi
 level=0`): each training stage compiles its own step, and that cuts the compile time ~5×.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -419,7 +421,7 @@ def cli_run(tmp_path_factory):
     env=env,
     capture_output=True,
     text=True,
-    timeout=1800,
+    timeout=2700,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, json.loads((workdir / "results.json").read_text())
@@ -437,19 +439,26 @@ def test_cli_results(cli_run):
   in_domain |= {f"mix_size_{s}_{stat}" for s in range(2, k + 1) for stat in ("mean", "best")}
   pruning = ("prune_own", "prune", "prune_fsd", "ties", "avg_like_ties")
   in_domain |= {f"{v}_{s}" for v in pruning for s in (50, 90)}
-  merges = {f"merge_{m}" for m in soup.MERGE_METHODS} | {"merge_avg_like_ties"}
+  learned = {f"merge_{m}" for m in soup.LEARNED_METHODS}
+  merges = {f"merge_{m}" for m in soup.MERGE_METHODS} | {"merge_avg_like_ties"} | learned
   assert set(r["metrics"]) == novel | in_domain | merges
   for variant, per in r["metrics"].items():
     domains = ["rot75"] if variant in novel else DOMAINS
     assert set(per) == {*domains, "mean"}, variant
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0 for v in per.values())
   # Hyper-parameters of every merge, chosen on validation, from its grid.
-  grids = soup.merge_candidates(tiny_config())
-  assert set(r["selection"]) == {f"merge_{m}" for m in soup.MERGE_METHODS}
+  grids = {**soup.merge_candidates(tiny_config()), **soup.learned_candidates(tiny_config())}
+  assert set(grids) == set(soup.MERGE_METHODS) | {"fisher", "regmean"}
+  assert set(r["selection"]) == {f"merge_{m}" for m in grids}
   for method, grid in grids.items():
     chosen = dict(r["selection"][f"merge_{method}"])
     val = chosen.pop("val_accuracy")
     assert chosen in grid and val == max(r["merge_validation"][f"merge_{method}"].values())
+  # AdaMerging: declared settings, coefficients per study domain, the test-time note.
+  ada = r["adamerging"]
+  assert ada["settings"] == soup.adamerging_settings(tiny_config())
+  assert set(ada["coefficients"]) == set(DOMAINS) and "unlabelled" in ada["note"]
+  assert r["notes"]["merge_adamerging"] == soup.ADAMERGING_NOTE
   # Per-example outcomes of every variant but the aggregates over several mixtures.
   configs_util.check_per_example(r, {v for v in r["metrics"] if not v.startswith("mix_size_")})
   m = r["metrics"]
@@ -532,6 +541,133 @@ def test_rerun_of_a_finished_workdir_does_no_work(cli_run, monkeypatch):
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
 
 
+# ----------------------------------------------------------------------------- learned merges
+
+
+@pytest.fixture(scope="module")
+def untrained_soup(tmp_path_factory):
+  """A `Soup` of the tiny digits config (random ViT, no training): K = 3 adapters, the
+  shared initialisation plus seeded noise, each with its own head."""
+  from moe_adapt.methods import finetune
+  from moe_adapt.models import adapters as adapters_lib
+
+  config = tiny_config(**OVERRIDES)
+  setup = soup.make_setup(config)
+  model = finetune.build_model(setup, soup.soup_adapter_config(config))
+  init = finetune.init_params(setup, model, jax.random.key(0), None)
+  base, init_tree = adapters_lib.split_params(init, include_head=True)
+  leaves, treedef = jax.tree.flatten(init_tree)
+  rng = np.random.default_rng(0)
+  trees = [
+    jax.tree.unflatten(treedef, [x + 0.05 * rng.normal(size=x.shape) for x in leaves])
+    for _ in DOMAINS
+  ]
+  tests = soup.eval_subsets(setup, DOMAINS)
+  return soup.Soup(
+    setup=setup,
+    names=DOMAINS,
+    model=model,
+    model_plain=finetune.build_model(setup, adapters_lib.AdapterConfig()),
+    base=base,
+    stacked=jax.tree.map(jnp.float32, soup.stack_trees(trees)),
+    init_adapters=soup.without_head(init_tree),
+    tests={d: ex.take(np.arange(32)) for d, ex in tests.items()},
+    vals=soup.val_subsets(setup, DOMAINS),
+    cache=soup.EvalCache(tmp_path_factory.mktemp("untrained_soup")),
+  )
+
+
+def _deltas(s):
+  adapters = soup.without_head(s.stacked)
+  return jax.tree.map(lambda x, x0: x - x0[None], adapters, s.init_adapters)
+
+
+def _allclose(a, b, **kw):
+  return all(np.allclose(x, y, **kw) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_learned_merges_of_equal_members_are_the_member(untrained_soup):
+  """Fisher and RegMean weight each member by statistics of its own domain's data; when
+  every member is the same adapter the merge is that adapter, whatever the weights."""
+  s = untrained_soup
+  first = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), s.stacked)
+  same = dataclasses.replace(s, stacked=first)
+  deltas = _deltas(same)
+  member = jax.tree.map(lambda x: x[0], deltas)
+  fishers = soup.member_fishers(same, examples=8)
+  assert _allclose(soup.fisher_delta(deltas, fishers, 1e-3), member, atol=1e-7)
+  grams = soup.member_grams(same, examples=8)
+  regmean = merging.regmean_merge(deltas, grams, alpha=0.5)
+  assert _allclose(regmean, member, atol=1e-5)
+
+
+def test_member_grams_are_the_adapter_inputs(untrained_soup):
+  """RegMean's Gram of an `up` projection is Σ gelu(h) gelu(h)ᵀ, h the `down` output
+  captured by Flax's `capture_intermediates` (independent of the method's interception)."""
+  import flax.linen as nn
+
+  s = untrained_soup
+  grams = soup.member_grams(s, examples=10)
+  for i, d in enumerate(DOMAINS):
+    sample = soup.domain_sample(s.setup, d, 10, "regmean")
+    params = s.params(soup._member(s.stacked, i))
+    _, state = s.model.apply(
+      {"params": params}, *sample.inputs, train=False, capture_intermediates=True
+    )
+    block = state["intermediates"]["backbone"]["block_0"]["adapter_mlp"]
+    h = nn.gelu(block["down"]["__call__"][0], approximate=False)
+    h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
+    got = grams["backbone"]["block_0"]["adapter_mlp"]["up"]["kernel"][i]
+    np.testing.assert_allclose(got, h.T @ h, rtol=1e-4, atol=1e-6)
+    assert grams["backbone"]["block_0"]["adapter_mlp"]["up"]["bias"] is None
+    assert got.shape == (4, 4)
+
+
+def test_fishers_are_seeded_and_non_negative(untrained_soup):
+  a = soup.member_fishers(untrained_soup, examples=6)
+  b = soup.member_fishers(untrained_soup, examples=6)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert all(np.all(np.asarray(x) >= 0) for x in jax.tree.leaves(a))
+  assert jax.tree.structure(a) == jax.tree.structure(soup.without_head(untrained_soup.stacked))
+
+
+def test_adamerging_is_deterministic_and_never_reads_labels(untrained_soup):
+  s = untrained_soup
+  deltas = _deltas(s)
+  head = s.head_tree("rot0")
+  first = soup.adamerging_on(s, "rot0", deltas, head)
+  # Test labels scrambled: the learned merge is the same (only the inputs are read).
+  ex = s.tests["rot0"]
+  scrambled = {**s.tests, "rot0": type(ex)(ex.inputs, (ex.labels + 1) % 10)}
+  again = soup.adamerging_on(dataclasses.replace(s, tests=scrambled), "rot0", deltas, head)
+  assert _allclose(first.params, again.params, rtol=0, atol=0)
+  coeffs = np.stack([np.asarray(c) for c in jax.tree.leaves(first.coefficients)])
+  assert coeffs.shape[1] == len(DOMAINS) and np.all((coeffs >= 0) & (coeffs <= 1))
+  assert first.entropy.shape == (s.setup.config.merge.adamerging_steps,)
+  summary = soup.coefficient_summary(first, DOMAINS)
+  assert summary["min_rot0"] <= summary["mean_rot0"] <= summary["max_rot0"]
+
+
+def test_reported_outcomes_persist_for_a_resumed_run(untrained_soup, tmp_path, monkeypatch):
+  from moe_adapt.train import artifacts
+
+  def fresh(s):
+    return dataclasses.replace(
+      s,
+      cache=soup.EvalCache(tmp_path),
+      outcome_cache=artifacts.JsonCache(tmp_path, soup.OUTCOMES_FILE),
+      outcomes={},
+      per_example={},
+    )
+
+  first = fresh(untrained_soup)
+  scores = first.single_score("rot0", "rot0", variant="own")
+  monkeypatch.setattr(soup, "evaluate_outcomes", lambda *a: pytest.fail("evaluated again"))
+  resumed = fresh(untrained_soup)
+  assert resumed.single_score("rot0", "rot0", variant="own") == scores
+  assert resumed.per_example == first.per_example
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -546,6 +682,15 @@ def test_rerun_of_a_finished_workdir_does_no_work(cli_run, monkeypatch):
     ({"merge.densities": (0.0,)}, "merge.densities="),
     ({"merge.sum_lambdas": ()}, "merge.sum_lambdas="),
     ({"merge.methods": ("fisher",)}, "merge.methods has unknown 'fisher'"),
+    ({"merge.learned": ("dare",)}, "merge.learned has unknown 'dare'"),
+    ({"merge.fisher_examples": 0}, "merge.fisher_examples=0 is invalid"),
+    ({"merge.regmean_examples": -3}, "merge.regmean_examples=-3 is invalid"),
+    ({"merge.fisher_epsilons": (-1.0,)}, "merge.fisher_epsilons="),
+    ({"merge.regmean_alphas": (1.5,)}, "merge.regmean_alphas="),
+    ({"merge.adamerging_steps": 0}, "merge.adamerging_steps=0 is invalid"),
+    ({"merge.adamerging_lr": 0.0}, "merge.adamerging_lr=0.0 is invalid"),
+    ({"merge.adamerging_granularity": "model"}, "merge.adamerging_granularity='model'"),
+    ({"adapter.kind": "lora"}, "merge.learned has 'regmean' with adapter.kind='lora'"),
     ({"eval.max_val_examples": -1}, "eval.max_val_examples=-1"),
     ({"selection.covariance": "dense"}, "selection.covariance='dense' is unknown"),
     ({"study.max_mixtures": 0}, "study.max_mixtures=0"),
