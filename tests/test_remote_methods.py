@@ -62,7 +62,9 @@ RUNS = {
       **_HARNESS,
     },
     (
+      "merge_learned.json",
       "mixture_evals.json",
+      "mixture_outcomes.json",
       "plots/fsd_accuracy.png",
       "plots/fsd_matrix.png",
       "plots/greedy.png",

@@ -548,7 +548,7 @@ def test_rerun_of_a_finished_workdir_does_no_work(cli_run, monkeypatch):
 def untrained_soup(tmp_path_factory):
   """A `Soup` of the tiny digits config (random ViT, no training): K = 3 adapters, the
   shared initialisation plus seeded noise, each with its own head."""
-  from moe_adapt.methods import finetune
+  from moe_adapt.methods import adapter_harness as finetune
   from moe_adapt.models import adapters as adapters_lib
 
   config = tiny_config(**OVERRIDES)
