@@ -88,6 +88,8 @@ def _conv(out: Specs, name: str, path: tuple[str, ...], shape: tuple[int, ...]) 
 def bert_family_specs(
   architecture: str, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[nn.Module, Specs]:
+  """`BertEncoder` and specs of a 'bert', 'roberta' or 'distilbert' `config.json`; the pooler
+  is built when the checkpoint has one (`shapes`: its tensor shapes, prefix stripped)."""
   add_pooler = "pooler.dense.weight" in shapes
   if architecture == "distilbert":
     cfg = distilbert_config(config)
@@ -105,6 +107,8 @@ def bert_family_specs(
 
 
 def vit_specs(config: Mapping[str, Any]) -> tuple[nn.Module, Specs]:
+  """`vit.ViT` (pool 'cls') and specs of a transformers ViT `config.json`; the pooler is not
+  read (ViT image classifiers do not use it)."""
   if not config.get("qkv_bias", True):
     raise ValueError("ViT config.json qkv_bias=False is unsupported; accepted: True")
   p, image, channels = config["patch_size"], config["image_size"], config.get("num_channels", 3)
@@ -187,6 +191,8 @@ def _resnet_specs(
 
 
 def hf_resnet_specs(config: Mapping[str, Any]) -> tuple[nn.Module, Specs]:
+  """`resnet.ResNet` and specs of a transformers ResNet `config.json` (standard widths only;
+  ValueError naming the unsupported field otherwise)."""
   block = config.get("layer_type", "bottleneck")
   if block not in _BLOCKS:
     raise ValueError(
@@ -227,6 +233,8 @@ def hf_resnet_specs(config: Mapping[str, Any]) -> tuple[nn.Module, Specs]:
 def timm_resnet_specs(
   config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[nn.Module, Specs]:
+  """`resnet.ResNet` and specs of a timm ResNet (`TIMM_RESNETS`); its stem width and input
+  channels are read from the shape of `conv1.weight`."""
   block, depths = TIMM_RESNETS[config["architecture"]]
   if "conv1.weight" not in shapes or len(shapes["conv1.weight"]) != 4:
     raise hf_io.WeightLoadError(
