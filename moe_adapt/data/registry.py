@@ -115,24 +115,32 @@ class Benchmark:
 
   def check_domains(self, sources: Sequence[str], targets: Sequence[str]) -> None:
     """Validates a source/target domain choice; raises ValueError naming the bad field."""
-    for field, names in (("source_domains", sources), ("target_domains", targets)):
-      if isinstance(names, str):
-        raise ValueError(f"{field} must be a list of domain names, not the string {names!r}")
-      if not names:
-        raise ValueError(f"{field} is empty; accepted: {', '.join(self.domains)}")
-      unknown = [d for d in names if d not in self.domains]
-      if unknown:
-        raise ValueError(
-          f"{field} has unknown domain(s) {unknown} for benchmark {self.name!r}; "
-          f"accepted: {', '.join(self.domains)}"
-        )
-      if len(set(names)) != len(names):
-        raise ValueError(f"{field} lists a domain twice: {list(names)}")
-    both = [d for d in targets if d in sources]
-    if both:
+    check_domain_choice(self.name, self.domains, sources, targets)
+
+
+def check_domain_choice(
+  benchmark: str, domains: Sequence[str], sources: Sequence[str], targets: Sequence[str]
+) -> None:
+  """Validates a source/target domain choice of benchmark `benchmark` (every benchmark's
+  `check_domains`, image and text); raises ValueError naming the bad field."""
+  for field, names in (("source_domains", sources), ("target_domains", targets)):
+    if isinstance(names, str):
+      raise ValueError(f"{field} must be a list of domain names, not the string {names!r}")
+    if not names:
+      raise ValueError(f"{field} is empty; accepted: {', '.join(domains)}")
+    unknown = [d for d in names if d not in domains]
+    if unknown:
       raise ValueError(
-        f"target_domains {both} are also in source_domains; a target domain must be held out"
+        f"{field} has unknown domain(s) {unknown} for benchmark {benchmark!r}; "
+        f"accepted: {', '.join(domains)}"
       )
+    if len(set(names)) != len(names):
+      raise ValueError(f"{field} lists a domain twice: {list(names)}")
+  both = [d for d in targets if d in sources]
+  if both:
+    raise ValueError(
+      f"target_domains {both} are also in source_domains; a target domain must be held out"
+    )
 
 
 _REGISTRY: dict[str, Callable[..., Benchmark]] = {}

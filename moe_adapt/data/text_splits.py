@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from moe_adapt.data.registry import check_domain_choice
 from moe_adapt.data.text_tokens import tokenized_corpus
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -91,22 +92,7 @@ class TextBenchmark:
 
   def check_domains(self, sources: Sequence[str], targets: Sequence[str]) -> None:
     """Validates a source/target domain choice; raises ValueError naming the bad field."""
-    for field, names in (("source_domains", sources), ("target_domains", targets)):
-      if isinstance(names, str):
-        raise ValueError(f"{field} must be a list of domain names, not the string {names!r}")
-      if not names:
-        raise ValueError(f"{field} is empty; accepted: {', '.join(self.domains)}")
-      unknown = [d for d in names if d not in self.domains]
-      if unknown:
-        raise ValueError(
-          f"{field} has unknown domain(s) {unknown} for benchmark {self.name!r}; "
-          f"accepted: {', '.join(self.domains)}"
-        )
-      if len(set(names)) != len(names):
-        raise ValueError(f"{field} lists a domain twice: {list(names)}")
-    both = [d for d in targets if d in sources]
-    if both:
-      raise ValueError(f"target_domains {both} are also in source_domains; hold targets out")
+    check_domain_choice(self.name, self.domains, sources, targets)
 
 
 def _check_split(split: TextSplit, max_len: int, num_classes: int, where: str) -> None:
