@@ -188,8 +188,13 @@ def make_continued_step(setup: Setup, tx) -> Callable:
   episode keys), at the meta stage's student learning rate and schedule (`tx`), BatchNorm
   frozen as there: what meta-training adds beyond more supervised steps at a small lr.
   """
+  return make_query_step(setup, make_continued_update(setup, tx))
+
+
+def make_query_step(setup: Setup, update: Callable) -> Callable:
+  """`update(state, xq [Q, ...], yq [Q])` on the query half of the episode that
+  `make_episode_step` draws at the same step."""
   cfg = setup.config.meta
-  update = make_continued_update(setup, tx)
 
   def step(state, step, x, y, offsets, sizes):
     key = jax.random.fold_in(setup.key("meta"), step)
