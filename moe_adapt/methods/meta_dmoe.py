@@ -282,13 +282,7 @@ def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
     details=details,
   )
   alpha = inner_lr(config, int(feats.shape[-1]))
-  return {
-    **stages_lib.results_header(config, setup, alpha),
-    "metrics": metrics,
-    "selection": details["selection"],
-    "per_example": details["per_example"],
-    **({"backbone_checkpoint": setup.checkpoint_info} if setup.checkpoint_info else {}),
-  }
+  return stages_lib.results(config, setup, alpha, metrics, details)
 
 
 def train_stages(

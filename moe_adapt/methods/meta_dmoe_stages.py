@@ -213,8 +213,10 @@ def continue_erm(run: StageRun, build: Callable, student: PyTree, tx_s) -> list:
   return kept
 
 
-def results_header(config, setup: Setup, alpha: float) -> dict:
-  """The results dict's fields before the metrics (both paths)."""
+def results(config, setup: Setup, alpha: float, metrics: dict, details: dict, **extra) -> dict:
+  """The results dict of DESIGN.md (both paths): the run's header, `extra` fields, the
+  metrics, and the evaluation's `details` ('selection', 'per_example')."""
+  checkpoint = setup.checkpoint_info
   return {
     "method": "meta_dmoe",
     "benchmark": config.data.benchmark,
@@ -223,4 +225,9 @@ def results_header(config, setup: Setup, alpha: float) -> dict:
     "target_domains": list(setup.targets),
     "super_domains": [list(g) for g in setup.super_domains],
     "inner_lr": alpha,
+    **extra,
+    "metrics": metrics,
+    "selection": details["selection"],
+    "per_example": details["per_example"],
+    **({"backbone_checkpoint": checkpoint} if checkpoint else {}),
   }

@@ -132,18 +132,12 @@ def run_stream(config, workdir: str, *, setup: StreamSetup | None = None) -> dic
     details=details,
   )
   alpha = meta_dmoe.inner_lr(config, feature_dim)
-  return {
-    **stages_lib.results_header(config, setup, alpha),
-    "streaming": {
-      "augment": list(config.data.augment),
-      "eval_augment": list(config.data.eval_augment),
-      "image_size": config.data.options.image_size,
-    },
-    "metrics": metrics,
-    "selection": details["selection"],
-    "per_example": details["per_example"],
-    **({"backbone_checkpoint": setup.checkpoint_info} if setup.checkpoint_info else {}),
+  streamed = {
+    "augment": list(config.data.augment),
+    "eval_augment": list(config.data.eval_augment),
+    "image_size": config.data.options.image_size,
   }
+  return stages_lib.results(config, setup, alpha, metrics, details, streaming=streamed)
 
 
 def evaluate(
