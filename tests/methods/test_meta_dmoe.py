@@ -463,9 +463,15 @@ def test_a_target_given_in_the_batch_replaces_the_aggregated_feature(setups):
 
 @pytest.mark.slow
 def test_run_reports_selection_and_paired_per_example_outcomes(tmp_path):
-  config = tiny_config(**{"meta.steps": 4, "selection.meta_checkpoints": 2})
-  results = meta_dmoe.run(config, str(tmp_path))
-  n = len(meta_dmoe.whole_domain(meta_dmoe.make_setup(config).splits["rot75"])[1])
+  # One device and two steps per stage: what is asserted is the results' shape, not the
+  # learning (the 8-device equality of the steps is tested above).
+  steps = ("backbone", "experts", "student", "meta")
+  overrides = {f"{stage}.steps": 2 for stage in steps}
+  overrides.update({"aggregator.pretrain_steps": 2, "selection.meta_checkpoints": 2})
+  config = tiny_config(num_devices=1, **overrides)
+  setup = meta_dmoe.make_setup(config)
+  results = meta_dmoe.run(config, str(tmp_path), setup=setup)
+  n = len(meta_dmoe.whole_domain(setup.splits["rot75"])[1])
   assert set(results["per_example"]) == set(results["metrics"])
   for variant, per_domain in results["per_example"].items():
     correct = per_domain["rot75"]["correct"]
@@ -473,7 +479,7 @@ def test_run_reports_selection_and_paired_per_example_outcomes(tmp_path):
     if "correct_draws" not in per_domain["rot75"]:
       assert np.mean(correct) == pytest.approx(results["metrics"][variant]["rot75"]["accuracy"])
   chosen = results["selection"]["meta_dmoe"]
-  assert chosen["checkpoint_step"] in (2, 4)
+  assert chosen["checkpoint_step"] in (1, 2)
   assert chosen["inner_lr_factor"] in config.selection.inner_lr_factors
-  assert results["selection"]["erm_continued"]["checkpoint_step"] in (2, 4)
+  assert results["selection"]["erm_continued"]["checkpoint_step"] in (1, 2)
   assert (tmp_path / "backbone.msgpack").exists()

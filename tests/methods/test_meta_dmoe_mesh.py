@@ -44,13 +44,28 @@ def one_device():
   return run_experts(())
 
 
-@pytest.mark.slow  # ~15 CPU-seconds each: three compilations of the 4-expert step
-@pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
-def test_expert_mesh_equals_one_device(one_device, shape):
-  _, want_state, want_losses = one_device
-  setup, state, losses = run_experts(shape)
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+  """The (2, 4) experts stage through `stages.run_stage`, checkpointed at every step:
+  (stage() -> the stage's final state, its workdir); a second call restores."""
+  config = tiny_config(**{"experts.mesh_shape": (2, 4), "checkpoint_every": 1})
+  setup = meta_dmoe.make_setup(config)
+  tx = optax.sgd(0.1)
+  workdir = str(tmp_path_factory.mktemp("expert_mesh"))
+
+  def stage():
+    initial = meta_dmoe.place_experts(setup, meta_dmoe.init_experts(setup, tx))
+    step_fn = meta_dmoe.make_expert_step(setup, tx)
+    return stages.run_stage(
+      config, workdir, "experts", step_fn, initial, STEPS, writer=None, stage_fields={}
+    )
+
+  return setup, stage(), stage
+
+
+def _assert_equal_to_one_device(setup, state, one_device, shape):
+  _, want_state, _ = one_device
   assert setup.expert_mesh.shape == {"data": shape[0], "expert": shape[1]}
-  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
     jax.device_get(state),
@@ -62,31 +77,23 @@ def test_expert_mesh_equals_one_device(one_device, shape):
   assert {s.data.shape[0] for s in kernel.addressable_shards} == {4 // shape[1]}
 
 
+@pytest.mark.slow  # ~15 CPU-seconds: two compilations of the 4-expert step
+def test_expert_mesh_4_2_equals_one_device(one_device):
+  setup, state, losses = run_experts((4, 2))
+  np.testing.assert_allclose(losses, one_device[2], rtol=1e-5)
+  _assert_equal_to_one_device(setup, state, one_device, (4, 2))
+
+
 @pytest.mark.slow  # ~10 CPU-seconds: one compilation of the stacked step
-def test_expert_mesh_stage_checkpoints_and_restores_split(one_device, tmp_path):
-  # The experts stage through stages.run_stage: checkpointed at every step, then a
-  # restarted run restores the finished state, still split over `expert`, without stepping.
-  config = tiny_config(**{"experts.mesh_shape": (2, 4), "checkpoint_every": 1})
-  setup = meta_dmoe.make_setup(config)
-  tx = optax.sgd(0.1)
-
-  def stage():
-    initial = meta_dmoe.place_experts(setup, meta_dmoe.init_experts(setup, tx))
-    step_fn = meta_dmoe.make_expert_step(setup, tx)
-    return stages.run_stage(
-      config, str(tmp_path), "experts", step_fn, initial, STEPS, writer=None, stage_fields={}
-    )
-
-  trained = jax.device_get(stage())
+def test_expert_mesh_2_4_stage_equals_one_device_and_restores_split(one_device, staged):
+  # The (2, 4) layout through stages.run_stage: the same state as one device; a restarted
+  # run restores the finished state, still split over `expert`, without stepping.
+  setup, trained, stage = staged
+  _assert_equal_to_one_device(setup, trained, one_device, (2, 4))
   restored = stage()
   kernel = jax.tree.leaves(restored["params"])[0]
   assert kernel.sharding.spec[0] == mesh_lib.EXPERT
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), trained)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-    trained,
-    jax.device_get(one_device[1]),
-  )
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(trained))
 
 
 @pytest.mark.parametrize(
