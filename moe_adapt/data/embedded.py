@@ -281,3 +281,7 @@ def _embed_splits(backend, resolved, seed, data_dir, kept, ids, masks, labels, u
 
 
 registry.register_benchmark("embedded", embedded)
+
+# The hidden-states variant (`text_hidden`) shares this module's checks and registers itself
+# on import; importing it here puts it among the built-ins that the registry loads.
+from moe_adapt.data import text_hidden as _text_hidden  # noqa: E402, F401
