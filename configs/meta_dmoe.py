@@ -235,7 +235,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.aggregator.batch_size = c.student.batch_size = 32
     c.aggregator.pretrain_steps = 300
     c.student.steps = 40
-    c.meta.steps = 100
+    c.meta.steps = 60
     c.meta.support_size = c.meta.query_size = c.adapt.support_size = 16
     # α = inner_lr · 384 / 2048 = 0.94. Chosen on source data only (seed 0): an expert
     # fine-tuned for 100 steps at 1e-4 moved MiniLM's layer-5 features by rms 0.14 (their
