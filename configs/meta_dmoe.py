@@ -16,6 +16,13 @@ takes 171 s on 2 quiet cores):
   moe-adapt --config=configs/meta_dmoe.py:fmnist_rot   --workdir=runs/mdmoe_fmnist_rot
   moe-adapt --config=configs/meta_dmoe.py:fmnist_shift --workdir=runs/mdmoe_fmnist_shift
 
+Text (tweets_topics; experts and student are fine-tuned copies of MiniLM's top layer, its
+lower layers frozen and their hidden states cached; needs `moe-adapt-data fetch minilm` and
+`moe-adapt-data fetch tweets_topics`; 466 s on 2 CPU cores shared at load average ~27,
+docs/meta_dmoe.md):
+
+  moe-adapt --config=configs/meta_dmoe.py:text --workdir=runs/mdmoe_text
+
 Accelerator preset (ResNet-50 experts and student, 224 px; a TFDS dataset with a
 domain feature that the user prepared, e.g. DomainNet or PACS as array_record), from an
 ImageNet ResNet-50 checkpoint directory (Hugging Face or timm; its network, weights and
