@@ -71,9 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if benchmark == "digits_rot":
     c.data.options.image_size = 16
   elif benchmark == "text":
-    # tweets_topics (6 topic domains, negative / neutral / positive) as MiniLM's layer-5
-    # hidden states, computed once and cached (moe_adapt.data.text_hidden); the encoder is
-    # named, not imported: data/ does not import models/.
+    # tweets_topics (6 topic domains, negative / neutral / positive) as MiniLM's layer-4
+    # hidden states, computed once and cached (`text_hidden`, moe_adapt.data.embedded); the
+    # encoder is named, not imported: data/ does not import models/.
     c.data.benchmark = "text_hidden"
     c.data.options.base = "tweets_topics"
     c.data.options.base_options = ml_collections.ConfigDict({"max_per_domain": 400})
