@@ -611,7 +611,7 @@ def test_list_names_every_method_config_preset_and_benchmark():
   configs = [p for p in (REPO / "configs").rglob("*.py") if not p.name.startswith("_")]
   assert len(config_lines) == len(configs)
   (meta,) = [line for line in lines if line.startswith("  configs/meta_dmoe.py ")]
-  assert "digits_rot, fmnist_rot, fmnist_shift, tfds  -> meta_dmoe" in meta
+  assert "digits_rot, fmnist_rot, fmnist_shift, tfds, text  -> meta_dmoe" in meta
   assert "tiny" in meta
 
 

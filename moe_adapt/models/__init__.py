@@ -19,6 +19,7 @@ from moe_adapt.models import (
   hf_io,
   peft_lora,
   text_classifier,
+  text_top,
   vit,
 )
 from moe_adapt.models.adamix import (
@@ -62,17 +63,19 @@ __all__ = [
   "mixture_param_counts",
   "peft_lora",
   "text_classifier",
+  "text_top",
   "vit",
 ]
 
 # Backbone constructors by config name; each maps images [B, H, W, C] (`mlp`: vectors
-# [B, D_in]) to features [B, D].
+# [B, D_in]; `text_top`: cached hidden states + mask [B, T, D + 1]) to features [B, D].
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
   "convnet": ConvNet,
   "mlp": MLP,
   "resnet18": ResNet18,
   "resnet34": ResNet34,
   "resnet50": ResNet50,
+  "text_top": text_top.TextTop,
   "vit": vit.ViT,
 }
 
@@ -89,7 +92,8 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
   """The backbone registered as `name`, constructed with `kwargs`.
 
   Args:
-    name: one of BACKBONES ('convnet', 'mlp', 'resnet18', 'resnet34', 'resnet50', 'vit').
+    name: one of BACKBONES ('convnet', 'mlp', 'resnet18', 'resnet34', 'resnet50', 'text_top',
+      'vit').
     **kwargs: fields of that module, e.g. width=16 or num_filters=32, small_input=True.
 
   Raises:

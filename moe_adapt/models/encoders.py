@@ -14,6 +14,7 @@ import models/. Paths come in as arguments (`minilm_dir`, needed only for 'minil
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -207,3 +208,68 @@ def encode(
   """Sentence embeddings float32 [N, D] of token ids and masks [N, T] by encoder `name`."""
   config, params, _ = load(name, minilm_dir)
   return embed(config, params, token_ids, attention_mask, batch_size=batch_size)
+
+
+# ------------------------------------------------- lower-layer hidden states (text_hidden)
+
+
+def depth(name: str, minilm_dir: PathLike | None = None) -> int:
+  """The number of transformer layers of encoder `name`, without loading its weights."""
+  check_name(name)
+  return int(_config(name, minilm_dir).num_hidden_layers)
+
+
+@functools.cache
+def _lower_fn(config: bert.BertConfig):
+  """A jitted `(params, ids [B, T], mask [B, T]) -> hidden [B, T, D]` of `config`'s layers."""
+  module = bert.BertEncoder(config, add_pooler=False)
+
+  @jax.jit
+  def forward(params, ids, mask):
+    return module.apply({"params": params}, ids, mask, deterministic=True).hidden
+
+  return forward
+
+
+def hidden_states(
+  name: str,
+  minilm_dir: PathLike | None,
+  token_ids: np.ndarray,
+  attention_mask: np.ndarray,
+  *,
+  num_layers: int,
+  batch_size: int,
+) -> np.ndarray:
+  """Hidden states float32 [N, T, D] after the first `num_layers` layers of encoder `name`.
+
+  The embeddings and layers 0..num_layers-1 of the encoder run frozen on token ids and
+  masks [N, T] (padded positions hold whatever the encoder computes there; the mask says
+  which to ignore). Layers num_layers.. are left to the caller (the `text_top` backbone).
+
+  Raises:
+    ValueError: naming `num_layers` outside 1..depth(name).
+  """
+  config, params, _ = load(name, minilm_dir)
+  total = int(config.num_hidden_layers)
+  is_int = isinstance(num_layers, int) and not isinstance(num_layers, bool)
+  if not is_int or not 1 <= num_layers <= total:
+    raise ValueError(
+      f"num_layers={num_layers!r} is invalid for encoder {name!r} ({total} layers); "
+      f"accepted: an int in 1..{total}"
+    )
+  lower = dataclasses.replace(config, num_hidden_layers=num_layers)
+  kept = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  kept.update({f"layer_{i}": params[f"layer_{i}"] for i in range(num_layers)})
+  forward = _lower_fn(lower)
+  n = len(token_ids)
+  out = []
+  for start in range(0, n, batch_size):
+    ids, mask = token_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+    pad = batch_size - len(ids)
+    if pad:  # one fixed batch shape: the forward pass compiles once
+      ids = np.concatenate([ids, np.repeat(token_ids[:1], pad, axis=0)])
+      mask = np.concatenate([mask, np.repeat(attention_mask[:1], pad, axis=0)])
+    out.append(np.asarray(forward(kept, ids, mask), np.float32))
+  if not out:
+    return np.zeros((0, token_ids.shape[1], config.hidden_size), np.float32)
+  return np.concatenate(out)[:n]
