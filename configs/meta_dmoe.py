@@ -72,13 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.options.image_size = 16
   elif benchmark == "text":
     # tweets_topics (6 topic domains, negative / neutral / positive) as MiniLM's layer-4
-    # hidden states, computed once and cached (`text_hidden`, moe_adapt.data.embedded); the
-    # encoder is named, not imported: data/ does not import models/.
+    # hidden states, computed once and cached (`text_hidden`, moe_adapt.data.embedded; the
+    # method passes the encoder, `train.benchmarks`).
     c.data.benchmark = "text_hidden"
     c.data.options.base = "tweets_topics"
     c.data.options.base_options = ml_collections.ConfigDict({"max_per_domain": 400})
     c.data.options.encoder = "tiny_random" if tiny else "minilm"
-    c.data.options.encoder_backend = "moe_adapt.models.encoders"
     c.data.options.frozen_layers = 1 if tiny else 5
     c.data.options.max_len = 16 if tiny else 32
   elif benchmark == "tfds":

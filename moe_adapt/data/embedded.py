@@ -29,7 +29,7 @@ runs the encoder; a changed tokenizer, encoder or option gives another file.
 encoder, computed once and cached.
 
   get_benchmark("text_hidden", base="vader_sentiment", base_options={"max_per_domain": 800},
-                encoder="minilm", encoder_backend="moe_adapt.models.encoders",
+                encoder="minilm", encoder_backend=moe_adapt.models.encoders,
                 frozen_layers=5, max_len=32)
 
 loads the base text benchmark (its token ids), runs the encoder's embeddings and its first
@@ -44,8 +44,8 @@ copies of MiniLM's top layer on 2 CPU cores.
 Its encoders are `embedded`'s (above): 'minilm', 'tiny_random' or a BERT / DistilBERT
 checkpoint directory. The encoder is a model and data/
 does not import models/: `encoder_backend` is `moe_adapt.models.encoders` (or any object
-with its `check_name`, `plan`, `depth`, `weights_sha256` and `hidden_states`), or that
-module's name, which a config can hold (the methods pass `data.options` as they are).
+with its `check_name`, `plan`, `depth`, `weights_sha256` and `hidden_states`);
+`moe_adapt.train.benchmarks` passes it for the methods.
 
 The arrays are stored as .npz under `registry.cache_dir()`, keyed by a hash of (base name,
 its resolved options, the encoder's weights' SHA-256, frozen_layers, the seed and a digest
@@ -55,7 +55,6 @@ of the token ids): a second load reads them back and never runs the encoder.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -316,19 +315,6 @@ registry.register_benchmark("embedded", embedded)
 TEXT_HIDDEN_CODE_VERSION = 1
 
 
-def _backend(encoder_backend: Any) -> Any:
-  """The backend object: `encoder_backend` itself, or the module it names."""
-  if isinstance(encoder_backend, str) and encoder_backend:
-    try:
-      return importlib.import_module(encoder_backend)
-    except ImportError as e:
-      raise ValueError(
-        f"encoder_backend={encoder_backend!r} cannot be imported ({e}); accepted: "
-        "'moe_adapt.models.encoders' or an object with its functions"
-      ) from e
-  return encoder_backend
-
-
 def _check_frozen(frozen_layers: Any, total: int, encoder: str) -> int:
   ok = isinstance(frozen_layers, int | np.integer) and not isinstance(frozen_layers, bool)
   if not ok or not 1 <= frozen_layers <= total - 1:
@@ -357,7 +343,7 @@ def text_hidden(
     base_options: its options ('' values mean its default); `data_dir` there also locates
       the MiniLM weights, `max_per_domain` caps every domain's documents.
     encoder: an encoder's name or checkpoint directory.
-    encoder_backend: `moe_adapt.models.encoders`, its module name, or an equivalent object.
+    encoder_backend: `moe_adapt.models.encoders` or an equivalent object.
     frozen_layers: how many of the encoder's layers run frozen (1 .. depth - 1).
     max_len: the token length T (sets base_options['max_len']); None keeps the base's.
     batch_size: documents per encoder call.
@@ -366,15 +352,14 @@ def text_hidden(
   Raises:
     ValueError: naming the offending option.
   """
-  backend = _backend(encoder_backend)
   options, _ = _check_options(
-    base, base_options, encoder, backend, max_len, batch_size, (None, None, None)
+    base, base_options, encoder, encoder_backend, max_len, batch_size, (None, None, None)
   )
   base_bench = _text_base(base, options)
   data_dir = options.get("data_dir")
   minilm_dir = _minilm_dir(encoder, data_dir)
-  dim, vocab_size = backend.plan(encoder, minilm_dir)
-  frozen = _check_frozen(frozen_layers, backend.depth(encoder, minilm_dir), encoder)
+  dim, vocab_size = encoder_backend.plan(encoder, minilm_dir)
+  frozen = _check_frozen(frozen_layers, encoder_backend.depth(encoder, minilm_dir), encoder)
   resolved = {
     "base": base,
     "base_options": dict(base_bench.options),
@@ -388,7 +373,9 @@ def text_hidden(
     kept, ids, masks, labels = _kept_tokens(text, dict.fromkeys(SPLITS))
     _check_vocab(ids, vocab_size, encoder, base)
     all_ids, all_masks = np.concatenate(ids), np.concatenate(masks)
-    x = _hidden(backend, resolved, seed, minilm_dir, all_ids, all_masks, batch_size, use_cache)
+    x = _hidden(
+      encoder_backend, resolved, seed, minilm_dir, all_ids, all_masks, batch_size, use_cache
+    )
     out: dict[str, list[registry.Split]] = {}
     start = 0
     for ((domain, _), _), y in zip(kept.items(), labels):

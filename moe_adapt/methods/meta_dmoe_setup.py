@@ -20,6 +20,7 @@ from moe_adapt import data, models
 from moe_adapt.methods import _checks
 from moe_adapt.methods import meta_dmoe_checks as checks
 from moe_adapt.models import backbone_io
+from moe_adapt.train import benchmarks
 from moe_adapt.train import mesh as mesh_lib
 
 
@@ -121,8 +122,7 @@ def make_setup(config) -> Setup:
   `data.streaming=True` is refused (`meta_dmoe_stream.make_setup` streams).
   """
   checks.check_in_memory(config)
-  options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
-  benchmark = data.get_benchmark(config.data.benchmark, **options)
+  benchmark = benchmarks.benchmark(config.data)
   sources, targets = resolve_domains(config, benchmark)
   splits = benchmark.load(seed=config.seed)
   checks.check_sizes(

@@ -13,10 +13,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from moe_adapt import data
 from moe_adapt.data import streaming
 from moe_adapt.methods import meta_dmoe_checks as checks
 from moe_adapt.methods import meta_dmoe_setup as setup_lib
+from moe_adapt.train import benchmarks
 from moe_adapt.train import mesh as mesh_lib
 
 
@@ -142,8 +142,7 @@ def make_stream_setup(config) -> StreamSetup:
       data.options.domain_key not a feature), domains, sizes (as `meta_dmoe_setup.make_setup`).
   """
   validate_stream_config(config)
-  options = {k: v for k, v in config.data.options.to_dict().items() if v != ""}
-  benchmark = data.get_benchmark(config.data.benchmark, **options)
+  benchmark = benchmarks.benchmark(config.data)
   sources, targets = setup_lib.resolve_domains(config, benchmark)
   domain_sources = _open_sources(config, benchmark)
   checks.check_sizes(

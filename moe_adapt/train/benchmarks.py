@@ -1,8 +1,8 @@
 """A config's benchmark: `data.get_benchmark` with what the methods all pass it.
 
 `benchmark(config.data)` reads `data.benchmark` and `data.options` ('' = the benchmark's
-default) and, for the `embedded` text benchmark, passes the sentence-encoder backend
-(`models.encoders`): the wrapper lives in data/, which does not import models/.
+default) and, for the text benchmarks that run an encoder (`embedded`, `text_hidden`), passes
+the encoder backend (`models.encoders`): they live in data/, which does not import models/.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from moe_adapt.models import encoders
 def options(data_config: Any) -> dict[str, Any]:
   """`data.options` as `get_benchmark` keyword arguments ('' values dropped: defaults)."""
   out = {k: v for k, v in data_config.options.to_dict().items() if v != ""}
-  if data_config.benchmark == "embedded":
+  if data_config.benchmark in ("embedded", "text_hidden"):
     out["encoder_backend"] = encoders
   return out
 

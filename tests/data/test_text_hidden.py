@@ -77,7 +77,7 @@ def test_arrays_are_the_first_layers_states_and_the_mask(data_dir, count_calls):
 
 def test_cache_round_trip_does_not_run_the_encoder_again(data_dir, count_calls):
   first = bench(data_dir).load(seed=0)["all"]
-  second = bench(data_dir, encoder_backend="moe_adapt.models.encoders").load(seed=0)["all"]
+  second = bench(data_dir).load(seed=0)["all"]
   assert count_calls == [140]
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a.x, b.x)
@@ -93,7 +93,6 @@ def test_cache_round_trip_does_not_run_the_encoder_again(data_dir, count_calls):
     ({"frozen_layers": 0}, r"frozen_layers=0 is invalid"),
     ({"frozen_layers": True}, r"frozen_layers=True is invalid"),
     ({"encoder_backend": None}, r"encoder_backend=None is invalid"),
-    ({"encoder_backend": "no.such.module"}, r"encoder_backend='no.such.module' cannot be"),
     ({"encoder": "nope"}, r"encoder='nope' is unknown"),
     (
       {"base": "digits_rot", "base_options": {}, "max_len": None},
