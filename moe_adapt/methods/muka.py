@@ -62,13 +62,13 @@ import optax
 from absl import logging
 
 from moe_adapt import core, models
+from moe_adapt.methods import muka_setup as setup_lib
 from moe_adapt.methods.muka_setup import INTEGRATION_MODES as INTEGRATION_MODES
 from moe_adapt.methods.muka_setup import (
   STUDENT_VARIANTS,
+  PyTree,
   Setup,
   init_model,
-  make_setup,
-  validate_config,
 )
 from moe_adapt.methods.muka_stages import (
   evaluate_student_outcomes,
@@ -296,13 +296,26 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
 
 
 def train_students(
-  setup: Setup, workdir: str, writer, teachers: Sequence[dict], scores: dict[str, np.ndarray]
+  setup: Setup,
+  workdir: str,
+  writer,
+  teachers: Sequence[dict],
+  scores: dict[str, np.ndarray],
+  *,
+  init: Callable[[optax.GradientTransformation], PyTree] | None = None,
 ) -> tuple[dict, dict, dict]:
   """Stage 3 and 4: one student stage per variant, all from the same initialisation, and
-  the evaluations (`teachers`: each teacher's). Returns (metrics, per_example, selection)."""
+  the evaluations (`teachers`: each teacher's). Returns (metrics, per_example, selection).
+
+  `init(tx)` gives the students' common starting state ({'params', 'batch_stats',
+  'opt_state'}; e.g. pretrained layers, `methods.muka_ft`); None = a fresh initialisation.
+  """
   config = setup.config
   tx = optax.adam(config.student.lr)
-  start = init_model(setup.student_model, setup.key("student_init"), setup.input_shape, tx)
+  if init is None:
+    start = init_model(setup.student_model, setup.key("student_init"), setup.input_shape, tx)
+  else:
+    start = init(tx)
   start = mesh_lib.replicate(start, setup.mesh)
   step_fn = make_student_step(setup, tx)
   rep = mesh_lib.replicated(setup.mesh)
@@ -331,11 +344,40 @@ def train_students(
   return metrics, per_example, selection
 
 
+def finetuned(config) -> bool:
+  """Whether `config` is the fine-tuned text setting (`model.encoder` set: `muka_ft`)."""
+  return "encoder" in config.model
+
+
+def validate_config(config) -> None:
+  """Checks every field this method reads; raises ValueError naming the field."""
+  if finetuned(config):
+    from moe_adapt.methods import muka_ft  # lazily: muka_ft imports this module
+
+    muka_ft.validate_config(config)
+    return
+  setup_lib.validate_config(config)
+
+
+def make_setup(config) -> Setup:
+  """Loads the data and builds the models (`muka_setup.make_setup`, or `muka_ft`'s)."""
+  if finetuned(config):
+    from moe_adapt.methods import muka_ft
+
+    return muka_ft.make_setup(config)
+  return setup_lib.make_setup(config)
+
+
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
 
   `setup` (from `make_setup(config)`) may be passed when the caller already built it.
+  The fine-tuned text setting (`finetuned(config)`) runs `muka_ft.run`.
   """
+  if finetuned(config):
+    from moe_adapt.methods import muka_ft
+
+    return muka_ft.run(config, workdir, setup=setup)
   validate_config(config)
   if setup is None:
     setup = make_setup(config)
