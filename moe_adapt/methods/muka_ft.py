@@ -69,8 +69,9 @@ PyTree = Any
 
 # Variants whose targets use the MC-dropout scores (they need S >= 2 samples).
 MC_VARIANTS = ("muki", "hard", "no_margin")
-# The config fields the lower pass depends on (its cache key).
-HIDDEN_FIELDS = ("data", "model.encoder", "model.train_layers")
+# The config fields the lower pass depends on (its cache key; the val texts are encoded
+# only with checkpoint selection).
+HIDDEN_FIELDS = ("data", "model.encoder", "model.train_layers", "student.select_checkpoints")
 # ... each teacher (stage cache) and the teachers' scores.
 TEACHER_FIELDS = (
   "data.benchmark",
@@ -82,7 +83,7 @@ TEACHER_FIELDS = (
   "teachers",
   "num_devices",
 )
-SCORE_FIELDS = (*HIDDEN_FIELDS, *TEACHER_FIELDS, "muki.num_mc_samples", "muki.kd_temperature")
+SCORE_FIELDS = ("data", *TEACHER_FIELDS, "muki.num_mc_samples", "muki.kd_temperature")
 PARTS = ("teacher", "transfer", "val", "test")
 
 
