@@ -46,6 +46,15 @@ chunk; docs/muka.md, "Overlapping label sets"), K = 4:
       --set teachers.num_teachers=4 --set teachers.overlap=2 \
       --set stage_cache=runs/muka_newsgroups_overlap/_stage_cache
 
+Fine-tuned MiniLM teachers and student (`newsgroups_ft`, `methods.muka_ft`; docs/muka.md,
+last section): the top block + a new head fine-tuned on disjoint texts, MC dropout through
+the whole network, checkpoint selection on val texts; ~25 min per run for seed 0 on 2
+shared cores, a further seed reuses teachers and scores:
+
+  python -m launch.sweep launch --config=configs/muka.py:newsgroups_ft \
+      --sweep_dir=runs/muka_ft --seeds=0 --workers=1 \
+      --set stage_cache=runs/muka_ft/_stage_cache
+
 The argument is `<preset>[,tiny][,hetero]`; `tiny` shrinks every stage to a few steps (for
 tests and smoke runs). Any field can be overridden, e.g. `--config.teachers.num_teachers=4
 --config.muki.integration=hard --config.variants="('muki','oracle')"`.
