@@ -258,6 +258,7 @@ def _newsgroups_ft(c: ml_collections.ConfigDict, *, tiny: bool) -> ml_collection
   - teachers: Adam 3e-4, 150 steps of 16 (~10 epochs at K = 2); students: Adam 3e-4, 250
     steps of 16 (~7 epochs of the transfer set), the same batch order for every variant.
   """
+  c.method = "muka_ft"
   c.data.benchmark = "newsgroups"
   c.data.options = ml_collections.ConfigDict(
     {

@@ -62,13 +62,14 @@ import optax
 from absl import logging
 
 from moe_adapt import core, models
-from moe_adapt.methods import muka_setup as setup_lib
 from moe_adapt.methods.muka_setup import INTEGRATION_MODES as INTEGRATION_MODES
 from moe_adapt.methods.muka_setup import (
   STUDENT_VARIANTS,
   PyTree,
   Setup,
   init_model,
+  make_setup,
+  validate_config,
 )
 from moe_adapt.methods.muka_stages import (
   evaluate_student_outcomes,
@@ -344,40 +345,11 @@ def train_students(
   return metrics, per_example, selection
 
 
-def finetuned(config) -> bool:
-  """Whether `config` is the fine-tuned text setting (`model.encoder` set: `muka_ft`)."""
-  return "encoder" in config.model
-
-
-def validate_config(config) -> None:
-  """Checks every field this method reads; raises ValueError naming the field."""
-  if finetuned(config):
-    from moe_adapt.methods import muka_ft  # lazily: muka_ft imports this module
-
-    muka_ft.validate_config(config)
-    return
-  setup_lib.validate_config(config)
-
-
-def make_setup(config) -> Setup:
-  """Loads the data and builds the models (`muka_setup.make_setup`, or `muka_ft`'s)."""
-  if finetuned(config):
-    from moe_adapt.methods import muka_ft
-
-    return muka_ft.make_setup(config)
-  return setup_lib.make_setup(config)
-
-
 def run(config, workdir: str, *, setup: Setup | None = None) -> dict:
   """Runs (or resumes) every stage and returns the results dict of DESIGN.md.
 
   `setup` (from `make_setup(config)`) may be passed when the caller already built it.
-  The fine-tuned text setting (`finetuned(config)`) runs `muka_ft.run`.
   """
-  if finetuned(config):
-    from moe_adapt.methods import muka_ft
-
-    return muka_ft.run(config, workdir, setup=setup)
   validate_config(config)
   if setup is None:
     setup = make_setup(config)

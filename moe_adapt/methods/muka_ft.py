@@ -4,9 +4,9 @@ The papers' premises (issue 21): teachers are a pre-trained language model fine-
 disjoint label sets, with dropout in every transformer layer, so that Monte-Carlo dropout
 measures their uncertainty; the student starts from the same pre-trained model, learns
 from an unlabelled transfer set the teachers never saw, and its checkpoint is chosen on a
-small labelled validation set. Selected by `model.encoder` in the config (`muka.run`
-dispatches here); everything not listed below is `methods.muka`'s (integration, the
-variants' targets and loss, one compiled student step, evaluation).
+small labelled validation set. `config.method = 'muka_ft'`; results.json says method
+'muka' (the same variants and tables). Everything not listed below is `methods.muka`'s
+(integration, the variants' targets and loss, one compiled student step, evaluation).
 
 Data (one text benchmark, one domain, e.g. 20 Newsgroups with all 20 labels): in the
 train split, the first `data.teacher_per_class` texts of each class are the teachers'

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_adapt.methods import muka, muka_ft
+from moe_adapt.methods import muka_ft
 from moe_adapt.models import split_text_classifier as split_lib
 from tests.methods.muka_util import CONFIGS, TRAINED
 
@@ -40,7 +40,7 @@ def setup(fake_data):
   c = CONFIGS.get_config("newsgroups_ft,tiny")
   c.data.options.data_dir = str(fake_data)
   c.data.options.tokenizer = str(fake_data / "tokenizer.json")
-  return muka_ft.with_hidden(muka.make_setup(c), str(fake_data / "hidden_run"))
+  return muka_ft.with_hidden(muka_ft.make_setup(c), str(fake_data / "hidden_run"))
 
 
 def _full(setup, k, variables):
@@ -121,7 +121,7 @@ def test_tiny_run_scores_once_and_selects_on_validation(config, tmp_path, monkey
   diag = results["diagnostics"]
   assert 0.0 <= diag["mc"]["selects_owner"] <= 1.0 and len(diag["top_prob_on_others"]) == 2
   # A second run of the scores stage reads the file back, never recomputes.
-  setup = muka_ft.with_hidden(muka.make_setup(config), workdir)
+  setup = muka_ft.with_hidden(muka_ft.make_setup(config), workdir)
   teachers = muka_ft.train_teachers(setup, workdir, None)
   first = muka_ft.teacher_scores(setup, teachers, workdir)
 
@@ -147,13 +147,13 @@ def test_validate_config_names_the_field(config, overrides, match):
   for name, value in overrides.items():
     config[name.split(".")[0]][name.split(".")[1]] = value
   with pytest.raises(ValueError, match=match):
-    muka.validate_config(config)
+    muka_ft.validate_config(config)
 
 
 def test_one_mc_sample_is_fine_without_mc_variants(config):
   config.muki.num_mc_samples = 1
   config.variants = ("single_pass", "vanilla_kd", "oracle")
-  muka.validate_config(config)
+  muka_ft.validate_config(config)
 
 
 @pytest.mark.parametrize(
@@ -177,4 +177,4 @@ def test_make_setup_names_the_field(config, overrides, match):
       node = node[p]
     node[last] = value
   with pytest.raises(ValueError, match=match):
-    muka.make_setup(config)
+    muka_ft.make_setup(config)
