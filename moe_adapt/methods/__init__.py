@@ -21,6 +21,8 @@ _METHODS = {
   # Both of Meta-DMoE's paths: in memory (methods/meta_dmoe.py) or streaming (data.streaming).
   "meta_dmoe": "moe_adapt.methods.meta_dmoe_stream",
   "muka": "moe_adapt.methods.muka",
+  # MUKA / MUKI with fine-tuned text teachers (configs/muka.py:newsgroups_ft).
+  "muka_ft": "moe_adapt.methods.muka_ft",
 }
 
 

@@ -65,6 +65,7 @@ from moe_adapt import core, models
 from moe_adapt.methods.muka_setup import INTEGRATION_MODES as INTEGRATION_MODES
 from moe_adapt.methods.muka_setup import (
   STUDENT_VARIANTS,
+  PyTree,
   Setup,
   init_model,
   make_setup,
@@ -296,13 +297,26 @@ def make_student_step(setup: Setup, tx: optax.GradientTransformation) -> Callabl
 
 
 def train_students(
-  setup: Setup, workdir: str, writer, teachers: Sequence[dict], scores: dict[str, np.ndarray]
+  setup: Setup,
+  workdir: str,
+  writer,
+  teachers: Sequence[dict],
+  scores: dict[str, np.ndarray],
+  *,
+  init: Callable[[optax.GradientTransformation], PyTree] | None = None,
 ) -> tuple[dict, dict, dict]:
   """Stage 3 and 4: one student stage per variant, all from the same initialisation, and
-  the evaluations (`teachers`: each teacher's). Returns (metrics, per_example, selection)."""
+  the evaluations (`teachers`: each teacher's). Returns (metrics, per_example, selection).
+
+  `init(tx)` gives the students' common starting state ({'params', 'batch_stats',
+  'opt_state'}; e.g. pretrained layers, `methods.muka_ft`); None = a fresh initialisation.
+  """
   config = setup.config
   tx = optax.adam(config.student.lr)
-  start = init_model(setup.student_model, setup.key("student_init"), setup.input_shape, tx)
+  if init is None:
+    start = init_model(setup.student_model, setup.key("student_init"), setup.input_shape, tx)
+  else:
+    start = init(tx)
   start = mesh_lib.replicate(start, setup.mesh)
   step_fn = make_student_step(setup, tx)
   rep = mesh_lib.replicated(setup.mesh)
