@@ -27,6 +27,7 @@ from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.methods import adapter_soup as soup_lib
 from moe_adapt.recipes import adapter_experts as ae
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = configs_util.config_module("recipes/adapter_experts")
@@ -117,7 +118,7 @@ def test_vit_width_must_match_the_student():
 def cli_run(tmp_path_factory):
   """The tiny preset through the CLI: (workdir, results)."""
   workdir = tmp_path_factory.mktemp("adapter_experts") / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   cmd = [
     sys.executable,
     "-m",
@@ -139,6 +140,7 @@ def restored(cli_run):
   return setup, ae.train_experts(setup, str(workdir), None, time_steps=False)
 
 
+@pytest.mark.slow
 def test_cli_run_reports_both_recipes(cli_run):
   workdir, results = cli_run
   assert results["method"] == "adapter_experts"
@@ -164,6 +166,7 @@ def test_cli_run_reports_both_recipes(cli_run):
     assert 0.0 <= chosen.pop("source_val_accuracy") <= 1.0 and chosen in grid
 
 
+@pytest.mark.slow
 def test_param_counts_come_from_the_trees(cli_run, restored):
   _, results = cli_run
   setup, experts = restored
@@ -179,6 +182,7 @@ def test_param_counts_come_from_the_trees(cli_run, restored):
   assert p["full_network_experts"]["total"] == n * sum(x.size for x in jax.tree.leaves(cnn))
 
 
+@pytest.mark.slow
 def test_stacked_map_equals_a_loop_over_experts(restored):
   setup, experts = restored
   x = setup.harness.task.test["rot75"].inputs[0][:37]  # not a multiple of the batch
@@ -194,6 +198,7 @@ def test_stacked_map_equals_a_loop_over_experts(restored):
     np.testing.assert_allclose(logits[k], want_l, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_soup_selection_uses_no_target_labels(cli_run, restored):
   _, results = cli_run
   setup, experts = restored
