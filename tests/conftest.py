@@ -72,11 +72,13 @@ EIGHT_DEVICE_MODULES = ("tests/methods/test_meta_dmoe.py", "tests/methods/test_m
 def pytest_collection_modifyitems(config, items):
   """In a 1-device session, replaces each `eight_devices` test with a stand-in (see top)."""
   del config
+  for item in items:
+    if item.nodeid.split("::")[0] in EIGHT_DEVICE_MODULES:
+      item.add_marker("eight_devices")
   if EIGHT_DEVICES:
     return
   for i, item in enumerate(items):
-    module = item.nodeid.split("::")[0]
-    if item.get_closest_marker("eight_devices") is not None or module in EIGHT_DEVICE_MODULES:
+    if item.get_closest_marker("eight_devices") is not None:
       stand_in = EightDeviceTest.from_parent(item.parent, name=item.name)
       stand_in.own_markers = list(item.own_markers)
       stand_in.keywords.update(item.keywords)
@@ -112,7 +114,7 @@ class EightDeviceTest(pytest.Item):
         env.update({DEVICES_ENV: "8", REPORT_ENV: str(path)})
         done = subprocess.run(
           [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-           *nodeids],
+           f"--basetemp={pathlib.Path(tmp) / 'base'}", *nodeids],
           cwd=self.config.rootpath, env=env, capture_output=True, text=True,
         )  # fmt: skip
         lines = path.read_text().splitlines() if path.exists() else []

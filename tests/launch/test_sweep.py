@@ -403,7 +403,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
   env = _e2e_env(tmp_path / "compilation_cache")
   launch = [
     sys.executable, "-m", "launch.sweep", "launch", f"--config={CONFIG_FILE}:digits_rot,tiny",
-    f"--sweep_dir={sweep_dir}", "--seeds=0,1", "--no_sweep", "--set", f"meta.steps={E2E_META_STEPS}",
+    f"--sweep_dir={sweep_dir}", "--seeds=0,1", "--no_sweep",
+    "--set", f"meta.steps={E2E_META_STEPS}",
   ]  # fmt: skip
   deadline = time.monotonic() + E2E_TIMEOUT_S
   log = open(tmp_path / "first_launch.txt", "w")
