@@ -112,6 +112,7 @@ class EightDeviceTest(pytest.Item):
           os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
         )
         env.update({DEVICES_ENV: "8", REPORT_ENV: str(path)})
+        env.pop("PYTEST_ADDOPTS", None)  # e.g. an `-n 2`, which the child (no xdist) refuses
         done = subprocess.run(
           [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
            f"--basetemp={pathlib.Path(tmp) / 'base'}", *nodeids],
