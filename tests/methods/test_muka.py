@@ -6,7 +6,7 @@
 - In process: the integrated targets of each variant (rows sum to 1, teacher k's mass only
   in its slot), the teacher scores cached once in the workdir, the grouped KL against NumPy,
   the label chunks; the student step gives the same losses and parameters on a 1-device and
-  an 8-device data-parallel mesh (tests/conftest.py fakes 8 CPU devices).
+  an 8-device data-parallel mesh (`eight_devices`: a child pytest on 8 fake CPU devices).
 - Bad inputs, each one ValueError naming the field.
 """
 
