@@ -27,7 +27,6 @@ from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.methods import adapter_soup as soup_lib
 from moe_adapt.recipes import adapter_experts as ae
 from tests.methods import configs_util
-from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = configs_util.config_module("recipes/adapter_experts")
@@ -118,7 +117,7 @@ def test_vit_width_must_match_the_student():
 def cli_run(tmp_path_factory):
   """The tiny preset through the CLI: (workdir, results)."""
   workdir = tmp_path_factory.mktemp("adapter_experts") / "run"
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cmd = [
     sys.executable,
     "-m",
