@@ -1,7 +1,7 @@
 """Tests of the `moe-adapt` CLI (moe_adapt/main.py) with the Meta-DMoE tiny preset.
 
 Three CLI runs are shared by the tests (module fixture `runs`):
-- `ref`: an uninterrupted run (100 meta-steps, a checkpoint every 5 steps);
+- `ref`: an uninterrupted run (40 meta-steps, a checkpoint every 5 steps);
 - `resumed`: the same command, SIGKILLed once the meta stage has logged step >= 10, then
   run again in the same workdir, which resumes;
 - `diverged`: a run whose expert learning rate makes the loss non-finite.
@@ -37,10 +37,11 @@ from moe_adapt import methods, recipes  # noqa: F401  (registers the recipes)
 from moe_adapt.methods import meta_dmoe
 from moe_adapt.train import checkpoint as ckpt_lib
 from moe_adapt.train import workdir as workdir_lib
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_ARG = "digits_rot,tiny"
-META_STEPS, CHECKPOINT_EVERY, KILL_AT_STEP = 100, 5, 10
+META_STEPS, CHECKPOINT_EVERY, KILL_AT_STEP = 40, 5, 10
 OVERRIDES = {"meta.steps": META_STEPS, "checkpoint_every": CHECKPOINT_EVERY}
 RUN_FLAGS = [f"--config=configs/meta_dmoe.py:{CONFIG_ARG}"] + [
   f"--config.{k}={v}" for k, v in OVERRIDES.items()
@@ -99,7 +100,7 @@ def make_config(arg: str = CONFIG_ARG, **overrides):
 
 def _env() -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

@@ -91,6 +91,7 @@ def _fail(*args, **kwargs):
   raise AssertionError("computed again although the workdir holds the result")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(RUNS))
 def test_tiny_run_with_a_gs_workdir(method, gcs, tmp_path, monkeypatch):
   cwd = tmp_path / "cwd"

@@ -35,6 +35,9 @@ import pytest
 from moe_adapt.methods import muka
 from moe_adapt.train import checkpoint as ckpt_lib
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
+
+pytestmark = pytest.mark.slow  # Three CLI runs shared by every test.
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # --print_json: the results as the last stdout line, read from each process.
@@ -83,9 +86,7 @@ class Proc:
 
 def _launch(name: str, workdir, logs: pathlib.Path, *, devices: int, extra: dict) -> Proc:
   env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-  env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra
-  )
+  env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", **extra)
   out, err = logs / f"{name}.out", logs / f"{name}.err"
   cmd = [sys.executable, "-m", "moe_adapt.main", *FLAGS, f"--workdir={workdir}"]
   if extra:

@@ -29,6 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch import collect, sweep
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILE = "configs/meta_dmoe.py"
@@ -351,11 +352,13 @@ def test_cli_errors(tmp_path, monkeypatch, capsys, extra, message):
 # ----------------------------------------------------------------------------- end to end
 
 E2E_TIMEOUT_S = 420
+# Seed 1 is killed past meta step 10: the steps after it leave time to see it running.
+E2E_META_STEPS = 30
 
 
 def _e2e_env(cache: pathlib.Path) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   # The runs compile the same programs: later ones read them back.
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
@@ -400,7 +403,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
   env = _e2e_env(tmp_path / "compilation_cache")
   launch = [
     sys.executable, "-m", "launch.sweep", "launch", f"--config={CONFIG_FILE}:digits_rot,tiny",
-    f"--sweep_dir={sweep_dir}", "--seeds=0,1", "--no_sweep", "--set", "meta.steps=60",
+    f"--sweep_dir={sweep_dir}", "--seeds=0,1", "--no_sweep",
+    "--set", f"meta.steps={E2E_META_STEPS}",
   ]  # fmt: skip
   deadline = time.monotonic() + E2E_TIMEOUT_S
   log = open(tmp_path / "first_launch.txt", "w")
@@ -447,7 +451,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert _headers(done[0]) == 1 and _headers(busy[0]) == 2
   # The second attempt resumed the meta stage rather than starting it over.
   steps = _meta_steps(busy[0].path)
-  assert steps[-1] == 59 and steps.count(0) == 1
+  assert steps[-1] == E2E_META_STEPS - 1 and steps.count(0) == 1
 
   assert collect.main([f"--sweep_dir={sweep_dir}", f"--out={out_dir}"]) == 0
   results = [json.loads((r.path / "results.json").read_text()) for r in (done[0], busy[0])]

@@ -38,6 +38,7 @@ from moe_adapt.methods import adapter_harness as ft
 from moe_adapt.models import adapted
 from moe_adapt.train import finetuning, workdir_lock
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 600
@@ -90,7 +91,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 def _popen(args, workdir, logs: pathlib.Path, tag: str, cache: pathlib.Path, *, script=None):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

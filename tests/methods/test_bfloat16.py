@@ -46,6 +46,7 @@ def test_presets_default_to_float32_and_the_accelerator_preset_to_bfloat16():
   assert MDMOE.get_config("tfds").model.dtype == "bfloat16"
 
 
+@pytest.mark.slow
 def test_meta_dmoe_bfloat16_logits_and_meta_step():
   config = MDMOE.get_config("digits_rot,tiny")
   config.num_devices = 1
@@ -86,6 +87,7 @@ def test_meta_dmoe_bfloat16_logits_and_meta_step():
   assert _float_dtypes(new) == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_finetune_bfloat16_logits_and_train_step():
   config = ADAMIX.get_config("vader,tiny")
   config.num_devices = 1

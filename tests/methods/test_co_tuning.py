@@ -29,6 +29,7 @@ from moe_adapt import data
 from moe_adapt.methods import co_tuning, co_tuning_data, co_tuning_finetune
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = ("fine_tune", "l2_sp", "co_tuning_direct", "co_tuning_reverse")
@@ -48,7 +49,7 @@ def tiny_config(arg: str = "fmnist,tiny", **overrides) -> ml_collections.ConfigD
 
 def _env(compilation_cache: pathlib.Path) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   # The second run compiles the same programs: it reads them back.
   env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
@@ -95,6 +96,7 @@ def _results(workdir) -> dict:
   return json.loads((workdir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_run_reports_every_variant(runs):
   results = _results(runs["first"])
   assert results["method"] == "co_tuning"
@@ -116,6 +118,7 @@ def test_cli_run_reports_every_variant(runs):
   assert 8 <= results["num_examples"]["target_val"] <= 12
 
 
+@pytest.mark.slow
 def test_cli_run_logs_every_choice_made_on_validation(runs):
   results = _results(runs["first"])
   selection, tried = results["selection"], results["selection_candidates"]
@@ -132,6 +135,7 @@ def test_cli_run_logs_every_choice_made_on_validation(runs):
   assert reverse["temperature"] > 0 and 0 <= reverse["val_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_cli_run_reports_source_calibration(runs):
   cal = _results(runs["first"])["source_calibration"]
   assert cal["fitted"] is True
@@ -142,6 +146,7 @@ def test_cli_run_reports_source_calibration(runs):
   assert "rot0 val" in cal["fitted_on"] and "rot0 test" in cal["measured_on"]
 
 
+@pytest.mark.slow
 def test_cli_run_saves_relationships_and_heatmaps(runs):
   results = _results(runs["first"])
   for kind in ("direct", "reverse"):
@@ -157,6 +162,7 @@ def test_cli_run_saves_relationships_and_heatmaps(runs):
     assert 0.0 <= info["mean_row_entropy"] <= info["max_entropy"] == pytest.approx(np.log(6))
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_source_stage(runs):
   first, second = _results(runs["first"]), _results(runs["second"])
   stages = {json.loads(line)["stage"] for line in open(runs["second"] / "metrics.jsonl")}
@@ -540,6 +546,7 @@ def test_lr_scale_is_the_learning_rate_times_the_scale(step_inputs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.eight_devices
 def test_finetune_step_is_the_same_on_1_and_8_devices(tiny_setup, step_inputs):
   eight = co_tuning.make_setup(tiny_config(num_devices=8))
   assert eight.mesh.size == 8 and tiny_setup.mesh.size == 1

@@ -27,6 +27,7 @@ from moe_adapt import data, models
 from moe_adapt.methods import co_tuning, co_tuning_data, co_tuning_source
 from moe_adapt.models import hf_io
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "models" / "fixtures" / "hf"
@@ -132,7 +133,7 @@ def test_cub_tiny_preset_runs_from_the_resnet50_fixture(tmp_path):
     "cub200", tmp_path / "tfds", per_class={"train": 16, "test": 4}
   )
   workdir = tmp_path / "run"
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
     [
       sys.executable,

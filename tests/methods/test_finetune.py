@@ -7,8 +7,8 @@
   more steps so that the models learn something): results.json, the trainable tree of
   each variant, a rerun that does no work, a run killed with SIGKILL and resumed (its
   stages trained before the kill double as a second run with the same seed).
-- Data parallel: the `lora` variant run in process on 8 devices from the CLI run's
-  pre-trained backbone matches the 1-device CLI run.
+- Data parallel: the `lora` variant run in a child process on 8 fake devices from the CLI
+  run's pre-trained backbone matches the 1-device CLI run.
 - Bad input: unknown variant, protocol, model kind, target domains; a backbone that does
   not fit the benchmark's modality. A bad target domain fails before the workdir is
   written, so the corrected command can reuse it.
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 import signal
 import subprocess
@@ -47,6 +48,7 @@ from moe_adapt.models import adapted
 from moe_adapt.models import adapters as adapters_lib
 from moe_adapt.train import finetuning
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 600
@@ -86,7 +88,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 def _env(devices: int, cache: pathlib.Path) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   # Runs of the same programs read them back instead of compiling them again.
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
@@ -599,23 +601,51 @@ def ref_pretrained(background) -> pathlib.Path:
   return run.workdir
 
 
+# `finetune` (variant lora) in process on 8 fake devices (the flag must precede JAX's start,
+# hence a child process) from the pre-trained backbone of `ref` (argv[1]); results and the
+# final lora parameters to argv[2].
+EIGHT_DEVICE_SCRIPT = """
+import json, pathlib, pickle, sys
+import jax, jax.numpy as jnp
+from moe_adapt.methods import adapter_harness as ft
+from moe_adapt.methods import finetune
+from tests.methods.test_finetune import (
+  PRETRAIN_STEPS, SMALL, TRAIN_STEPS, _final_state, tiny_config,
+)
+
+config = tiny_config(**SMALL, variants=("lora",), num_devices=8)
+setup = ft.make_setup(config)
+assert setup.mesh.size == 8, setup.mesh
+pretrained = _final_state(sys.argv[1], "pretrain", PRETRAIN_STEPS)["params"]
+backbone = ft.backbone_of(setup, jax.tree.map(jnp.asarray, pretrained))
+ft.pretrained_backbone = lambda setup, workdir, writer: backbone
+results = finetune.run(config, sys.argv[2], setup=setup)
+pathlib.Path(sys.argv[2], "results.json").write_text(json.dumps(results))
+# The final lora parameters as NumPy: an 8-device checkpoint does not restore onto 1 device.
+lora = _final_state(sys.argv[2], "lora", TRAIN_STEPS)["params"]
+pathlib.Path(sys.argv[2], "lora_params.pkl").write_bytes(pickle.dumps(lora))
+"""
+
+
 @pytest.mark.slow
-def test_eight_devices_match_one(ref_pretrained, request, tmp_path, monkeypatch):
-  """`finetune` (variant lora) in process on 8 devices from `ref`'s pre-trained backbone,
-  run while `ref` trains its variants on 1 device."""
-  config = tiny_config(**SMALL, variants=("lora",), num_devices=8)
-  setup = ft.make_setup(config)
-  assert setup.mesh.size == 8
-  pretrained = _final_state(ref_pretrained, "pretrain", PRETRAIN_STEPS)["params"]
-  backbone = ft.backbone_of(setup, jax.tree.map(jnp.asarray, pretrained))
-  monkeypatch.setattr(ft, "pretrained_backbone", lambda setup, workdir, writer: backbone)
-  got = finetune.run(config, str(tmp_path), setup=setup)
+def test_eight_devices_match_one(ref_pretrained, request, tmp_path, tmp_path_factory):
+  """`finetune` (variant lora) on 8 devices from `ref`'s pre-trained backbone, run while
+  `ref` trains its variants on 1 device."""
+  workdir = tmp_path / "eight_devices"
+  env = _env(8, _cache_dir(tmp_path_factory))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  command = [sys.executable, "-c", EIGHT_DEVICE_SCRIPT, str(ref_pretrained), str(workdir)]
+  done = subprocess.run(
+    command, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+  )
+  assert done.returncode == 0, done.stderr[-5000:]
+  got = _results(workdir)
   ref = request.getfixturevalue("ref")
   expected = _results(ref.workdir)
   assert got["metrics"]["lora"] == expected["metrics"]["lora"]
   assert got["params"]["lora"] == expected["params"]["lora"]
   _assert_same_params(
-    _final_state(tmp_path, "lora", TRAIN_STEPS)["params"],
+    pickle.loads((workdir / "lora_params.pkl").read_bytes()),
     _final_state(ref.workdir, "lora", TRAIN_STEPS)["params"],
     rtol=1e-4,
     atol=1e-6,

@@ -6,7 +6,7 @@
 - In process: the integrated targets of each variant (rows sum to 1, teacher k's mass only
   in its slot), the teacher scores cached once in the workdir, the grouped KL against NumPy,
   the label chunks; the student step gives the same losses and parameters on a 1-device and
-  an 8-device data-parallel mesh (tests/conftest.py fakes 8 CPU devices).
+  an 8-device data-parallel mesh (`eight_devices`: a child pytest on 8 fake CPU devices).
 - Bad inputs, each one ValueError naming the field.
 """
 
@@ -27,6 +27,7 @@ from moe_adapt.methods import muka, muka_setup
 from moe_adapt.train import mesh as mesh_lib
 from tests.methods import configs_util
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("muka_cli")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [
       sys.executable,
@@ -56,6 +57,7 @@ def cli_run(tmp_path_factory):
   return tmp / "run"
 
 
+@pytest.mark.slow
 def test_cli_run_reports_every_variant(cli_run):
   results = json.loads((cli_run / "results.json").read_text())
   assert results["method"] == "muka" and results["target_domains"] == ["rot0"]
@@ -214,6 +216,7 @@ def student_runs():
   return initial, runs
 
 
+@pytest.mark.eight_devices
 def test_student_step_is_the_same_on_1_and_8_devices(student_runs):
   initial, runs = student_runs
   (losses1, state1), (losses8, state8) = runs[1], runs[8]
@@ -274,6 +277,7 @@ def test_config_argument_errors():
 # ----------------------------------------------------------------------------- text
 
 
+@pytest.mark.slow
 def test_newsgroups_tiny_run_on_sentence_embeddings(tmp_path, monkeypatch):
   """The `newsgroups,tiny` preset end to end (fake archive, tiny random encoder, MLP heads)."""
   from moe_adapt import main as main_lib

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from moe_adapt import core
 from moe_adapt.methods import muka, muka_setup, muka_stages
 from tests.methods.muka_util import CONFIGS, TRAINED, tiny_config, untrained_teachers
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -264,8 +265,9 @@ def test_teacher_evaluation_and_owner_rate_with_a_wrapping_label_set(setup4, mon
 # ----------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_cli_run_with_overlapping_teachers(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   workdir = tmp_path / "run"
   proc = subprocess.run(
     [

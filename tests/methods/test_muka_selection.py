@@ -24,6 +24,7 @@ def run(tmp_path, name, **overrides):
   return muka.run(config, str(tmp_path / name))
 
 
+@pytest.mark.slow
 def test_selection_keeps_the_best_val_checkpoint_of_one_paired_run(tmp_path):
   chosen = run(tmp_path, "select", **{"student.select_checkpoints": 2})
   record = chosen["selection"]["vanilla_kd"]

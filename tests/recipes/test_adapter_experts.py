@@ -139,6 +139,7 @@ def restored(cli_run):
   return setup, ae.train_experts(setup, str(workdir), None, time_steps=False)
 
 
+@pytest.mark.slow
 def test_cli_run_reports_both_recipes(cli_run):
   workdir, results = cli_run
   assert results["method"] == "adapter_experts"
@@ -164,6 +165,7 @@ def test_cli_run_reports_both_recipes(cli_run):
     assert 0.0 <= chosen.pop("source_val_accuracy") <= 1.0 and chosen in grid
 
 
+@pytest.mark.slow
 def test_param_counts_come_from_the_trees(cli_run, restored):
   _, results = cli_run
   setup, experts = restored
@@ -179,6 +181,7 @@ def test_param_counts_come_from_the_trees(cli_run, restored):
   assert p["full_network_experts"]["total"] == n * sum(x.size for x in jax.tree.leaves(cnn))
 
 
+@pytest.mark.slow
 def test_stacked_map_equals_a_loop_over_experts(restored):
   setup, experts = restored
   x = setup.harness.task.test["rot75"].inputs[0][:37]  # not a multiple of the batch
@@ -194,6 +197,7 @@ def test_stacked_map_equals_a_loop_over_experts(restored):
     np.testing.assert_allclose(logits[k], want_l, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_soup_selection_uses_no_target_labels(cli_run, restored):
   _, results = cli_run
   setup, experts = restored

@@ -27,6 +27,7 @@ from moe_adapt.methods import co_tuning, co_tuning_data, muka
 from moe_adapt.recipes import cotuned_teachers as recipe
 from moe_adapt.recipes import cotuned_teachers_stages as stages
 from tests.methods import configs_util
+from tests.subprocess_util import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 600
@@ -64,9 +65,12 @@ def cli_runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cotuned_cli")
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    XLA_FLAGS=xla_flags(1),
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+    # Every program, however small: the second run compiles nothing.
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )
   out = []
   for name in ("a", "b"):
@@ -89,6 +93,7 @@ def cli_runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_cli_reports_every_variant(cli_runs):
   results = cli_runs[0]
   assert results["method"] == "cotuned_teachers"
@@ -118,6 +123,7 @@ def test_cli_reports_every_variant(cli_runs):
     assert 0.0 <= diag["mc_selects_owner"] <= 1.0 and len(diag["mc_mean"]) == 2
 
 
+@pytest.mark.slow
 def test_cli_is_deterministic_for_a_seed(cli_runs):
   a, b = cli_runs
   assert a["metrics"] == b["metrics"]
@@ -176,6 +182,7 @@ def test_seed_draws_the_labeled_subset(tiny_setup):
   np.testing.assert_array_equal(np.bincount(other.union.task.target_train.y), np.bincount(train.y))
 
 
+@pytest.mark.slow
 def test_teacher_as_dropout_classifier_gives_the_target_head_logits(tiny_setup):
   t_setup, st = tiny_setup.teachers[1], tiny_setup.student
   init = co_tuning.init_source(t_setup, co_tuning.make_optimizer(t_setup.config))

@@ -55,6 +55,7 @@ def assert_trees_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.eight_devices
 def test_round_trip_keeps_dtypes_values_and_shardings(tmp_path, mesh):
   tree = make_tree(mesh, 1)
   with ckpt_lib.Checkpointer(tmp_path / "ck") as ckpt:
@@ -68,6 +69,7 @@ def test_round_trip_keeps_dtypes_values_and_shardings(tmp_path, mesh):
   assert restored["w"].sharding == tree["w"].sharding
 
 
+@pytest.mark.eight_devices
 def test_restore_into_abstract_tree_with_other_or_no_shardings(tmp_path, mesh):
   tree = make_tree(mesh, 2)
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:

@@ -16,6 +16,8 @@ import pytest
 from moe_adapt import core, models
 from moe_adapt.train import mesh as mesh_lib
 
+pytestmark = pytest.mark.eight_devices
+
 E, B, STEPS = 4, 8, 3
 SHAPE = (8, 8, 1)
 

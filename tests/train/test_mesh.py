@@ -1,4 +1,4 @@
-"""Tests for moe_adapt.train.mesh (on the 8 fake CPU devices of conftest.py)."""
+"""Tests for moe_adapt.train.mesh (on 8 fake CPU devices: `eight_devices`, tests/conftest.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_adapt.train import mesh as mesh_lib
+
+pytestmark = pytest.mark.eight_devices
 
 
 @pytest.fixture(scope="module")
