@@ -687,10 +687,71 @@ def test_reported_outcomes_persist_for_a_resumed_run(untrained_soup, tmp_path, m
 
   first = fresh(untrained_soup)
   scores = first.single_score("rot0", "rot0", variant="own")
-  monkeypatch.setattr(soup, "evaluate_outcomes", lambda *a: pytest.fail("evaluated again"))
+  monkeypatch.setattr(soup_core, "evaluate_outcomes", lambda *a: pytest.fail("evaluated again"))
   resumed = fresh(untrained_soup)
   assert resumed.single_score("rot0", "rot0", variant="own") == scores
   assert resumed.per_example == first.per_example
+
+
+@pytest.mark.slow
+def test_every_in_domain_row_is_paired(untrained_soup, tmp_path, monkeypatch):
+  """Every mixture, pruning and merge row of a domain is scored on the same test examples
+  in the same order with the domain's own head, and every merge setting chosen on
+  validation (data-driven merges included) on the same validation examples."""
+  from moe_adapt.models import adapters as adapters_lib
+
+  config = configs_util.with_overrides(
+    untrained_soup.setup.config.copy_and_resolve_references(),
+    **{
+      "study.sizes": (2,),
+      "pruning.sparsities": (0.5,),
+      "merge.methods": ("ties", "dare"),
+      "merge.fisher_epsilons": (1e-3,),
+      "merge.regmean_alphas": (0.5,),
+      "merge.adamerging_steps": 2,
+    },
+  )
+  s = dataclasses.replace(
+    untrained_soup,
+    setup=dataclasses.replace(untrained_soup.setup, config=config),
+    cache=soup_core.EvalCache(tmp_path),
+    outcomes={},
+    per_example={},
+  )
+  calls = []
+  evaluate, score = soup_core.evaluate_outcomes, soup_core.Soup.score
+
+  def evaluate_spy(setup, model, params, examples):
+    calls[-1]["evaluated"].append((params, examples))
+    return evaluate(setup, model, params, examples)
+
+  def score_spy(self, domain, what, params_fn, **kwargs):
+    calls.append({"domain": domain, "split": kwargs.get("split", "test"), "evaluated": []})
+    return score(self, domain, what, params_fn, **kwargs)
+
+  monkeypatch.setattr(soup_core, "evaluate_outcomes", evaluate_spy)
+  monkeypatch.setattr(soup_core.Soup, "score", score_spy)
+  sign_mixing.in_domain_study(s, DOMAINS, soup_core.without_head(s.stacked))
+  sign_pruning.pruning_study(s, DOMAINS)
+  merges = soup_merges.merge_study(s, DOMAINS)
+  evaluated = [(c, *e) for c in calls for e in c["evaluated"]]
+  assert {c["split"] for c, *_ in evaluated} == {"test", "val"}
+  # Test rows of each domain: one per variant of s.per_example, all on its test subset.
+  assert len([1 for c, *_ in evaluated if c["split"] == "test"]) >= len(s.per_example)
+  for c, params, examples in evaluated:
+    d = c["domain"]
+    expected = s.tests[d] if c["split"] == "test" else s.vals[d]
+    assert all(np.array_equal(a, b) for a, b in zip(examples.inputs, expected.inputs))
+    np.testing.assert_array_equal(examples.labels, expected.labels)
+    head = adapters_lib.split_params(params, include_head=True)[1][adapters_lib.HEAD_KEY]
+    assert _allclose(head, s.head_of(d)[adapters_lib.HEAD_KEY], rtol=0, atol=0), d
+  # Each validation score covers every study domain, for every setting of every merge.
+  settings = sum(len(v) for v in merges["validation"].values())
+  val = [c["domain"] for c, *_ in evaluated if c["split"] == "val"]
+  assert len(val) == len(DOMAINS) * settings and set(val) == set(DOMAINS)
+  for variant, per in s.per_example.items():
+    for d, entry in per.items():
+      assert entry["label"] == s.tests[d].labels.tolist(), (variant, d)
 
 
 # ----------------------------------------------------------------------------- bad input
