@@ -38,6 +38,7 @@ def _check_selection_and_study(config) -> None:
   _checks.choice(config, "selection.covariance", soup_selection.COVARIANCE_TYPES)
   _checks.integer(config, "selection.pca_dim", 0)
   _checks.integer(config, "study.max_mixtures", 1)
+  _checks.integer(config, "study.bootstrap_samples", 0)
   _bool(config, "study.fsd_include_head")
   _checks.choice(config, "study.greedy_rank", sign_mixing.GREEDY_RANKS)
   _bool(config, "study.average_heads")

@@ -188,7 +188,9 @@ def _size_rows(records: Sequence[dict], study: Sequence[str], sizes: set[int], s
   return metrics
 
 
-def _correlations(records: Sequence[dict], study: Sequence[str], *, seed: int) -> dict:
+def _correlations(
+  records: Sequence[dict], study: Sequence[str], *, seed: int, samples: int
+) -> dict:
   """Per quantity (FSD, own-sign flips): its correlation with accuracy per domain (size as
   a covariate), and over domains within each size and pooled given the size."""
   mixed = [r for r in records if r["size"] >= 2]
@@ -199,13 +201,14 @@ def _correlations(records: Sequence[dict], study: Sequence[str], *, seed: int) -
         [r[quantity] for r in mixed if r["domain"] == d],
         [r["accuracy"] for r in mixed if r["domain"] == d],
         [r["size"] for r in mixed if r["domain"] == d],
+        samples=samples,
         seed=seed,
       )
       for d in study
     }
     # Over domains: accuracy relative to each domain's own adapter; within each size, and
     # pooled with the size as a covariate (FSD and accuracy both move with the size).
-    per.update(sign_study.within_size(mixed, quantity, seed=seed))
+    per.update(sign_study.within_size(mixed, quantity, samples=samples, seed=seed))
     correlations[quantity] = per
   return correlations
 
@@ -256,5 +259,7 @@ def in_domain_study(soup: soup_core.Soup, study: Sequence[str], fsd_stacked: PyT
     "mixtures": records,
     "summary": summary,
     "greedy": greedy,
-    "correlations": _correlations(records, study, seed=cfg.seed),
+    "correlations": _correlations(
+      records, study, seed=cfg.seed, samples=cfg.study.bootstrap_samples
+    ),
   }

@@ -780,6 +780,7 @@ def test_every_in_domain_row_is_paired(untrained_soup, tmp_path, monkeypatch):
     ({"eval.max_val_examples": -1}, "eval.max_val_examples=-1"),
     ({"selection.covariance": "dense"}, "selection.covariance='dense' is unknown"),
     ({"study.max_mixtures": 0}, "study.max_mixtures=0"),
+    ({"study.bootstrap_samples": -1}, "study.bootstrap_samples=-1"),
     ({"study.greedy_rank": "max"}, "study.greedy_rank='max' is unknown"),
     ({"pruning.sparsities": (0.5, 1.0)}, "pruning.sparsities="),
     ({"eval.max_examples": -1}, "eval.max_examples=-1"),
