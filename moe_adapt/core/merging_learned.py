@@ -283,20 +283,36 @@ def adamerging(
     coeffs = jnp.full((k,), init, jnp.float32)
   else:
     coeffs = [jnp.full((k,), init, jnp.float32) for _ in leaves]
+  merge = functools.partial(_merged, base_leaves, leaves, treedef, granularity)
+  opt = optax.adam(learning_rate)
+  step, state = _adamerging_step(apply_fn, merge, opt, bounds), opt.init(coeffs)
+  history = []
+  for s in range(steps):
+    coeffs, state, value = step(coeffs, state, batches[s % len(batches)])
+    history.append(value)
+  params = jax.jit(merge)(coeffs)
+  if granularity == "layer":
+    coeffs = jax.tree_util.tree_unflatten(treedef, coeffs)
+  return AdaMergingResult(coeffs, params, jnp.stack(history))
 
-  def merge(c):
-    per_leaf = [c] * len(leaves) if granularity == "task" else c
-    merged = [
-      (b.astype(jnp.float32) + jnp.tensordot(ci, t.astype(jnp.float32), 1)).astype(b.dtype)
-      for b, t, ci in zip(base_leaves, leaves, per_leaf)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, merged)
+
+def _merged(base_leaves, leaves, treedef, granularity: str, c) -> PyTree:
+  """θ_base + Σ_k c_k τ_k per leaf: `c` [K] (`task`) or one [K] per leaf (`layer`)."""
+  per_leaf = [c] * len(leaves) if granularity == "task" else c
+  merged = [
+    (b.astype(jnp.float32) + jnp.tensordot(ci, t.astype(jnp.float32), 1)).astype(b.dtype)
+    for b, t, ci in zip(base_leaves, leaves, per_leaf)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+def _adamerging_step(apply_fn, merge, opt, bounds):
+  """The jitted `step(c, state, x) -> (c, state, entropy)`: one Adam step on the mean
+  prediction entropy of the merged model on batch x, coefficients clipped to `bounds`."""
 
   def entropy(c, x):
     logp = jax.nn.log_softmax(apply_fn(merge(c), x).astype(jnp.float32), axis=-1)
     return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
-
-  opt = optax.adam(learning_rate)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(c, state, x):
@@ -307,12 +323,4 @@ def adamerging(
       c = jax.tree.map(lambda v: jnp.clip(v, *bounds), c)
     return c, state, value
 
-  state = opt.init(coeffs)
-  history = []
-  for s in range(steps):
-    coeffs, state, value = step(coeffs, state, batches[s % len(batches)])
-    history.append(value)
-  params = jax.jit(merge)(coeffs)
-  if granularity == "layer":
-    coeffs = jax.tree_util.tree_unflatten(treedef, coeffs)
-  return AdaMergingResult(coeffs, params, jnp.stack(history))
+  return step

@@ -89,34 +89,37 @@ def partial_correlation(
   if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
     raise ValueError(f"samples={samples!r} is invalid; accepted: an integer >= 0")
   _, strata_idx = np.unique(labels, return_inverse=True)
-
-  def slope(xs, ys, st) -> float | None:
-    cx = _centred(xs, st)
-    var = np.sum(cx * cx)
-    return float(np.sum(cx * _centred(ys, st)) / var) if var > 1e-15 else None
-
-  def all_stats(xs, ys, st) -> dict[str, float | None]:
-    if len(xs) < 3:
-      return {"pearson": None, "spearman": None, "slope": None}
-    return {
-      "pearson": _stat(xs, ys, st, "pearson"),
-      "spearman": _stat(xs, ys, st, "spearman"),
-      "slope": slope(xs, ys, st),
-    }
-
-  out: dict[str, Any] = {"n": len(x), **all_stats(x, y, strata_idx)}
+  out: dict[str, Any] = {"n": len(x), **_all_stats(x, y, strata_idx)}
   rng = np.random.default_rng(seed)
   groups = [np.flatnonzero(strata_idx == s) for s in range(strata_idx.max() + 1 if len(x) else 0)]
   draws: dict[str, list[float]] = {k: [] for k in ("pearson", "spearman", "slope")}
   for _ in range(samples if len(x) >= 3 else 0):
     idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-    for k, v in all_stats(x[idx], y[idx], strata_idx[idx]).items():
+    for k, v in _all_stats(x[idx], y[idx], strata_idx[idx]).items():
       if v is not None:
         draws[k].append(v)
   for k, vals in draws.items():
     ok = samples and len(vals) >= samples / 2 and out[k] is not None
     out[f"{k}_ci"] = [float(q) for q in np.percentile(vals, [2.5, 97.5])] if ok else None
   return out
+
+
+def _slope(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> float | None:
+  """The coefficient of x in y ~ x + stratum (None when x is constant within strata)."""
+  cx = _centred(x, strata)
+  var = np.sum(cx * cx)
+  return float(np.sum(cx * _centred(y, strata)) / var) if var > 1e-15 else None
+
+
+def _all_stats(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> dict[str, float | None]:
+  """Pearson, Spearman and slope given the strata; None each with fewer than 3 pairs."""
+  if len(x) < 3:
+    return {"pearson": None, "spearman": None, "slope": None}
+  return {
+    "pearson": _stat(x, y, strata, "pearson"),
+    "spearman": _stat(x, y, strata, "spearman"),
+    "slope": _slope(x, y, strata),
+  }
 
 
 def within_size(records: Sequence[Mapping[str, Any]], quantity: str = "fsd", **kwargs) -> dict:

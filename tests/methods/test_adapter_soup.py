@@ -29,7 +29,17 @@ import pytest
 from moe_adapt import main as main_lib
 from moe_adapt.core import merging
 from moe_adapt.methods import adapter_soup as soup
-from moe_adapt.methods import sign_study
+from moe_adapt.methods import (
+  adapter_soup_checks,
+  sign_mixing,
+  sign_pruning,
+  sign_study,
+  soup_core,
+  soup_learned,
+  soup_merges,
+  soup_plots,
+  soup_selection,
+)
 from tests.methods import configs_util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -61,7 +71,7 @@ def test_similarity_scores_are_mean_pairwise_cosines():
   rng = np.random.default_rng(0)
   target = rng.normal(size=(5, 3))
   cands = {"a": rng.normal(size=(4, 3)), "b": rng.normal(size=(7, 3))}
-  scores = soup.similarity_scores(target, cands)
+  scores = soup_selection.similarity_scores(target, cands)
   for name, emb in cands.items():
     cos = [u @ v / np.linalg.norm(u) / np.linalg.norm(v) for u in target for v in emb]
     assert scores[name] == pytest.approx(np.mean(cos), abs=1e-12)
@@ -74,17 +84,19 @@ def test_similarity_picks_the_nearest_domains_above_the_threshold():
 
   target = at(0)
   cands = {"far": at(120), "mid": at(60), "near": at(20), "same": at(0.5)}
-  sel = soup.select_by_similarity(target, cands, top_k=3, threshold=0.0)
+  sel = soup_selection.select_by_similarity(target, cands, top_k=3, threshold=0.0)
   assert sel.selected == ("same", "near", "mid")  # best first; 'far' is below 0
-  assert soup.select_by_similarity(target, cands, top_k=2, threshold=0.0).selected == (
+  assert soup_selection.select_by_similarity(target, cands, top_k=2, threshold=0.0).selected == (
     "same",
     "near",
   )
-  high = soup.select_by_similarity(target, cands, top_k=4, threshold=0.9)
+  high = soup_selection.select_by_similarity(target, cands, top_k=4, threshold=0.9)
   assert high.selected == ("same", "near")
   assert all(high.scores[d] >= 0.9 for d in high.selected)
   # Nothing reaches the threshold: the most similar domain is still kept.
-  assert soup.select_by_similarity(at(180), cands, top_k=3, threshold=0.99).selected == ("far",)
+  assert soup_selection.select_by_similarity(at(180), cands, top_k=3, threshold=0.99).selected == (
+    "far",
+  )
 
 
 def test_clustering_picks_the_domains_holding_the_targets_samples():
@@ -98,31 +110,39 @@ def test_clustering_picks_the_domains_holding_the_targets_samples():
       _blob(centers["b"], 5, 12, 0.3),
     ]
   )
-  shares = soup.cluster_shares(target, cands, seed=0)
+  shares = soup_selection.cluster_shares(target, cands, seed=0)
   assert shares == pytest.approx({"a": 0.3, "b": 0.1, "c": 0.6, "d": 0.0})
-  sel = soup.select_by_clustering(target, cands, top_k=3, min_share=0.2, seed=0)
+  sel = soup_selection.select_by_clustering(target, cands, top_k=3, min_share=0.2, seed=0)
   assert sel.selected == ("c", "a")  # b holds 10% < 20%
-  assert soup.select_by_clustering(target, cands, top_k=3, min_share=0.1, seed=0).selected == (
+  assert soup_selection.select_by_clustering(
+    target, cands, top_k=3, min_share=0.1, seed=0
+  ).selected == (
     "c",
     "a",
     "b",
   )
-  assert soup.select_by_clustering(target, cands, top_k=1, min_share=0.1, seed=0).selected == ("c",)
+  assert soup_selection.select_by_clustering(
+    target, cands, top_k=1, min_share=0.1, seed=0
+  ).selected == ("c",)
   # None reaches the share: the largest is kept. PCA to 2 dims keeps the blobs apart.
-  assert soup.select_by_clustering(target, cands, top_k=3, min_share=0.9, seed=0).selected == ("c",)
-  pca = soup.cluster_shares(target, cands, pca_dim=3, covariance_type="full", seed=0)
+  assert soup_selection.select_by_clustering(
+    target, cands, top_k=3, min_share=0.9, seed=0
+  ).selected == ("c",)
+  pca = soup_selection.cluster_shares(target, cands, pca_dim=3, covariance_type="full", seed=0)
   assert pca == pytest.approx(shares)
 
 
 def test_selection_rejects_bad_embeddings():
   with pytest.raises(ValueError, match="candidate 'a' embeddings have shape"):
-    soup.similarity_scores(np.ones((3, 2)), {"a": np.ones((3, 4))})
+    soup_selection.similarity_scores(np.ones((3, 2)), {"a": np.ones((3, 4))})
   with pytest.raises(ValueError, match="candidates is empty"):
-    soup.select_by_clustering(np.ones((3, 2)), {}, top_k=1, min_share=0.1)
+    soup_selection.select_by_clustering(np.ones((3, 2)), {}, top_k=1, min_share=0.1)
   with pytest.raises(ValueError, match="top_k=0"):
-    soup.select_by_similarity(np.ones((3, 2)), {"a": np.ones((3, 2))}, top_k=0, threshold=0)
+    soup_selection.select_by_similarity(
+      np.ones((3, 2)), {"a": np.ones((3, 2))}, top_k=0, threshold=0
+    )
   with pytest.raises(ValueError, match="NaN or Inf"):
-    soup.similarity_scores(np.full((3, 2), np.nan), {"a": np.ones((3, 2))})
+    soup_selection.similarity_scores(np.full((3, 2), np.nan), {"a": np.ones((3, 2))})
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -130,7 +150,7 @@ def test_selection_rejects_bad_embeddings():
 
 def test_exhaustive_mixtures():
   others = ["b", "c", "d", "e"]
-  mixtures = soup.enumerate_mixtures("a", others, max_mixtures=16, seed=0)
+  mixtures = sign_mixing.enumerate_mixtures("a", others, max_mixtures=16, seed=0)
   assert len(mixtures) == 16 and len(set(mixtures)) == 16
   assert all(m[0] == "a" and "a" not in m[1:] for m in mixtures)
   assert mixtures[0] == ("a",) and mixtures[-1] == ("a", *others)
@@ -140,7 +160,7 @@ def test_exhaustive_mixtures():
 @pytest.mark.parametrize("budget", [2, 5, 20, 100])
 def test_sampled_mixtures_are_stratified_and_seeded(budget):
   others = [f"d{i}" for i in range(8)]  # 256 mixtures
-  mixtures = soup.enumerate_mixtures("own", others, max_mixtures=budget, seed=3)
+  mixtures = sign_mixing.enumerate_mixtures("own", others, max_mixtures=budget, seed=3)
   assert len(mixtures) == budget and len(set(frozenset(m) for m in mixtures)) == budget
   assert all(m[0] == "own" and len(set(m)) == len(m) for m in mixtures)
   assert ("own",) in mixtures and ("own", *others) in mixtures  # sizes with one mixture
@@ -151,16 +171,16 @@ def test_sampled_mixtures_are_stratified_and_seeded(budget):
     open_sizes = counts[counts < held]
     assert counts.min() >= 1 and open_sizes.max() - open_sizes.min() <= 1
     assert np.all(counts[counts == held] <= open_sizes.min())
-  assert soup.enumerate_mixtures("own", others, max_mixtures=budget, seed=3) == mixtures
+  assert sign_mixing.enumerate_mixtures("own", others, max_mixtures=budget, seed=3) == mixtures
   if budget > 2:
-    assert soup.enumerate_mixtures("own", others, max_mixtures=budget, seed=4) != mixtures
+    assert sign_mixing.enumerate_mixtures("own", others, max_mixtures=budget, seed=4) != mixtures
 
 
 def test_enumerate_mixtures_rejects_bad_input():
   with pytest.raises(ValueError, match="others="):
-    soup.enumerate_mixtures("a", ["a", "b"], max_mixtures=4, seed=0)
+    sign_mixing.enumerate_mixtures("a", ["a", "b"], max_mixtures=4, seed=0)
   with pytest.raises(ValueError, match="max_mixtures=0"):
-    soup.enumerate_mixtures("a", ["b"], max_mixtures=0, seed=0)
+    sign_mixing.enumerate_mixtures("a", ["b"], max_mixtures=0, seed=0)
 
 
 def test_greedy_order_against_a_hand_matrix():
@@ -172,15 +192,15 @@ def test_greedy_order_against_a_hand_matrix():
       [0.3, 0.05, 0.5, 0.0],
     ]
   )
-  assert soup.greedy_order(fsd, 0) == [2, 3, 1]
-  assert soup.greedy_order(fsd, 1) == [3, 2, 0]
+  assert sign_mixing.greedy_order(fsd, 0) == [2, 3, 1]
+  assert sign_mixing.greedy_order(fsd, 1) == [3, 2, 0]
   # Row means: 0.2, 0.1625, 0.2, 0.2125 -> ties (0 and 2) keep index order.
-  assert soup.greedy_order(fsd, 3, rank="row_mean") == [1, 0, 2]
-  assert soup.greedy_order(fsd, 1, rank="row_mean") == [0, 2, 3]
+  assert sign_mixing.greedy_order(fsd, 3, rank="row_mean") == [1, 0, 2]
+  assert sign_mixing.greedy_order(fsd, 1, rank="row_mean") == [0, 2, 3]
   with pytest.raises(ValueError, match="rank='max'"):
-    soup.greedy_order(fsd, 0, rank="max")
+    sign_mixing.greedy_order(fsd, 0, rank="max")
   with pytest.raises(ValueError, match="own=4"):
-    soup.greedy_order(fsd, 4)
+    sign_mixing.greedy_order(fsd, 4)
 
 
 def test_layer_fsd_and_layer_pruning():
@@ -197,13 +217,13 @@ def test_layer_fsd_and_layer_pruning():
 
   # Two members: equal in block_0 (FSD 0), opposite in block_1 (FSD 1).
   stacked = tree(np.stack([w0, w0]), np.stack([w1, -w1]))
-  names, per_layer = soup.layer_fsd(stacked)
+  names, per_layer = sign_pruning.layer_fsd(stacked)
   assert names == ["['backbone']['block_0']", "['backbone']['block_1']"]
   np.testing.assert_allclose(per_layer[:, 0, 1], [0.0, 1.0])
   np.testing.assert_allclose(per_layer[:, 0, 0], [0.0, 0.0])
-  assert soup.high_fsd_layers(per_layer, 0, fraction=0.5) == [1]
-  assert soup.high_fsd_layers(per_layer, 1, fraction=1.0) == [0, 1]
-  pruned = soup.prune_layers(tree(w0, w1), 0.25, [names[1]])
+  assert sign_pruning.high_fsd_layers(per_layer, 0, fraction=0.5) == [1]
+  assert sign_pruning.high_fsd_layers(per_layer, 1, fraction=1.0) == [0, 1]
+  pruned = sign_pruning.prune_layers(tree(w0, w1), 0.25, [names[1]])
   np.testing.assert_array_equal(
     pruned["backbone"]["block_0"]["adapter_mlp"]["kernel"], w0.astype(np.float32)
   )
@@ -216,13 +236,13 @@ def test_layer_fsd_and_layer_pruning():
 def test_correlation_against_numpy():
   x = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
   y = np.array([0.9, 0.7, 0.8, 0.3, 0.1])
-  c = soup.correlation(x, y)
+  c = sign_mixing.correlation(x, y)
   assert c["n"] == 5
   assert c["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
   ranks = np.argsort(np.argsort(y))
   assert c["spearman"] == pytest.approx(np.corrcoef(np.arange(5), ranks)[0, 1])
-  assert soup.correlation([0.1, 0.1, 0.1], [1, 2, 3])["pearson"] is None
-  assert soup.correlation([0.1, 0.2], [1, 2])["spearman"] is None
+  assert sign_mixing.correlation([0.1, 0.1, 0.1], [1, 2, 3])["pearson"] is None
+  assert sign_mixing.correlation([0.1, 0.2], [1, 2])["spearman"] is None
 
 
 def test_macro_f1_against_sklearn():
@@ -231,14 +251,14 @@ def test_macro_f1_against_sklearn():
   rng = np.random.default_rng(0)
   for n, c in ((50, 3), (7, 4), (30, 2)):
     label, pred = rng.integers(0, c, n), rng.integers(0, c, n)
-    assert soup.macro_f1(pred, label) == pytest.approx(f1_score(label, pred, average="macro"))
+    assert soup_core.macro_f1(pred, label) == pytest.approx(f1_score(label, pred, average="macro"))
   # The majority-class predictor: accuracy = the prior, macro-F1 much lower.
   label = np.array([0] * 8 + [1, 2])
-  sc = soup.scores({"correct": (label == 0).astype(int).tolist(), "pred": [0] * 10,
+  sc = soup_core.scores({"correct": (label == 0).astype(int).tolist(), "pred": [0] * 10,
                     "label": label.tolist()})  # fmt: skip
   assert sc["accuracy"] == 0.8 and sc["macro_f1"] == pytest.approx((2 * 8 / 18) / 3)
   with pytest.raises(ValueError, match="pred of shape"):
-    soup.macro_f1([0, 1], [0])
+    soup_core.macro_f1([0, 1], [0])
 
 
 def test_partial_correlation_against_residuals():
@@ -285,11 +305,11 @@ def test_within_size_separates_the_size_effect():
 def test_rescaled_like_keeps_direction_and_takes_the_norm():
   tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
   ref = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([[0.0]])}
-  out = soup.rescaled_like(tree, ref)
+  out = sign_pruning.rescaled_like(tree, ref)
   assert np.allclose(out["a"], np.array([3.0, 0.0]) * np.sqrt(2) / 5)
   assert np.allclose(out["b"], np.array([[4.0]]) * np.sqrt(2) / 5)
   zero = {"a": jnp.zeros(2), "b": jnp.zeros((1, 1))}
-  assert np.all(soup.rescaled_like(zero, ref)["a"] == 0)
+  assert np.all(sign_pruning.rescaled_like(zero, ref)["a"] == 0)
 
 
 def test_merged_delta_is_the_core_merge():
@@ -302,18 +322,20 @@ def test_merged_delta_is_the_core_merge():
     "ties": merging.ties_merge(deltas, density=0.5, scale=0.7),
     "ties_member": merging.ties_merge(deltas, density=0.5, scale=0.7, trim="member"),
     "breadcrumbs": merging.breadcrumbs(
-      deltas, density=0.5, top_fraction=soup.BREADCRUMBS_TOP, scale=0.7
+      deltas, density=0.5, top_fraction=soup_merges.BREADCRUMBS_TOP, scale=0.7
     ),
   }
   for name, want in pairs.items():
-    got = soup.merged_delta(name, deltas, hp, key)
+    got = soup_merges.merged_delta(name, deltas, hp, key)
     np.testing.assert_array_equal(got["w"], want["w"], err_msg=name)
   # λ = 1/K task arithmetic is the uniform average.
-  avg = soup.merged_delta("task_arithmetic", deltas, {"lambda": 1 / 3}, key)
+  avg = soup_merges.merged_delta("task_arithmetic", deltas, {"lambda": 1 / 3}, key)
   np.testing.assert_allclose(avg["w"], merging.weighted_average(deltas)["w"], atol=1e-6)
   with pytest.raises(ValueError, match="merge method 'fisher' is unknown"):
-    soup.merged_delta("fisher", deltas, hp, key)
-  grids = soup.merge_candidates(tiny_config(**{"merge.methods": ("ties", "task_arithmetic")}))
+    soup_merges.merged_delta("fisher", deltas, hp, key)
+  grids = soup_merges.merge_candidates(
+    tiny_config(**{"merge.methods": ("ties", "task_arithmetic")})
+  )
   assert list(grids) == ["ties", "task_arithmetic"]
   assert grids["task_arithmetic"] == [{"lambda": 0.5}, {"lambda": 1.0}]  # the tiny grid
 
@@ -324,7 +346,7 @@ def test_mixture_averages_adapters_and_keeps_the_own_head():
     "backbone": {"adapter": jnp.arange(k * 2, dtype=jnp.float32).reshape(k, 2)},
     "head": {"kernel": 10.0 * jnp.arange(1, k + 1, dtype=jnp.float32)[:, None]},
   }
-  s = soup.Soup(
+  s = soup_core.Soup(
     setup=None, names=("a", "b", "c"), model=None, model_plain=None, base={}, stacked=stacked,
     init_adapters=None, tests={}, vals={}, cache=None,
   )  # fmt: skip
@@ -352,7 +374,7 @@ def test_lora_product_average_is_the_mean_update():
     }
   }
   w = np.array([1.0, 0.0, 3.0])
-  merged = soup.lora_product_average(stacked, jnp.asarray(w))
+  merged = soup_core.lora_product_average(stacked, jnp.asarray(w))
   c = w / w.sum()
   want = sum(c[i] * a[i] @ b[i] for i in range(k))
   np.testing.assert_allclose(merged["q"]["lora_a"] @ merged["q"]["lora_b"], want, atol=1e-5)
@@ -373,7 +395,7 @@ def test_lora_product_average_is_the_mean_update():
 
 
 def test_eval_cache_computes_each_key_once(tmp_path):
-  cache = soup.EvalCache(tmp_path)
+  cache = soup_core.EvalCache(tmp_path)
   value = {"accuracy": 0.5, "macro_f1": 0.25}
   assert cache.get("rot0", "mix:a+b", lambda: value) == value
   assert cache.get("rot0", "mix:a+b", lambda: 1 / 0) == value
@@ -382,12 +404,12 @@ def test_eval_cache_computes_each_key_once(tmp_path):
   def fail():
     raise AssertionError("evaluated a second time")
 
-  again = soup.EvalCache(tmp_path)  # a resumed run
+  again = soup_core.EvalCache(tmp_path)  # a resumed run
   assert again.get("rot0", "mix:a+b", fail) == value and again.computed == 0
-  assert json.loads((tmp_path / soup.CACHE_FILE).read_text()) == {"rot0|mix:a+b": value}
+  assert json.loads((tmp_path / soup_core.CACHE_FILE).read_text()) == {"rot0|mix:a+b": value}
   # An entry of the older format (a bare accuracy) is evaluated again.
-  (tmp_path / soup.CACHE_FILE).write_text(json.dumps({"rot0|mix:a+b": 0.5}))
-  assert soup.EvalCache(tmp_path).get("rot0", "mix:a+b", lambda: value) == value
+  (tmp_path / soup_core.CACHE_FILE).write_text(json.dumps({"rot0|mix:a+b": 0.5}))
+  assert soup_core.EvalCache(tmp_path).get("rot0", "mix:a+b", lambda: value) == value
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -439,16 +461,19 @@ def test_cli_results(cli_run):
   in_domain |= {f"mix_size_{s}_{stat}" for s in range(2, k + 1) for stat in ("mean", "best")}
   pruning = ("prune_own", "prune", "prune_fsd", "ties", "avg_like_ties")
   in_domain |= {f"{v}_{s}" for v in pruning for s in (50, 90)}
-  learned = {f"merge_{m}" for m in soup.LEARNED_METHODS}
-  merges = {f"merge_{m}" for m in soup.MERGE_METHODS} | {"merge_avg_like_ties"} | learned
+  learned = {f"merge_{m}" for m in soup_learned.LEARNED_METHODS}
+  merges = {f"merge_{m}" for m in soup_merges.MERGE_METHODS} | {"merge_avg_like_ties"} | learned
   assert set(r["metrics"]) == novel | in_domain | merges
   for variant, per in r["metrics"].items():
     domains = ["rot75"] if variant in novel else DOMAINS
     assert set(per) == {*domains, "mean"}, variant
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0 for v in per.values())
   # Hyper-parameters of every merge, chosen on validation, from its grid.
-  grids = {**soup.merge_candidates(tiny_config()), **soup.learned_candidates(tiny_config())}
-  assert set(grids) == set(soup.MERGE_METHODS) | {"fisher", "regmean"}
+  grids = {
+    **soup_merges.merge_candidates(tiny_config()),
+    **soup_learned.learned_candidates(tiny_config()),
+  }
+  assert set(grids) == set(soup_merges.MERGE_METHODS) | {"fisher", "regmean"}
   assert set(r["selection"]) == {f"merge_{m}" for m in grids}
   for method, grid in grids.items():
     chosen = dict(r["selection"][f"merge_{method}"])
@@ -456,9 +481,9 @@ def test_cli_results(cli_run):
     assert chosen in grid and val == max(r["merge_validation"][f"merge_{method}"].values())
   # AdaMerging: declared settings, coefficients per study domain, the test-time note.
   ada = r["adamerging"]
-  assert ada["settings"] == soup.adamerging_settings(tiny_config())
+  assert ada["settings"] == soup_learned.adamerging_settings(tiny_config())
   assert set(ada["coefficients"]) == set(DOMAINS) and "unlabelled" in ada["note"]
-  assert r["notes"]["merge_adamerging"] == soup.ADAMERGING_NOTE
+  assert r["notes"]["merge_adamerging"] == soup_learned.ADAMERGING_NOTE
   # Per-example outcomes of every variant but the aggregates over several mixtures.
   configs_util.check_per_example(r, {v for v in r["metrics"] if not v.startswith("mix_size_")})
   m = r["metrics"]
@@ -474,8 +499,8 @@ def test_cli_results(cli_run):
   assert len(sel["similarity_tm1"]["selected"]) == min(3, len(DOMAINS) - 1)
   assert len(sel["similarity_t0.99"]["selected"]) == 1
   assert "ORACLE" in r["notes"]["best_single"]
-  assert {p.name for p in (workdir / "plots").iterdir()} == set(soup.PLOT_FILES)
-  assert r["plots"] == sorted(f"plots/{p}" for p in soup.PLOT_FILES)
+  assert {p.name for p in (workdir / "plots").iterdir()} == set(soup_plots.PLOT_FILES)
+  assert r["plots"] == sorted(f"plots/{p}" for p in soup_plots.PLOT_FILES)
   for stage in (*(f"adapter_{d}" for d in DOMAINS), "zero_shot_head_rot75", "pretrain"):
     assert (workdir / "checkpoints" / stage).is_dir()
 
@@ -562,23 +587,23 @@ def untrained_soup(tmp_path_factory):
     jax.tree.unflatten(treedef, [x + 0.05 * rng.normal(size=x.shape) for x in leaves])
     for _ in DOMAINS
   ]
-  tests = soup.eval_subsets(setup, DOMAINS)
-  return soup.Soup(
+  tests = soup_core.eval_subsets(setup, DOMAINS)
+  return soup_core.Soup(
     setup=setup,
     names=DOMAINS,
     model=model,
     model_plain=finetune.build_model(setup, adapters_lib.AdapterConfig()),
     base=base,
-    stacked=jax.tree.map(jnp.float32, soup.stack_trees(trees)),
-    init_adapters=soup.without_head(init_tree),
+    stacked=jax.tree.map(jnp.float32, soup_core.stack_trees(trees)),
+    init_adapters=soup_core.without_head(init_tree),
     tests={d: ex.take(np.arange(32)) for d, ex in tests.items()},
-    vals=soup.val_subsets(setup, DOMAINS),
-    cache=soup.EvalCache(tmp_path_factory.mktemp("untrained_soup")),
+    vals=soup_core.val_subsets(setup, DOMAINS),
+    cache=soup_core.EvalCache(tmp_path_factory.mktemp("untrained_soup")),
   )
 
 
 def _deltas(s):
-  adapters = soup.without_head(s.stacked)
+  adapters = soup_core.without_head(s.stacked)
   return jax.tree.map(lambda x, x0: x - x0[None], adapters, s.init_adapters)
 
 
@@ -594,9 +619,9 @@ def test_learned_merges_of_equal_members_are_the_member(untrained_soup):
   same = dataclasses.replace(s, stacked=first)
   deltas = _deltas(same)
   member = jax.tree.map(lambda x: x[0], deltas)
-  fishers = soup.member_fishers(same, examples=8)
-  assert _allclose(soup.fisher_delta(deltas, fishers, 1e-3), member, atol=1e-7)
-  grams = soup.member_grams(same, examples=8)
+  fishers = soup_learned.member_fishers(same, examples=8)
+  assert _allclose(soup_learned.fisher_delta(deltas, fishers, 1e-3), member, atol=1e-7)
+  grams = soup_learned.member_grams(same, examples=8)
   regmean = merging.regmean_merge(deltas, grams, alpha=0.5)
   assert _allclose(regmean, member, atol=1e-5)
 
@@ -607,10 +632,10 @@ def test_member_grams_are_the_adapter_inputs(untrained_soup):
   import flax.linen as nn
 
   s = untrained_soup
-  grams = soup.member_grams(s, examples=10)
+  grams = soup_learned.member_grams(s, examples=10)
   for i, d in enumerate(DOMAINS):
-    sample = soup.domain_sample(s.setup, d, 10, "regmean")
-    params = s.params(soup._member(s.stacked, i))
+    sample = soup_learned.domain_sample(s.setup, d, 10, "regmean")
+    params = s.params(soup_core.member(s.stacked, i))
     _, state = s.model.apply(
       {"params": params}, *sample.inputs, train=False, capture_intermediates=True
     )
@@ -624,27 +649,27 @@ def test_member_grams_are_the_adapter_inputs(untrained_soup):
 
 
 def test_fishers_are_seeded_and_non_negative(untrained_soup):
-  a = soup.member_fishers(untrained_soup, examples=6)
-  b = soup.member_fishers(untrained_soup, examples=6)
+  a = soup_learned.member_fishers(untrained_soup, examples=6)
+  b = soup_learned.member_fishers(untrained_soup, examples=6)
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert all(np.all(np.asarray(x) >= 0) for x in jax.tree.leaves(a))
-  assert jax.tree.structure(a) == jax.tree.structure(soup.without_head(untrained_soup.stacked))
+  assert jax.tree.structure(a) == jax.tree.structure(soup_core.without_head(untrained_soup.stacked))
 
 
 def test_adamerging_is_deterministic_and_never_reads_labels(untrained_soup):
   s = untrained_soup
   deltas = _deltas(s)
   head = s.head_tree("rot0")
-  first = soup.adamerging_on(s, "rot0", deltas, head)
+  first = soup_learned.adamerging_on(s, "rot0", deltas, head)
   # Test labels scrambled: the learned merge is the same (only the inputs are read).
   ex = s.tests["rot0"]
   scrambled = {**s.tests, "rot0": type(ex)(ex.inputs, (ex.labels + 1) % 10)}
-  again = soup.adamerging_on(dataclasses.replace(s, tests=scrambled), "rot0", deltas, head)
+  again = soup_learned.adamerging_on(dataclasses.replace(s, tests=scrambled), "rot0", deltas, head)
   assert _allclose(first.params, again.params, rtol=0, atol=0)
   coeffs = np.stack([np.asarray(c) for c in jax.tree.leaves(first.coefficients)])
   assert coeffs.shape[1] == len(DOMAINS) and np.all((coeffs >= 0) & (coeffs <= 1))
   assert first.entropy.shape == (s.setup.config.merge.adamerging_steps,)
-  summary = soup.coefficient_summary(first, DOMAINS)
+  summary = soup_learned.coefficient_summary(first, DOMAINS)
   assert summary["min_rot0"] <= summary["mean_rot0"] <= summary["max_rot0"]
 
 
@@ -654,18 +679,79 @@ def test_reported_outcomes_persist_for_a_resumed_run(untrained_soup, tmp_path, m
   def fresh(s):
     return dataclasses.replace(
       s,
-      cache=soup.EvalCache(tmp_path),
-      outcome_cache=artifacts.JsonCache(tmp_path, soup.OUTCOMES_FILE),
+      cache=soup_core.EvalCache(tmp_path),
+      outcome_cache=artifacts.JsonCache(tmp_path, soup_core.OUTCOMES_FILE),
       outcomes={},
       per_example={},
     )
 
   first = fresh(untrained_soup)
   scores = first.single_score("rot0", "rot0", variant="own")
-  monkeypatch.setattr(soup, "evaluate_outcomes", lambda *a: pytest.fail("evaluated again"))
+  monkeypatch.setattr(soup_core, "evaluate_outcomes", lambda *a: pytest.fail("evaluated again"))
   resumed = fresh(untrained_soup)
   assert resumed.single_score("rot0", "rot0", variant="own") == scores
   assert resumed.per_example == first.per_example
+
+
+@pytest.mark.slow
+def test_every_in_domain_row_is_paired(untrained_soup, tmp_path, monkeypatch):
+  """Every mixture, pruning and merge row of a domain is scored on the same test examples
+  in the same order with the domain's own head, and every merge setting chosen on
+  validation (data-driven merges included) on the same validation examples."""
+  from moe_adapt.models import adapters as adapters_lib
+
+  config = configs_util.with_overrides(
+    untrained_soup.setup.config.copy_and_resolve_references(),
+    **{
+      "study.sizes": (2,),
+      "pruning.sparsities": (0.5,),
+      "merge.methods": ("ties", "dare"),
+      "merge.fisher_epsilons": (1e-3,),
+      "merge.regmean_alphas": (0.5,),
+      "merge.adamerging_steps": 2,
+    },
+  )
+  s = dataclasses.replace(
+    untrained_soup,
+    setup=dataclasses.replace(untrained_soup.setup, config=config),
+    cache=soup_core.EvalCache(tmp_path),
+    outcomes={},
+    per_example={},
+  )
+  calls = []
+  evaluate, score = soup_core.evaluate_outcomes, soup_core.Soup.score
+
+  def evaluate_spy(setup, model, params, examples):
+    calls[-1]["evaluated"].append((params, examples))
+    return evaluate(setup, model, params, examples)
+
+  def score_spy(self, domain, what, params_fn, **kwargs):
+    calls.append({"domain": domain, "split": kwargs.get("split", "test"), "evaluated": []})
+    return score(self, domain, what, params_fn, **kwargs)
+
+  monkeypatch.setattr(soup_core, "evaluate_outcomes", evaluate_spy)
+  monkeypatch.setattr(soup_core.Soup, "score", score_spy)
+  sign_mixing.in_domain_study(s, DOMAINS, soup_core.without_head(s.stacked))
+  sign_pruning.pruning_study(s, DOMAINS)
+  merges = soup_merges.merge_study(s, DOMAINS)
+  evaluated = [(c, *e) for c in calls for e in c["evaluated"]]
+  assert {c["split"] for c, *_ in evaluated} == {"test", "val"}
+  # Test rows of each domain: one per variant of s.per_example, all on its test subset.
+  assert len([1 for c, *_ in evaluated if c["split"] == "test"]) >= len(s.per_example)
+  for c, params, examples in evaluated:
+    d = c["domain"]
+    expected = s.tests[d] if c["split"] == "test" else s.vals[d]
+    assert all(np.array_equal(a, b) for a, b in zip(examples.inputs, expected.inputs))
+    np.testing.assert_array_equal(examples.labels, expected.labels)
+    head = adapters_lib.split_params(params, include_head=True)[1][adapters_lib.HEAD_KEY]
+    assert _allclose(head, s.head_of(d)[adapters_lib.HEAD_KEY], rtol=0, atol=0), d
+  # Each validation score covers every study domain, for every setting of every merge.
+  settings = sum(len(v) for v in merges["validation"].values())
+  val = [c["domain"] for c, *_ in evaluated if c["split"] == "val"]
+  assert len(val) == len(DOMAINS) * settings and set(val) == set(DOMAINS)
+  for variant, per in s.per_example.items():
+    for d, entry in per.items():
+      assert entry["label"] == s.tests[d].labels.tolist(), (variant, d)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -694,6 +780,7 @@ def test_reported_outcomes_persist_for_a_resumed_run(untrained_soup, tmp_path, m
     ({"eval.max_val_examples": -1}, "eval.max_val_examples=-1"),
     ({"selection.covariance": "dense"}, "selection.covariance='dense' is unknown"),
     ({"study.max_mixtures": 0}, "study.max_mixtures=0"),
+    ({"study.bootstrap_samples": -1}, "study.bootstrap_samples=-1"),
     ({"study.greedy_rank": "max"}, "study.greedy_rank='max' is unknown"),
     ({"pruning.sparsities": (0.5, 1.0)}, "pruning.sparsities="),
     ({"eval.max_examples": -1}, "eval.max_examples=-1"),
@@ -724,12 +811,12 @@ def task():
 )
 def test_resolve_domains_names_the_field(task, overrides, match):
   with pytest.raises(ValueError, match=match):
-    soup.resolve_domains(tiny_config(**overrides), task)
+    adapter_soup_checks.resolve_domains(tiny_config(**overrides), task)
 
 
 def test_resolve_domains_defaults(task):
-  d = soup.resolve_domains(tiny_config(**{"data.domains": ("rot75", "rot0")}), task)
-  assert d == soup.Domains(("rot0", "rot75"), ("rot75",), ("rot0", "rot75"))
+  d = adapter_soup_checks.resolve_domains(tiny_config(**{"data.domains": ("rot75", "rot0")}), task)
+  assert d == adapter_soup_checks.Domains(("rot0", "rot75"), ("rot75",), ("rot0", "rot75"))
 
 
 def test_config_presets():
