@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.options.image_size = 16
   elif benchmark == "text":
     # tweets_topics (6 topic domains, negative / neutral / positive) as MiniLM's layer-4
-    # hidden states, computed once and cached (`text_hidden`, moe_adapt.data.embedded; the
+    # hidden states, computed once and cached (`text_hidden`, moe_adapt.data.text_hidden; the
     # method passes the encoder, `train.benchmarks`).
     c.data.benchmark = "text_hidden"
     c.data.options.base = "tweets_topics"

@@ -25,38 +25,14 @@ name, its resolved options, the encoder's weights' SHA-256, max_len, the per-cla
 the seed, and a digest of the kept token ids): a second load reads them back and never
 runs the encoder; a changed tokenizer, encoder or option gives another file.
 
-`text_hidden` (below): a text benchmark as the frozen lower layers' hidden states of an
-encoder, computed once and cached.
-
-  get_benchmark("text_hidden", base="vader_sentiment", base_options={"max_per_domain": 800},
-                encoder="minilm", encoder_backend=moe_adapt.models.encoders,
-                frozen_layers=5, max_len=32)
-
-loads the base text benchmark (its token ids), runs the encoder's embeddings and its first
-`frozen_layers` transformer layers once, frozen, on every document, and returns a
-`registry.Benchmark` whose splits hold x = float32 [N, T, D + 1]: the hidden states
-[N, T, D] with the attention mask as the last channel (input_shape (T, D + 1)). A model of
-the encoder's remaining layers (`moe_adapt.models.text_top`, initialised from the same
-checkpoint) then trains on it as the whole encoder would train with its lower layers frozen,
-at the cost of those layers only: this is how Meta-DMoE's experts and student are fine-tuned
-copies of MiniLM's top layer on 2 CPU cores.
-
-Its encoders are `embedded`'s (above): 'minilm', 'tiny_random' or a BERT / DistilBERT
-checkpoint directory. The encoder is a model and data/
-does not import models/: `encoder_backend` is `moe_adapt.models.encoders` (or any object
-with its `check_name`, `plan`, `depth`, `weights_sha256` and `hidden_states`);
-`moe_adapt.train.benchmarks` passes it for the methods.
-
-The arrays are stored as .npz under `registry.cache_dir()`, keyed by a hash of (base name,
-its resolved options, the encoder's weights' SHA-256, frozen_layers, the seed and a digest
-of the token ids): a second load reads them back and never runs the encoder.
+`text_hidden` (`moe_adapt.data.text_hidden`) keeps the lower layers' hidden states instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -270,160 +246,62 @@ def embedded(
   )
 
 
+def cached_x(
+  prefix: str,
+  base: str,
+  key: Mapping[str, Any],
+  tokens: str,
+  compute: Callable[[], np.ndarray],
+  use_cache: bool,
+) -> np.ndarray:
+  """`compute()`'s float32 array, or the copy stored for `key` under `registry.cache_dir()`
+  (`<prefix>-<base>-<hash of key>.npz`, checked against the token digest `tokens`)."""
+  if not use_cache:
+    return compute()
+  digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True, default=str).encode()).hexdigest()
+  path = registry.cache_dir() / f"{prefix}-{base}-{digest[:16]}.npz"
+  stored = registry._read_npz(path, ["x", "tokens_sha256"])
+  if stored is not None and str(stored["tokens_sha256"]) == tokens:
+    return stored["x"]
+  x = compute()
+  registry._write_npz_atomic(path, {"x": x, "tokens_sha256": np.asarray(tokens)})
+  return x
+
+
+def domain_splits(
+  kept, labels: list[np.ndarray], x: np.ndarray
+) -> dict[str, registry.DomainSplits]:
+  """`{domain: DomainSplits}` from the rows of `x` in `kept`'s (domain, split) order."""
+  parts: dict[str, list[registry.Split]] = {}
+  start = 0
+  for ((domain, _), _), y in zip(kept.items(), labels):
+    parts.setdefault(domain, []).append(registry.Split(x[start : start + len(y)], y))
+    start += len(y)
+  return {domain: registry.DomainSplits(*splits) for domain, splits in parts.items()}
+
+
 def _embed_splits(backend, resolved, seed, data_dir, kept, ids, masks, labels, use_cache):
   """Embeds the kept documents (or reads the cache) and builds `{domain: DomainSplits}`."""
   all_ids, all_masks = np.concatenate(ids), np.concatenate(masks)
   tokens = hashlib.sha256(all_ids.tobytes() + all_masks.tobytes()).hexdigest()
-  x = None
   minilm_dir = _minilm_dir(resolved["encoder"], data_dir)
+
+  def compute() -> np.ndarray:
+    return backend.encode(
+      resolved["encoder"], minilm_dir, all_ids, all_masks, batch_size=resolved["batch_size"]
+    )
+
+  key = {}
   if use_cache:
-    weights_sha = backend.weights_sha256(resolved["encoder"], minilm_dir)
     key = {
       **{k: v for k, v in resolved.items() if k != "batch_size"},
-      "encoder_sha256": weights_sha,
+      "encoder_sha256": backend.weights_sha256(resolved["encoder"], minilm_dir),
       "seed": seed,
       "tokens_sha256": tokens,
       "code_version": CODE_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    path = registry.cache_dir() / f"embedded-{resolved['base']}-{digest[:16]}.npz"
-    stored = registry._read_npz(path, ["x", "tokens_sha256"])
-    if stored is not None and str(stored["tokens_sha256"]) == tokens:
-      x = stored["x"]
-  if x is None:
-    x = backend.encode(
-      resolved["encoder"], minilm_dir, all_ids, all_masks, batch_size=resolved["batch_size"]
-    )
-    if use_cache:
-      registry._write_npz_atomic(path, {"x": x, "tokens_sha256": np.asarray(tokens)})
-  out, start = {}, 0
-  parts: dict[str, list[registry.Split]] = {}
-  for ((domain, _), _), y in zip(kept.items(), labels):
-    parts.setdefault(domain, []).append(registry.Split(x[start : start + len(y)], y))
-    start += len(y)
-  for domain, splits in parts.items():
-    out[domain] = registry.DomainSplits(*splits)
-  return out
+  x = cached_x("embedded", resolved["base"], key, tokens, compute, use_cache)
+  return domain_splits(kept, labels, x)
 
 
 registry.register_benchmark("embedded", embedded)
-
-
-# ------------------------------------------------ text_hidden: the lower layers' hidden states
-
-# Bump when a change here changes the `text_hidden` arrays built from the same inputs.
-TEXT_HIDDEN_CODE_VERSION = 1
-
-
-def _check_frozen(frozen_layers: Any, total: int, encoder: str) -> int:
-  ok = isinstance(frozen_layers, int | np.integer) and not isinstance(frozen_layers, bool)
-  if not ok or not 1 <= frozen_layers <= total - 1:
-    raise ValueError(
-      f"frozen_layers={frozen_layers!r} is invalid for encoder {encoder!r} ({total} layers: "
-      f"at least one must be left to train); accepted: an int in 1..{total - 1}"
-    )
-  return int(frozen_layers)
-
-
-def text_hidden(
-  *,
-  base: str = "vader_sentiment",
-  base_options: Mapping[str, Any] | None = None,
-  encoder: str = "minilm",
-  encoder_backend: Any = None,
-  frozen_layers: int = 5,
-  max_len: int | None = 32,
-  batch_size: int = 64,
-  use_cache: bool = True,
-) -> registry.Benchmark:
-  """The text benchmark `base` as layer-`frozen_layers` hidden states (module docstring).
-
-  Args:
-    base: a registered text benchmark (vader_sentiment, tweets_topics, newsgroups).
-    base_options: its options ('' values mean its default); `data_dir` there also locates
-      the MiniLM weights, `max_per_domain` caps every domain's documents.
-    encoder: an encoder's name or checkpoint directory.
-    encoder_backend: `moe_adapt.models.encoders` or an equivalent object.
-    frozen_layers: how many of the encoder's layers run frozen (1 .. depth - 1).
-    max_len: the token length T (sets base_options['max_len']); None keeps the base's.
-    batch_size: documents per encoder call.
-    use_cache: read and write the .npz cache.
-
-  Raises:
-    ValueError: naming the offending option.
-  """
-  options, _ = _check_options(
-    base, base_options, encoder, encoder_backend, max_len, batch_size, (None, None, None)
-  )
-  base_bench = _text_base(base, options)
-  data_dir = options.get("data_dir")
-  minilm_dir = _minilm_dir(encoder, data_dir)
-  dim, vocab_size = encoder_backend.plan(encoder, minilm_dir)
-  frozen = _check_frozen(frozen_layers, encoder_backend.depth(encoder, minilm_dir), encoder)
-  resolved = {
-    "base": base,
-    "base_options": dict(base_bench.options),
-    "encoder": encoder,
-    "frozen_layers": frozen,
-    "max_len": base_bench.max_len,
-  }
-
-  def load(seed: int) -> dict[str, registry.DomainSplits]:
-    text = base_bench.load(seed=seed)
-    kept, ids, masks, labels = _kept_tokens(text, dict.fromkeys(SPLITS))
-    _check_vocab(ids, vocab_size, encoder, base)
-    all_ids, all_masks = np.concatenate(ids), np.concatenate(masks)
-    x = _hidden(
-      encoder_backend, resolved, seed, minilm_dir, all_ids, all_masks, batch_size, use_cache
-    )
-    out: dict[str, list[registry.Split]] = {}
-    start = 0
-    for ((domain, _), _), y in zip(kept.items(), labels):
-      out.setdefault(domain, []).append(registry.Split(x[start : start + len(y)], y))
-      start += len(y)
-    return {d: registry.DomainSplits(*parts) for d, parts in out.items()}
-
-  return registry.Benchmark(
-    name="text_hidden",
-    domains=tuple(base_bench.domains),
-    num_classes=base_bench.num_classes,
-    class_names=tuple(base_bench.class_names),
-    input_shape=(int(base_bench.max_len), int(dim) + 1),
-    default_targets=tuple(base_bench.default_targets),
-    loader=load,
-    options=resolved,
-  )
-
-
-def _hidden(backend, resolved, seed, minilm_dir, ids, masks, batch_size, use_cache):
-  """x float32 [N, T, D + 1] of all documents: read from the cache or computed (and stored)."""
-  tokens = hashlib.sha256(ids.tobytes() + masks.tobytes()).hexdigest()
-  path = None
-  if use_cache:
-    key = {
-      **resolved,
-      "encoder_sha256": backend.weights_sha256(resolved["encoder"], minilm_dir),
-      "seed": seed,
-      "tokens_sha256": tokens,
-      "code_version": TEXT_HIDDEN_CODE_VERSION,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    path = registry.cache_dir() / f"text_hidden-{resolved['base']}-{digest[:16]}.npz"
-    stored = registry._read_npz(path, ["x", "tokens_sha256"])
-    if stored is not None and str(stored["tokens_sha256"]) == tokens:
-      return stored["x"]
-  hidden = backend.hidden_states(
-    resolved["encoder"],
-    minilm_dir,
-    ids,
-    masks,
-    num_layers=resolved["frozen_layers"],
-    batch_size=batch_size,
-  )
-  x = np.concatenate([hidden, masks[..., None].astype(np.float32)], axis=-1)
-  if path is not None:
-    registry._write_npz_atomic(path, {"x": x, "tokens_sha256": np.asarray(tokens)})
-  return x
-
-
-registry.register_benchmark("text_hidden", text_hidden)

@@ -47,6 +47,7 @@ _BUILTIN_MODULES = (
   "moe_adapt.data.tfds_builders",
   "moe_adapt.data.text",
   "moe_adapt.data.embedded",
+  "moe_adapt.data.text_hidden",
 )
 
 

@@ -76,7 +76,7 @@ from moe_adapt.train import workdir as workdir_lib
 
 PyTree = Any
 
-# The method's interface (moe_adapt.main), and names the recipes import from here.
+# The method's interface (moe_adapt.main), and names other modules import from here.
 validate_config = adapter_soup_checks.validate_config
 make_setup = adapter_soup_checks.make_setup
 resolve_domains = adapter_soup_checks.resolve_domains

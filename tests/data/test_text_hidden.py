@@ -1,4 +1,4 @@
-"""Tests of the `text_hidden` benchmark (moe_adapt.data.embedded) on the fake 20 Newsgroups
+"""Tests of the `text_hidden` benchmark (moe_adapt.data.text_hidden) on the fake 20 Newsgroups
 archive of test_text.py.
 
 The encoder is the 'tiny_random' BERT (2 layers, 32 wide; no download). Checked: the

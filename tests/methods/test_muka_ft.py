@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_adapt.methods import muka_ft
+from moe_adapt.methods import muka_ft, muka_ft_setup
 from moe_adapt.models import split_text_classifier as split_lib
 from tests.methods.muka_util import CONFIGS, TRAINED
 
@@ -97,7 +97,7 @@ def test_teacher_texts_and_transfer_set_are_disjoint(setup):
   rows = {r.tobytes() for r in pool}
   assert not any(r.tobytes() in rows for r in transfer)
   assert len(pool) == len(transfer) == 2 * 20  # 2 texts per class each
-  teacher_idx, transfer_idx = muka_ft.disjoint_pools(np.repeat(np.arange(3), 5), 3, 2, 0)
+  teacher_idx, transfer_idx = muka_ft_setup.disjoint_pools(np.repeat(np.arange(3), 5), 3, 2, 0)
   assert not set(teacher_idx) & set(transfer_idx)
   assert len(teacher_idx) == 6 and len(transfer_idx) == 9
 
