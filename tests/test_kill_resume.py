@@ -293,7 +293,7 @@ def runs(request, tmp_path_factory):
   selected = {
     item.callspec.params["method"]
     for item in request.session.items
-    if item.module is request.module and hasattr(item, "callspec")
+    if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
   }
   todo: queue.Queue = queue.Queue()
   for name in ORDER:

@@ -122,7 +122,7 @@ def _wait(proc: subprocess.Popen, logs: pathlib.Path, tag: str) -> tuple[int, st
 def _module_runs_slow_tests(request) -> bool:
   """Whether a selected test of this module is marked slow (they need the CLI runs)."""
   return any(
-    item.module is request.module and item.get_closest_marker("slow")
+    getattr(item, "module", None) is request.module and item.get_closest_marker("slow")
     for item in request.session.items
   )
 

@@ -211,7 +211,7 @@ def _kill_and_resume(run: Run, info: dict) -> None:
 def _module_runs_slow_tests(request) -> bool:
   """Whether a selected test of this module is marked slow (they need the CLI runs)."""
   return any(
-    item.module is request.module and item.get_closest_marker("slow")
+    getattr(item, "module", None) is request.module and item.get_closest_marker("slow")
     for item in request.session.items
   )
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moe_adapt.methods import adamix, adapter_soup
+from moe_adapt.methods import adamix, soup_plots
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_fsd_scatter_has_a_size_legend_and_the_seed(tmp_path, figures):
     for i, d in enumerate(["tweets", "movies"])
     for k in (1, 2, 3)
   ]
-  adapter_soup.plot_fsd_accuracy(
+  soup_plots.plot_fsd_accuracy(
     tmp_path / "fsd.png",
     mixtures,
     {"size_2": {"spearman": 0.5, "spearman_ci": [0.1, 0.9]}, "pooled_given_size": {}},
