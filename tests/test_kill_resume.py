@@ -143,7 +143,7 @@ CASES = {
       "save:zero_shot_head_rot75:2",
       # The 8th of 17 cached evaluations: 2 novel-domain ones and the zero-shot head's
       # are cached before it, the in-domain study is under way.
-      "call:moe_adapt.methods.adapter_soup:evaluate_outcomes:8",
+      "call:moe_adapt.methods.soup_core:evaluate_outcomes:8",
     ),
   ),
 }
